@@ -1,0 +1,34 @@
+"""moqe-jax: MoQE low-bit expert quantization and QMoE sub-1-bit compression for Switch MoE in JAX.
+
+Public API (shared/DESIGN.md): ``SwitchConfig``, ``load_model``, ``Model``, ``QuantSpec``,
+``QuantizedTensor``, ``quantize``, ``compress_sub1``. Imported lazily so that ``import moqe_jax``
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SwitchConfig": "moqe_jax.config",
+    "load_model": "moqe_jax.model.api",
+    "Model": "moqe_jax.model.api",
+    "QuantSpec": "moqe_jax.quant.spec",
+    "QuantizedTensor": "moqe_jax.quant.qtensor",
+    "Sub1Tensor": "moqe_jax.quant.sub1",
+    "quantize": "moqe_jax.pipeline",
+    "compress_sub1": "moqe_jax.pipeline",
+    "evaluate": "moqe_jax.pipeline",
+    "qmatmul": "moqe_jax.ops",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'moqe_jax' has no attribute {name!r}")

@@ -1,0 +1,51 @@
+"""`moqe` command line (one entry point, subcommands in ``moqe_jax/commands/<name>.py``).
+
+Each command module defines ``register(subparsers)`` which adds its parser and sets
+``func=handler(args) -> int``. Errors never escape as raw tracebacks: they are printed as one
+line (set ``MOQE_DEBUG=1`` to see the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "bench", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moqe", description="MoQE / QMoE: quantize and compress Mixture-of-Experts models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"moqe_jax.commands.{name}")
+        except ModuleNotFoundError as e:  # command not built yet: leave it out of the CLI
+            if e.name == f"moqe_jax.commands.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("moqe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's contract is one clear line
+        if os.environ.get("MOQE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moqe: error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

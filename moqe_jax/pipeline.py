@@ -1,0 +1,41 @@
+"""The main jobs as functions (shared/DESIGN.md): the CLI, train/ and eval/ call these.
+
+Thin dispatch to the modules that implement each paper concept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from moqe_jax.quant.spec import QuantSpec
+
+
+def quantize(model: Any, spec: QuantSpec, components: Sequence[str] = ("experts",),
+             method: str = "rtn", calib: Iterable[dict] | None = None, **kwargs: Any) -> Any:
+    """Quantize the selected components of ``model`` (MoQE RTN or QMoE GPTQ) -> new ``Model``."""
+    if method == "rtn":
+        from moqe_jax.quant.policy import quantize_model_rtn
+
+        return quantize_model_rtn(model, spec, components=components, **kwargs)
+    if method == "gptq":
+        from moqe_jax.quant.calibrate import gptq_quantize_model
+
+        if calib is None:
+            raise ValueError("method='gptq' needs calibration data (calib=...)")
+        return gptq_quantize_model(model, spec, calib, components=components, **kwargs)
+    raise ValueError(f"unknown method {method!r}; choose 'rtn' or 'gptq'")
+
+
+def compress_sub1(model: Any, **kwargs: Any) -> Any:
+    """QMoE sub-1-bit dictionary code for every ternary expert of ``model`` -> new ``Model``."""
+    from moqe_jax.quant.sub1 import compress_model
+
+    return compress_model(model, **kwargs)
+
+
+def evaluate(model: Any, **kwargs: Any) -> Any:
+    """BLEU/chrF and MLM loss (eval/)."""
+    from moqe_jax.evaluate import evaluate_model
+
+    return evaluate_model(model, **kwargs)

@@ -1,0 +1,231 @@
+"""`QuantizedTensor`: the one packed weight type (shared/DESIGN.md, "the one contract").
+
+Used by the model (experts call ``moqe_jax.ops``), RTN/GPTQ (produce it), the sub-1-bit codec
+(encodes its ternary codes), the Pallas kernels (read ``packed`` directly) and checkpoint I/O.
+The byte layout is specified once in docs/FORMATS.md; this module is its reference implementation.
+
+Logical weight: ``[*batch, K, N]`` (Flax ``[in, out]``; batch is usually the expert axis E).
+Stored leaves:
+  * ``packed``  uint8 ``[*batch, R, N]``: codes packed along K (R = K_pad·code_bits/8,
+    K_pad = K rounded up to a multiple of 8; padding codes are 0).
+  * ``scales``  float32 ``[*batch, G, N]`` (G = number of groups along K; 1 = channel-wise).
+  * ``zeros``   float32 ``[*batch, G, N]`` or None (asymmetric linear: integer zero-point;
+    ternary: the low level ``w_min``; symmetric linear and log: None).
+Static aux data: the ``QuantSpec``, the logical K and the logical float dtype. The batch shape and
+N are read from the leaves, so the object stays consistent under ``vmap``/``scan``/slicing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moqe_jax.quant.spec import QuantSpec
+
+__all__ = [
+    "QuantizedTensor",
+    "pack_codes",
+    "unpack_codes",
+    "packed_rows",
+    "dequant_codes",
+    "expand_groups",
+]
+
+
+def _pad8(k: int) -> int:
+    return -(-k // 8) * 8
+
+
+def packed_rows(k: int, code_bits: int) -> int:
+    """Number of uint8 rows that hold K codes of ``code_bits`` bits (docs/FORMATS.md §1)."""
+    return _pad8(k) * code_bits // 8
+
+
+def pack_codes(codes: Any, code_bits: int) -> jax.Array:
+    """Pack unsigned integer codes ``[..., K, N]`` (each < 2**code_bits) into uint8 along K.
+
+    code_bits 8/4/2(/1): byte row ``i`` holds codes ``k = i·p + j`` (p = 8/code_bits codes per byte)
+    at bits ``[j·b, (j+1)·b)`` (LSB first). code_bits 3: three bit-planes of ``K_pad/8`` rows each,
+    plane-major: row ``c·K_pad/8 + i``, bit ``j`` = bit ``c`` of code ``k = 8i + j``.
+    """
+    codes = jnp.asarray(codes).astype(jnp.uint8)
+    *lead, k, n = codes.shape
+    kp = _pad8(k)
+    if kp != k:
+        codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, kp - k), (0, 0)])
+    if code_bits == 8:
+        return codes
+    if code_bits in (4, 2, 1):
+        per = 8 // code_bits
+        c = codes.reshape(*lead, kp // per, per, n)
+        shifts = (jnp.arange(per, dtype=jnp.uint8) * code_bits).reshape(per, 1)
+        return _or_reduce(c << shifts, axis=-2)
+    if code_bits == 3:
+        c = codes.reshape(*lead, kp // 8, 8, n)
+        shifts = jnp.arange(8, dtype=jnp.uint8).reshape(8, 1)
+        planes = [_or_reduce(((c >> p) & 1) << shifts, axis=-2) for p in range(3)]
+        return jnp.concatenate(planes, axis=-2)
+    raise ValueError(f"cannot pack {code_bits}-bit codes")
+
+
+def _or_reduce(x: jax.Array, axis: int) -> jax.Array:
+    # Bits of the terms never overlap, so a sum in a wide type is an OR.
+    return jnp.sum(x.astype(jnp.uint32), axis=axis).astype(jnp.uint8)
+
+
+def unpack_codes(packed: Any, code_bits: int, k: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`: uint8 ``[..., R, N]`` -> uint8 codes ``[..., k, N]``."""
+    packed = jnp.asarray(packed)
+    *lead, r, n = packed.shape
+    if code_bits == 8:
+        return packed[..., :k, :]
+    if code_bits in (4, 2, 1):
+        per = 8 // code_bits
+        shifts = (jnp.arange(per, dtype=jnp.uint8) * code_bits).reshape(per, 1)
+        mask = jnp.uint8((1 << code_bits) - 1)
+        c = (packed[..., :, None, :] >> shifts) & mask
+        return c.reshape(*lead, r * per, n)[..., :k, :]
+    if code_bits == 3:
+        k8 = r // 3
+        shifts = jnp.arange(8, dtype=jnp.uint8).reshape(8, 1)
+        out = jnp.zeros((*lead, k8, 8, n), jnp.uint8)
+        for p in range(3):
+            plane = packed[..., p * k8:(p + 1) * k8, None, :]
+            out = out | (((plane >> shifts) & 1) << p)
+        return out.reshape(*lead, k8 * 8, n)[..., :k, :]
+    raise ValueError(f"cannot unpack {code_bits}-bit codes")
+
+
+def dequant_codes(q: Any, scale: Any, zero: Any, spec: QuantSpec) -> jax.Array:
+    """Elementwise dequantization of codes ``q`` with broadcastable ``scale``/``zero`` (float32).
+
+    The single definition of the value of a code, also called on tiles inside the Pallas kernels:
+      * linear:  ``scale · (q − zero)``; symmetric uses the fixed mid-point ``zero = 2^(b−1)``.
+      * log:     ``(−1)^sign · scale · 2^(−e)`` with ``sign = q >> (b−1)``, ``e = q & (2^(b−1)−1)``.
+      * ternary: ``0 → 0, 1 → zero (= w_min), 2 → scale (= w_max)`` (QMoE symbols).
+    """
+    qf = q.astype(jnp.float32)
+    if spec.is_ternary:
+        return jnp.where(qf == 2.0, scale, jnp.where(qf == 1.0, zero, 0.0)).astype(jnp.float32)
+    b = int(spec.bits)
+    if spec.scheme == "log":
+        half = float(1 << (b - 1))
+        neg = qf >= half
+        e = jnp.where(neg, qf - half, qf)
+        mag = scale * jnp.exp2(-e)
+        return jnp.where(neg, -mag, mag)
+    if zero is None:
+        zero = float(1 << (b - 1))
+    return scale * (qf - zero)
+
+
+def expand_groups(a: jax.Array, k: int) -> jax.Array:
+    """``[..., G, N]`` per-group values -> ``[..., k, N]`` (group g covers rows ``[g·k/G, (g+1)·k/G)``)."""
+    g = a.shape[-2]
+    return jnp.repeat(a, k // g, axis=-2)
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedTensor:
+    """Packed low-bit weight ``[*batch, K, N]`` (see module docstring and docs/FORMATS.md)."""
+
+    __slots__ = ("packed", "scales", "zeros", "spec", "k", "dtype")
+
+    def __init__(self, packed: Any, scales: Any, zeros: Any, spec: QuantSpec, k: int,
+                 dtype: Any = jnp.float32):
+        self.packed = packed
+        self.scales = scales
+        self.zeros = zeros
+        self.spec = spec
+        self.k = int(k)
+        self.dtype = jnp.dtype(dtype)
+
+    # ---- pytree ------------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.packed, self.scales, self.zeros), (self.spec, self.k, self.dtype.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, k, dtype = aux
+        obj = object.__new__(cls)
+        obj.packed, obj.scales, obj.zeros = children
+        obj.spec, obj.k, obj.dtype = spec, k, jnp.dtype(dtype)
+        return obj
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: Any, scales: Any, zeros: Any, spec: QuantSpec,
+                   dtype: Any = jnp.float32) -> QuantizedTensor:
+        """Build from unpacked codes ``[*batch, K, N]`` and ``[*batch, G, N]`` scales/zeros."""
+        codes = jnp.asarray(codes)
+        k, n = codes.shape[-2:]
+        g = spec.num_groups(k)
+        scales = jnp.asarray(scales, jnp.float32)
+        if scales.shape != (*codes.shape[:-2], g, n):
+            raise ValueError(f"scales shape {scales.shape} != {(*codes.shape[:-2], g, n)} for {spec.describe()}")
+        if spec.has_zeros:
+            if zeros is None:
+                raise ValueError(f"{spec.describe()} needs zeros")
+            zeros = jnp.asarray(zeros, jnp.float32)
+            if zeros.shape != scales.shape:
+                raise ValueError(f"zeros shape {zeros.shape} != scales shape {scales.shape}")
+        else:
+            zeros = None
+        return cls(pack_codes(codes, spec.code_bits), scales, zeros, spec, k, dtype)
+
+    # ---- logical view ------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:-2], self.k, self.packed.shape[-1])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def codes(self) -> jax.Array:
+        """Unpacked uint8 codes ``[*batch, K, N]``."""
+        return unpack_codes(self.packed, self.spec.code_bits, self.k)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """Float weight ``[*batch, K, N]`` (XLA reference; kernels never materialise this)."""
+        q = self.codes()
+        s = expand_groups(self.scales, self.k)
+        z = None if self.zeros is None else expand_groups(self.zeros, self.k)
+        return dequant_codes(q, s, z, self.spec).astype(dtype or self.dtype)
+
+    def __getitem__(self, idx: Any) -> QuantizedTensor:
+        """Index the leading batch (expert) axes, e.g. ``qt[e]`` or ``qt[2:5]``."""
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if len(idx) > self.ndim - 2:
+            raise IndexError("only the leading batch (expert) axes of a QuantizedTensor can be indexed")
+        z = None if self.zeros is None else self.zeros[idx]
+        return QuantizedTensor(self.packed[idx], self.scales[idx], z, self.spec, self.k, self.dtype)
+
+    # ---- storage accounting ------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes really stored (packed codes + scales + zeros)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.packed, self.scales, self.zeros) if a is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / max(1, self.size)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor({self.spec.describe()}, shape={self.shape}, "
+                f"{self.bits_per_param:.3f} bits/param)")
+
+
+def is_quantized(x: Any) -> bool:
+    """True for any packed weight type (QuantizedTensor or a codec such as Sub1Tensor)."""
+    return isinstance(x, QuantizedTensor) or hasattr(x, "decode")
