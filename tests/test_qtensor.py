@@ -90,3 +90,31 @@ def test_spec_validation():
     assert QuantSpec(4, granularity="group:128").granularity == 128
     with pytest.raises(ValueError):
         QuantSpec(4, granularity=64).num_groups(96)
+
+
+def test_component_classification():
+    from moqe_jax.model.components import component_of
+
+    assert component_of("encoder/layers_1/mlp/expert/wi/kernel") == "experts"
+    assert component_of("decoder/layers_3/mlp/router/router_weights/w/kernel") == "router"
+    assert component_of("decoder/layers_0/mlp/wo/kernel") == "dense"
+    assert component_of("decoder/layers_0/encoder_decoder_attention/query/kernel") == "cross_attn"
+    assert component_of("encoder/layers_0/attention/out/kernel") == "self_attn"
+    assert component_of("decoder/layers_0/self_attention/key/kernel") == "self_attn"
+    assert component_of("token_embedder/embedding") == "embeddings"
+    assert component_of("decoder/decoder_norm/scale") == "norms"
+    assert component_of("encoder/relpos_bias/rel_embedding") == "relpos"
+    assert component_of("decoder/logits_dense/kernel") == "logits"
+
+
+def test_storage_protocol_roundtrip():
+    rng = np.random.default_rng()
+    spec = QuantSpec(2, symmetric=False, granularity=8)
+    codes = rng.integers(0, 4, size=(2, 16, 3)).astype(np.uint8)
+    qt = QuantizedTensor.from_codes(codes, rng.uniform(size=(2, 2, 3)), rng.uniform(size=(2, 2, 3)), spec)
+    arrays, meta = qt.to_arrays()
+    back = QuantizedTensor.from_arrays({k: np.asarray(v) for k, v in arrays.items()}, meta)
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(qt.dequantize()))
+    with pytest.raises(ValueError):
+        QuantizedTensor.from_arrays({**{k: np.asarray(v) for k, v in arrays.items()},
+                                     "packed": np.zeros((2, 3, 3), np.uint8)}, meta)

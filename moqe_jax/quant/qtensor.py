@@ -210,6 +210,29 @@ class QuantizedTensor:
         z = None if self.zeros is None else self.zeros[idx]
         return QuantizedTensor(self.packed[idx], self.scales[idx], z, self.spec, self.k, self.dtype)
 
+    # ---- storage protocol (checkpoint store; every packed-weight class implements it) ---------
+    def to_arrays(self) -> tuple[dict[str, Any], dict]:
+        """Leaves by name + JSON-serialisable metadata (``meta["type"]`` names the class)."""
+        arrays = {"packed": self.packed, "scales": self.scales}
+        if self.zeros is not None:
+            arrays["zeros"] = self.zeros
+        return arrays, {"type": "QuantizedTensor", "spec": self.spec.to_dict(), "k": self.k,
+                        "dtype": self.dtype.name}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any], meta: dict) -> QuantizedTensor:
+        spec = QuantSpec.from_dict(meta["spec"])
+        k = int(meta["k"])
+        packed, scales = arrays["packed"], arrays["scales"]
+        zeros = arrays.get("zeros")
+        n = packed.shape[-1]
+        if packed.dtype != np.uint8 or packed.shape[-2] != packed_rows(k, spec.code_bits):
+            raise ValueError(f"packed codes {packed.dtype}{list(packed.shape)} do not fit {spec.describe()} with K={k}")
+        want = (*packed.shape[:-2], spec.num_groups(k), n)
+        if tuple(scales.shape) != want or (spec.has_zeros and (zeros is None or tuple(zeros.shape) != want)):
+            raise ValueError(f"scales/zeros shapes do not fit {spec.describe()} {list(want)}")
+        return cls(packed, scales, zeros if spec.has_zeros else None, spec, k, meta.get("dtype", "float32"))
+
     # ---- storage accounting ------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
