@@ -1,0 +1,371 @@
+"""Switch Transformer building blocks in Flax linen, bit-faithful to Flaxformer (specs/T5X_SWITCH.md §4).
+
+Parameter names reproduce the T5X ``target`` tree (spec §2) so checkpoints load without renaming.
+Every kernel matmul goes through :mod:`moqe_jax.ops` so a kernel leaf may be a float array, a
+``QuantizedTensor`` or a codec (``Sub1Tensor``); params are read with ``self.param`` and passed through
+untouched.
+
+Layers return ``(x, info)``; ``info`` is ``{}`` for dense layers and for MoE layers a dict with
+``inputs`` (post-norm, logit-masked ``[B,L,D]``), ``expert``/``gate``/``kept`` ``[B,L]``, and the
+scalars ``aux_loss``, ``z_loss``, ``dropped_fraction`` plus ``expert_usage [E]`` (spec §4.9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moqe_jax import ops
+from moqe_jax.config import SwitchConfig
+from moqe_jax.model import routing
+
+Array = Any
+MASK_VALUE = -1e10  # Flaxformer's attention mask bias
+
+# ---- initializers (T5X / Flaxformer) ---------------------------------------------------------
+kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+expert_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                                      batch_axis=(0,))
+embedding_init = nn.initializers.normal(stddev=1.0)
+router_init = nn.initializers.normal(stddev=2e-2)
+relpos_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def query_kernel_init(d_kv: int):
+    """Query kernel init with the 1/sqrt(d_kv) attention scale folded in (spec §2)."""
+    def init(key, shape, dtype=jnp.float32):
+        return kernel_init(key, shape, dtype) / math.sqrt(d_kv)
+    return init
+
+
+# ---- pure functions ---------------------------------------------------------------------------
+def rms_norm(x: Array, scale: Array, eps: float, dtype: Any) -> Array:
+    """T5LayerNorm (spec §4.3): f32 stats, cast to ``dtype``, multiply by ``scale`` in ``dtype``."""
+    x32 = jnp.asarray(x, jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return y.astype(dtype) * ops.dequantize_weight(scale, dtype)
+
+
+def relative_position_bucket(rp: Array, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """T5 relative-position bucket of ``rp = memory_pos - query_pos`` (spec §4.6, Flaxformer/MTF)."""
+    rp = jnp.asarray(rp, jnp.int32)
+    n = -rp
+    ret = jnp.zeros_like(n)
+    nb = num_buckets
+    if bidirectional:
+        nb //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * nb
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = nb // 2
+    is_small = n < max_exact
+    nf = jnp.maximum(n, 1).astype(jnp.float32)
+    val_large = max_exact + (jnp.log(nf / max_exact + np.finfo(np.float32).eps) / math.log(max_distance / max_exact)
+                             * (nb - max_exact)).astype(jnp.int32)
+    val_large = jnp.minimum(val_large, nb - 1)
+    return ret + jnp.where(is_small, n, val_large)
+
+
+def relpos_bias(table: Array, qlen: int, klen: int, bidirectional: bool, cfg: SwitchConfig,
+                q_offset: Array | int = 0) -> Array:
+    """``[1, H, q, k]`` bias = ``table[:, bucket(k - q)]`` in the activation dtype (exact bf16 selection)."""
+    qpos = jnp.arange(qlen, dtype=jnp.int32)[:, None] + q_offset
+    kpos = jnp.arange(klen, dtype=jnp.int32)[None, :]
+    b = relative_position_bucket(kpos - qpos, bidirectional, cfg.relative_attention_num_buckets,
+                                 cfg.relative_attention_max_distance)
+    t = ops.dequantize_weight(table, jnp.float32).astype(cfg.jnp_dtype)  # [H, NB]
+    return jnp.take(t, b, axis=1)[None]  # [1, H, q, k]
+
+
+def mask_bias(mask: Array, dtype: Any) -> Array:
+    """Boolean mask -> additive bias 0 / −1e10 in ``dtype`` (Flaxformer)."""
+    return jnp.where(mask, 0.0, MASK_VALUE).astype(dtype)
+
+
+def activation(x: Array, gate: Array | None = None) -> Array:
+    """ReLU, or gated GELU (tanh approximation, Flax ``nn.gelu``) × linear (spec §4.7)."""
+    if gate is None:
+        return jax.nn.relu(x)
+    return jax.nn.gelu(x, approximate=True) * gate
+
+
+# ---- modules ---------------------------------------------------------------------------------
+class Kernel(nn.Module):
+    """Holds one ``kernel`` param (float or quantized leaf), returned as is."""
+
+    shape: tuple[int, ...]
+    init_fn: Any = kernel_init
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("kernel", self.init_fn, self.shape)
+
+
+class LayerNorm(nn.Module):
+    cfg: SwitchConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (self.cfg.d_model,))
+        return rms_norm(x, scale, self.cfg.layer_norm_epsilon, self.cfg.jnp_dtype)
+
+
+class Embed(nn.Module):
+    """Token embedder ``token_embedder/embedding [V, D]`` (spec §4.2, §4.10)."""
+
+    cfg: SwitchConfig
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", embedding_init, (self.cfg.vocab_size, self.cfg.d_model))
+
+    def __call__(self, ids: Array) -> Array:
+        dt = self.cfg.jnp_dtype
+        return jnp.take(ops.dequantize_weight(self.embedding, dt), ids, axis=0)
+
+
+class RelativePositionBias(nn.Module):
+    cfg: SwitchConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("rel_embedding", relpos_init, (self.cfg.num_heads, self.cfg.relative_attention_num_buckets))
+
+
+class MultiHeadAttention(nn.Module):
+    """Unscaled multi-head dot-product attention (spec §4.5); ``query/key/value/out`` 2-D kernels."""
+
+    cfg: SwitchConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        d, j = c.d_model, c.inner_dim
+        self.query = Kernel((d, j), query_kernel_init(c.d_kv))
+        self.key = Kernel((d, j))
+        self.value = Kernel((d, j))
+        self.out = Kernel((j, d))
+
+    def _heads(self, y: Array) -> Array:
+        return y.reshape(*y.shape[:-1], self.cfg.num_heads, self.cfg.d_kv)
+
+    def kv(self, x: Array) -> tuple[Array, Array]:
+        """Keys and values ``[B, T, H, K]`` of ``x`` (precomputed for cross-attention decoding)."""
+        dt = self.cfg.jnp_dtype
+        x = x.astype(dt)
+        return self._heads(ops.qmatmul(x, self.key())), self._heads(ops.qmatmul(x, self.value()))
+
+    def __call__(self, xq: Array, xkv: Array | None, bias: Array, *, kv: tuple[Array, Array] | None = None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array]]:
+        """Returns ``(out [B,Tq,D], (k, v))``; with ``cache`` the new k/v are written at ``cache_index``."""
+        c = self.cfg
+        dt = c.jnp_dtype
+        q = self._heads(ops.qmatmul(xq.astype(dt), self.query()))
+        if kv is None:
+            k, v = self.kv(xkv)
+        else:
+            k, v = kv
+        if cache is not None:
+            kc, vc = cache
+            k = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, cache_index, 0, 0))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if c.routing_mode == "hf":
+            logits = logits.astype(jnp.float32)
+        logits = logits + bias.astype(logits.dtype)
+        w = jax.nn.softmax(logits, axis=-1).astype(dt)
+        o = jnp.einsum("bhqk,bkhd->bqhd", w, v.astype(dt))
+        o = o.reshape(*o.shape[:2], c.inner_dim)
+        return ops.qmatmul(o, self.out()), (k, v)
+
+
+class MlpBlock(nn.Module):
+    """Dense FFN: ``wi``/``wo`` or gated ``wi_0``/``wi_1``/``wo`` (spec §4.7)."""
+
+    cfg: SwitchConfig
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
+        c = self.cfg
+        x = x.astype(c.jnp_dtype)
+        if c.gated:
+            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_0")()),
+                           ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_1")()))
+        else:
+            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi")()))
+        return ops.qmatmul(h, Kernel((c.d_ff, c.d_model), name="wo")()), {}
+
+
+class _RouterWeights(nn.Module):
+    cfg: SwitchConfig
+
+    def setup(self) -> None:
+        self.w = Kernel((self.cfg.d_model, self.cfg.num_experts), router_init)
+
+    def __call__(self) -> Array:
+        return self.w()
+
+
+class Router(nn.Module):
+    """``router/router_weights/w/kernel [D, E]``; logits fully in f32 (spec §4.8 step 4)."""
+
+    cfg: SwitchConfig
+
+    def setup(self) -> None:
+        self.router_weights = _RouterWeights(self.cfg)
+
+    def __call__(self, x: Array) -> Array:
+        w = ops.dequantize_weight(self.router_weights(), jnp.float32)
+        return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+class Experts(nn.Module):
+    """Stacked expert MLPs ``expert/{wi,wo}/kernel [E, D, F] / [E, F, D]`` applied to ``[E, N, D]``."""
+
+    cfg: SwitchConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.cfg
+        e, d, f = c.num_experts, c.d_model, c.d_ff
+        x = x.astype(c.jnp_dtype)
+        if c.gated:
+            h = activation(ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi_0")()),
+                           ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi_1")()))
+        else:
+            h = activation(ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi")()))
+        return ops.grouped_qmatmul(h, Kernel((e, f, d), expert_kernel_init, name="wo")())
+
+
+class MoeLayer(nn.Module):
+    """Switch top-1 MoE layer (Flaxformer ``MoeLayer`` + ``TokensChooseMaskedRouter``, spec §4.8–4.9).
+
+    ``routing_mode="t5x"``: ``_maybe_pad``, batch-major groups, banker's-rounded capacity, dropped -> 0,
+    f32 combine (output f32). ``"hf"``: one group per sequence, capacity ``hf_expert_capacity``, gate
+    multiply in the activation dtype (HF ≥ PR #37123 / #48421 semantics).
+    """
+
+    cfg: SwitchConfig
+
+    def setup(self) -> None:
+        self.router = Router(self.cfg)
+        self.expert = Experts(self.cfg)
+
+    def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
+        c = self.cfg
+        b, l, d = x.shape
+        e = c.num_experts
+        if c.routing_mode == "hf":
+            lay = routing.hf_layout(b, l, c.hf_expert_capacity)
+        else:
+            cf = c.train_capacity_factor if train else c.eval_capacity_factor
+            lay = routing.group_layout(b, l, e, max_group_size=c.max_group_size, capacity_factor=cf,
+                                       min_expert_capacity=c.min_expert_capacity,
+                                       num_expert_replicas=c.num_expert_replicas)
+        xp = jnp.pad(x, ((0, lay.pad_batch), (0, lay.pad_seq), (0, 0))) if (lay.pad_batch or lay.pad_seq) else x
+        bp, lp = xp.shape[:2]
+        g, s, cap = lay.groups, lay.group_size, lay.capacity
+        xg = xp.reshape(g, s, d)
+        logits = self.router(xg)  # [G,S,E] f32
+        probs = jax.nn.softmax(logits, axis=-1)
+        r = routing.top1_route(probs, cap)
+        # dispatch: slot = expert·C + priority; dropped tokens go nowhere
+        slot = jnp.where(r.kept, r.expert * cap + r.priority, e * cap)
+        gi = jnp.arange(g)[:, None]
+        buf = jnp.zeros((g, e * cap, d), c.jnp_dtype).at[gi, slot].set(xg.astype(c.jnp_dtype), mode="drop")
+        ex_in = buf.reshape(g, e, cap, d).transpose(1, 0, 2, 3).reshape(e, g * cap, d)
+        ex_out = self.expert(ex_in)  # [E, G·C, D]
+        ex_out = ex_out.reshape(e, g, cap, d).transpose(1, 0, 2, 3).reshape(g, e * cap, d)
+        y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S,D]
+        if c.routing_mode == "hf":
+            y = y * r.gate.astype(y.dtype)[..., None]
+            out = jnp.where(r.kept[..., None], y, jnp.zeros((), y.dtype)).astype(x.dtype)
+        else:
+            y = y.astype(jnp.float32) * r.gate[..., None]
+            out = jnp.where(r.kept[..., None], y, 0.0)
+        out = out.reshape(bp, lp, d)[:b, :l]
+        # aux losses / metrics (spec §4.9), over all (padded) tokens
+        onehot = jax.nn.one_hot(r.expert, e, dtype=jnp.float32)
+        aux = jnp.mean(jnp.mean(onehot, axis=1) * jnp.mean(probs, axis=1)) * (e ** 2)
+        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+        kept_f = r.kept.astype(jnp.float32)
+        info = {
+            "inputs": x,
+            "expert": r.expert.reshape(bp, lp)[:b, :l],
+            "gate": r.gate.reshape(bp, lp)[:b, :l],
+            "kept": r.kept.reshape(bp, lp)[:b, :l],
+            "aux_loss": aux,
+            "z_loss": z,
+            "dropped_fraction": 1.0 - jnp.mean(kept_f),
+            "expert_usage": jnp.mean(onehot * kept_f[..., None], axis=(0, 1)),
+            "router_confidence": jnp.mean(r.gate),
+        }
+        self.sow("intermediates", "moe", {k: info[k] for k in ("inputs", "expert", "gate", "kept")})
+        return out, info
+
+
+def _mlp(cfg: SwitchConfig, sparse: bool) -> nn.Module:
+    return MoeLayer(cfg, name="mlp") if sparse else MlpBlock(cfg, name="mlp")
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN T5 encoder layer (Flaxformer ``EncoderLayer``); standalone-applicable on ``layers_i`` params."""
+
+    cfg: SwitchConfig
+    sparse: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array, logit_mask: Array | None, train: bool = False) -> tuple[Array, dict]:
+        c = self.cfg
+        h = LayerNorm(c, name="pre_attention_layer_norm")(x)
+        if logit_mask is not None:
+            h = logit_mask * h
+        a, _ = MultiHeadAttention(c, name="attention")(h, h, bias)
+        x = x + a
+        h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
+        if logit_mask is not None:
+            h = logit_mask * h
+        y, info = _mlp(c, self.sparse)(h, train)
+        return x + y, info
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN T5 decoder layer (self-attn, cross-attn, MLP); supports a k/v cache for decoding.
+
+    ``cross_kv`` (precomputed encoder keys/values) replaces ``encoded``; ``cache``/``cache_index``
+    enable incremental self-attention. Returns ``(x, info)`` or, with a cache, ``(x, info, new_cache)``.
+    """
+
+    cfg: SwitchConfig
+    sparse: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array,
+                 logit_mask: Array | None, train: bool = False, *, cross_kv: tuple[Array, Array] | None = None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        c = self.cfg
+        h = LayerNorm(c, name="pre_self_attention_layer_norm")(x)
+        if logit_mask is not None:
+            h = logit_mask * h
+        a, new_cache = MultiHeadAttention(c, name="self_attention")(h, h, self_bias, cache=cache,
+                                                                      cache_index=cache_index)
+        x = x + a
+        h = LayerNorm(c, name="pre_cross_attention_layer_norm")(x)
+        if logit_mask is not None:
+            h = logit_mask * h
+        a, _ = MultiHeadAttention(c, name="encoder_decoder_attention")(h, encoded, cross_bias, kv=cross_kv)
+        x = x + a
+        h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
+        if logit_mask is not None:
+            h = logit_mask * h
+        y, info = _mlp(c, self.sparse)(h, train)
+        x = x + y
+        if cache is not None:
+            return x, info, new_cache
+        return x, info
+
