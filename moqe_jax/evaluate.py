@@ -1,0 +1,525 @@
+"""Evaluation of a (float, RTN, GPTQ, QAT or sub-1-bit) `Model` through ONE code path.
+
+* Translation quality (MoQE §4, Tables 2 / Figs 2–3): batched greedy decoding with the model's own
+  jitted ``Model.generate`` (the CLI's path), SentencePiece-decoded (detokenized) hypotheses, sacrebleu
+  corpus BLEU and chrF per direction on the test split, and the plain average over directions (MoQE
+  reports per-direction scores and their average). Tokens/s of the decoding is measured.
+* Loss (QMoE §4 evaluates span-corruption loss on held-out C4; specs/QMOE.md §C): the MLM
+  (span-corruption, noise 0.15, mean span 3) cross-entropy on held-out English text of our corpus
+  (the English side of the test split, specs/DATA.md) and the teacher-forced token-level CE of the
+  reference translations.
+
+Only the parameters differ between a float and a quantized model; everything here calls
+``model.logits`` / ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moqe_jax.errors import DataError
+
+__all__ = [
+    "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
+    "parse_directions", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "load_eval_pairs",
+    "translate", "teacher_forced_loss", "mlm_examples", "evaluate_model", "format_result",
+]
+
+# sacrebleu tokenizer per TARGET language: 13a for space-delimited languages, `zh` for Chinese,
+# `char` for Japanese (the `ja-mecab` tokenizer needs MeCab, which is not a dependency).
+_BLEU_TOKENIZE = {"zh": "zh", "zh_CN": "zh", "zh_TW": "zh", "ja": "char"}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+def bleu_tokenizer_for(lang: str) -> str:
+    """sacrebleu tokenizer name used for BLEU when the target language is ``lang``."""
+    return _BLEU_TOKENIZE.get(lang, "13a")
+
+
+@dataclass
+class CorpusScore:
+    """sacrebleu corpus BLEU and chrF of one set of hypotheses, with signatures."""
+
+    bleu: float
+    chrf: float
+    bleu_signature: str
+    chrf_signature: str
+    n: int
+
+
+def corpus_scores(hyps: Sequence[str], refs: Sequence[str], lang: str = "en") -> CorpusScore:
+    """sacrebleu ``corpus_score`` (BLEU with :func:`bleu_tokenizer_for` ``(lang)``, chrF defaults)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hyps) != len(refs):
+        raise DataError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    bleu = BLEU(tokenize=bleu_tokenizer_for(lang))
+    chrf = CHRF()
+    b = bleu.corpus_score(list(hyps), [list(refs)])
+    c = chrf.corpus_score(list(hyps), [list(refs)])
+    return CorpusScore(float(b.score), float(c.score), str(bleu.get_signature()), str(chrf.get_signature()),
+                       len(hyps))
+
+
+def token_cross_entropy(logits: Any, labels: Any, mask: Any | None = None) -> tuple[float, int]:
+    """Sum of token cross-entropies ``-log softmax(logits)[label]`` over ``mask`` and the token count.
+
+    ``logits`` ``[B, T, V]`` (any float), ``labels`` ``[B, T]`` int, ``mask`` ``[B, T]`` (default: all).
+    Computed in float32 with a stable log-softmax; masked positions contribute exactly 0 (even if
+    their logits are not finite).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits = jnp.asarray(logits, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise DataError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    m = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(m, ce, 0.0))
+    return float(total), int(jnp.sum(m))
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer / data
+# ----------------------------------------------------------------------------------------------
+def parse_directions(spec: str | Sequence[str] | None) -> list[str]:
+    """``"all"``/None → every corpus direction; ``"en-de,de-en"`` or a list → validated list."""
+    from moqe_jax.data.corpus import DIRECTIONS
+
+    if spec is None or spec == "all" or (not isinstance(spec, str) and list(spec) == ["all"]):
+        return list(DIRECTIONS)
+    items = [d.strip() for d in spec.split(",")] if isinstance(spec, str) else [str(d).strip() for d in spec]
+    items = [d for d in items if d]
+    if not items:
+        raise DataError("no direction given; use e.g. 'en-de,de-en' or 'all'")
+    unknown = [d for d in items if d not in DIRECTIONS]
+    if unknown:
+        raise DataError(f"unknown direction(s) {', '.join(unknown)}; known: {', '.join(DIRECTIONS)}")
+    return list(dict.fromkeys(items))
+
+
+def load_tokenizer(src: Any) -> Any:
+    """The project's `moqe_jax.data.tokenizer.Tokenizer` (SentencePiece + sentinels) from a path (``.model``
+    file or a directory holding ``spm.model``), or pass an object with ``encode``/``decode`` through."""
+    if not isinstance(src, (str, os.PathLike)):
+        return src
+    from moqe_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer(src)
+
+
+def tokenizer_vocab_size(tok: Any) -> int:
+    """Vocabulary size of a SentencePiece processor or a wrapper exposing ``vocab_size``."""
+    for name in ("vocab_size", "get_piece_size", "piece_size"):
+        v = getattr(tok, name, None)
+        if v is None:
+            continue
+        v = v() if callable(v) else v
+        return int(v)
+    raise DataError(f"cannot tell the vocabulary size of tokenizer {type(tok).__name__}")
+
+
+def check_vocab(model: Any, tok: Any, where: str = "tokenizer") -> None:
+    """Raise `DataError` unless the tokenizer's vocabulary fits the model's.
+
+    Equal sizes pass; so does a model vocabulary padded up to a multiple of 128 (T5X pads
+    32100 → 32128) by fewer than 128 entries. Anything else would silently produce garbage.
+    """
+    mv = int(model.config.vocab_size)
+    tv = tokenizer_vocab_size(tok)
+    if tv == mv or (mv % 128 == 0 and tv < mv < tv + 128):
+        return
+    raise DataError(f"{where}: vocabulary size {tv} does not match the model's vocab_size {mv}")
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    try:
+        ids = tok.encode(text, out_type=int)
+    except TypeError:
+        ids = tok.encode(text)
+    return [int(i) for i in ids]
+
+
+def _decode(tok: Any, ids: Sequence[int]) -> str:
+    return str(tok.decode([int(i) for i in ids]))
+
+
+def load_eval_pairs(data: str | os.PathLike | Mapping[str, Sequence[Any]], directions: Sequence[str],
+                    samples: int | None = None, split: str = "test", seed: int = 0) -> dict[str, list[dict]]:
+    """Per direction, up to ``samples`` records ``{"src", "tgt", "en", ...}`` of ``split``.
+
+    ``data`` is a corpus directory written by ``moqe data build`` (``{split}.jsonl``) or a mapping
+    ``direction -> records`` (dicts with src/tgt, or (src, tgt) tuples). The sample is a seeded,
+    order-preserving random subset (the split is grouped by catalog, so a prefix would be biased).
+    """
+    from moqe_jax.data.corpus import read_jsonl
+
+    if isinstance(data, Mapping):
+        rows_by: dict[str, list[dict]] = {}
+        for d in directions:
+            if d not in data:
+                raise DataError(f"direction {d} not in the given data (has: {', '.join(sorted(data))})")
+            rows_by[d] = [r if isinstance(r, dict) else {"src": r[0], "tgt": r[1]} for r in data[d]]
+    else:
+        rows = read_jsonl(Path(data) / f"{split}.jsonl", directions)
+        rows_by = {d: [] for d in directions}
+        for r in rows:
+            rows_by[r["direction"]].append(r)
+    out: dict[str, list[dict]] = {}
+    for d in directions:
+        rs = rows_by.get(d, [])
+        if not rs:
+            where = "the given data" if isinstance(data, Mapping) else str(data)
+            raise DataError(f"direction {d}: no {split} sentences in {where}")
+        if samples is not None and len(rs) > samples:
+            idx = sorted(random.Random(f"{seed}:{d}").sample(range(len(rs)), samples))
+            rs = [rs[i] for i in idx]
+        out[d] = rs
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# batching helpers
+# ----------------------------------------------------------------------------------------------
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m)
+
+
+def _pad_batch(seqs: Sequence[Sequence[int]], length: int, rows: int, pad: int, eos: int) -> np.ndarray:
+    """``[rows, length]`` int32, sequences truncated to ``length`` (keeping a final EOS); filler rows = [EOS]."""
+    out = np.full((rows, length), pad, np.int32)
+    for i in range(rows):
+        s = list(seqs[i]) if i < len(seqs) else [eos]
+        if len(s) > length:
+            s = s[:length - 1] + [eos]
+        out[i, :len(s)] = s
+    return out
+
+
+def _progress(total: int, desc: str, enable: bool | None) -> Any:
+    from tqdm import tqdm
+
+    if enable is None:
+        enable = os.environ.get("MOQE_NO_PROGRESS") != "1" and bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(total=total, desc=desc, disable=not enable, leave=False)
+
+
+def _strip_generated(row: Sequence[int], eos: int, pad: int, start: int, prompt_len: int = 0) -> list[int]:
+    """Generated ids up to (excluding) the first EOS; leading decoder-start and pads removed."""
+    out: list[int] = []
+    r = list(row)[prompt_len:]
+    if r and r[0] == start:
+        r = r[1:]
+    for t in r:
+        if t == eos:
+            break
+        if t == pad:
+            continue
+        out.append(int(t))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    """Timing of a batched decode: ``tokens_per_s`` excludes the first (compiling) batch when possible."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    first_batch_seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def translate(model: Any, tok: Any, sources: Sequence[str], *, batch_size: int = 32, max_src_len: int | None = None,
+              max_new_tokens: int | None = None, num_beams: int = 1, progress: bool | None = None,
+              ) -> tuple[list[str], GenerationStats]:
+    """Greedy (or beam) decode ``sources`` with ``model.generate``; SentencePiece-decoded hypotheses.
+
+    All batches share one shape ``[batch_size, max_src_len]`` (one compilation per parameter
+    structure); sentences are sorted by length so padding is small inside the compiled shape.
+    ``tokens_per_s`` counts generated tokens up to and including EOS, over the batches after the
+    first (the first includes jit compilation) — or over all of them if there is only one.
+    """
+    cfg = model.config
+    pad, eos, start = int(cfg.pad_token_id), int(cfg.eos_token_id), int(cfg.decoder_start_token_id)
+    enc = [_encode(tok, s) + [eos] for s in sources]
+    longest = max((len(e) for e in enc), default=1)
+    src_len = int(max_src_len or min(_round_up(longest, 16), 512))
+    new = int(max_new_tokens or min(_round_up(int(1.5 * src_len) + 8, 16), 512))
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    hyps: list[str] = [""] * len(enc)
+    stats = GenerationStats()
+    bar = _progress(len(enc), "translate", progress)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        x = _pad_batch([enc[i] for i in idx], src_len, batch_size, pad, eos)
+        t0 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=new, num_beams=num_beams)
+        out = np.asarray(out)
+        dt = time.perf_counter() - t0
+        ntok = 0
+        for j, i in enumerate(idx):
+            ids = _strip_generated(out[j], eos, pad, start)
+            ntok += min(len(ids) + 1, new)
+            hyps[i] = _decode(tok, ids)
+        if stats.batches == 0:
+            stats.first_batch_seconds = dt
+            first_tokens = ntok
+        else:
+            stats.tokens += ntok
+            stats.seconds += dt
+        stats.batches += 1
+        bar.update(len(idx))
+    bar.close()
+    if stats.batches == 1:
+        stats.tokens, stats.seconds = first_tokens, stats.first_batch_seconds
+    return hyps, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+def _shift_right(labels: np.ndarray, start: int, pad: int) -> np.ndarray:
+    out = np.full_like(labels, pad)
+    out[:, 0] = start
+    out[:, 1:] = labels[:, :-1]
+    return out
+
+
+def teacher_forced_loss(model: Any, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
+                        max_src_len: int | None = None, max_tgt_len: int | None = None,
+                        progress: bool | None = None, desc: str = "loss") -> tuple[float, int]:
+    """Mean token CE (nats) of ``targets`` given ``inputs`` (T5 teacher forcing) and the token count.
+
+    ``examples`` are (input ids, target ids) pairs, both ending with EOS. Decoder inputs are the
+    targets shifted right behind ``decoder_start_token_id``; pad positions are masked. One fixed
+    batch shape for the whole set.
+    """
+    if not examples:
+        raise DataError("no examples to compute a loss on")
+    cfg = model.config
+    pad, eos, start = int(cfg.pad_token_id), int(cfg.eos_token_id), int(cfg.decoder_start_token_id)
+    s_len = int(max_src_len or min(_round_up(max(len(e[0]) for e in examples), 16), 512))
+    t_len = int(max_tgt_len or min(_round_up(max(len(e[1]) for e in examples), 16), 512))
+    total, count = 0.0, 0
+    bar = _progress(len(examples), desc, progress)
+    for b0 in range(0, len(examples), batch_size):
+        chunk = examples[b0:b0 + batch_size]
+        x = _pad_batch([c[0] for c in chunk], s_len, batch_size, pad, eos)
+        y = _pad_batch([c[1] for c in chunk], t_len, batch_size, pad, eos)
+        ymask = np.zeros_like(y, dtype=bool)
+        for j, c in enumerate(chunk):
+            ymask[j, :min(len(c[1]), t_len)] = True
+        dec_in = _shift_right(y, start, pad)
+        dec_mask = np.zeros_like(ymask)
+        dec_mask[:, 0] = True
+        dec_mask[:, 1:] = ymask[:, :-1]
+        logits = model.logits(x, dec_in, attention_mask=(x != pad), decoder_attention_mask=dec_mask)
+        s, n = token_cross_entropy(logits, y, ymask)
+        total += s
+        count += n
+        bar.update(len(chunk))
+    bar.close()
+    return total / max(count, 1), count
+
+
+def mlm_examples(tok: Any, texts: Sequence[str], *, seed: int = 0, noise_density: float = 0.15,
+                 mean_span: float = 3.0, vocab_size: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Span-corruption (T5 / QMoE §C: noise 0.15, mean span 3) examples of ``texts``.
+
+    Uses the project's ``moqe_jax.data`` span corruption (sentinels from the top of the vocabulary),
+    seeded so every model sees exactly the same corrupted inputs.
+    """
+    from moqe_jax.data import span_corruption as sc
+
+    eos = 1
+    rng = np.random.default_rng(seed)
+    out: list[tuple[list[int], list[int]]] = []
+    vs = vocab_size or tokenizer_vocab_size(tok)
+    for t in texts:
+        ids = _encode(tok, t)
+        if len(ids) < 2:
+            continue
+        inp, tgt = sc.span_corrupt(np.asarray(ids, np.int32), rng, noise_density=noise_density,
+                                   mean_span_length=mean_span, vocab_size=vs)
+        inp, tgt = [int(i) for i in inp], [int(i) for i in tgt]
+        if not inp or inp[-1] != eos:
+            inp.append(eos)
+        if not tgt or tgt[-1] != eos:
+            tgt.append(eos)
+        out.append((inp, tgt))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DirectionResult:
+    """Scores of one translation direction."""
+
+    direction: str
+    bleu: float
+    chrf: float
+    n: int
+    ce: float | None = None
+    hyps: list[str] = field(default_factory=list, repr=False)
+    refs: list[str] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class EvalResult:
+    """Everything ``evaluate_model`` measured (BLEU/chrF averaged like MoQE's tables)."""
+
+    directions: dict[str, DirectionResult] = field(default_factory=dict)
+    bleu_signature: str = ""
+    chrf_signature: str = ""
+    mt_ce: float | None = None
+    mt_ce_tokens: int = 0
+    mlm_loss: float | None = None
+    mlm_tokens: int = 0
+    tokens_per_s: float | None = None
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def bleu(self) -> float:
+        """Average BLEU over directions (nan when no translation was evaluated)."""
+        v = [r.bleu for r in self.directions.values()]
+        return float(np.mean(v)) if v else float("nan")
+
+    @property
+    def chrf(self) -> float:
+        v = [r.chrf for r in self.directions.values()]
+        return float(np.mean(v)) if v else float("nan")
+
+    def to_dict(self, with_text: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_text:
+            for r in d["directions"].values():
+                r.pop("hyps", None)
+                r.pop("refs", None)
+        d["bleu"], d["chrf"] = self.bleu, self.chrf
+        return d
+
+
+def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: str | Sequence[str] | None = "all",
+                   samples: int | None = 100, split: str = "test", bleu: bool = True, mt_loss: bool = False,
+                   mlm: bool = False, mlm_texts: Sequence[str] | None = None, mlm_samples: int | None = 256,
+                   batch_size: int = 32, max_src_len: int | None = None, max_new_tokens: int | None = None,
+                   num_beams: int = 1, seed: int = 0, progress: bool | None = None) -> EvalResult:
+    """Evaluate ``model`` (any params: float, RTN, GPTQ, QAT, sub-1-bit) on the MT corpus.
+
+    Args:
+      tokenizer: SentencePiece model path/dir or tokenizer object; its vocabulary must match the model.
+      data: corpus directory (``moqe data build``) or ``{direction: records}``; needed for BLEU / mt_loss
+        and, without ``mlm_texts``, for MLM (held-out English = English side of ``split``).
+      directions: ``"all"``, ``"en-de,de-en"`` or a list; unknown ones raise `DataError`.
+      samples: sentences per direction (seeded subset; None = all).
+      bleu: decode and score BLEU/chrF per direction (one decode over all directions, sorted by length).
+      mt_loss: teacher-forced token CE of the references.
+      mlm: span-corruption loss on held-out English (``mlm_texts`` or the split's English side).
+    """
+    t_start = time.perf_counter()
+    tok = load_tokenizer(tokenizer)
+    check_vocab(model, tok)
+    dirs = parse_directions(directions)
+    res = EvalResult()
+    pairs: dict[str, list[dict]] = {}
+    if bleu or mt_loss or (mlm and mlm_texts is None):
+        if data is None:
+            raise DataError("evaluation needs data= (a corpus directory from `moqe data build`)")
+        pairs = load_eval_pairs(data, dirs, samples, split, seed)
+    if bleu:
+        flat = [(d, r) for d in dirs for r in pairs[d]]
+        hyps, st = translate(model, tok, [r["src"] for _, r in flat], batch_size=batch_size, max_src_len=max_src_len,
+                             max_new_tokens=max_new_tokens, num_beams=num_beams, progress=progress)
+        res.tokens_per_s, res.gen_tokens, res.gen_seconds = st.tokens_per_s, st.tokens, st.seconds
+        k = 0
+        for d in dirs:
+            n = len(pairs[d])
+            h, refs = hyps[k:k + n], [r["tgt"] for r in pairs[d]]
+            k += n
+            sc = corpus_scores(h, refs, lang=d.split("-", 1)[1])
+            res.directions[d] = DirectionResult(d, sc.bleu, sc.chrf, n, hyps=h, refs=refs)
+            if sc.bleu_signature not in res.bleu_signature:
+                res.bleu_signature = "; ".join(x for x in (res.bleu_signature, sc.bleu_signature) if x)
+            res.chrf_signature = sc.chrf_signature
+    if mt_loss:
+        eos = int(model.config.eos_token_id)
+        tot, cnt = 0.0, 0
+        for d in dirs:
+            ex = [(_encode(tok, r["src"]) + [eos], _encode(tok, r["tgt"]) + [eos]) for r in pairs[d]]
+            ce, n = teacher_forced_loss(model, ex, batch_size=batch_size, progress=progress, desc=f"CE {d}")
+            tot, cnt = tot + ce * n, cnt + n
+            if d in res.directions:
+                res.directions[d].ce = ce
+            else:
+                res.directions[d] = DirectionResult(d, float("nan"), float("nan"), len(pairs[d]), ce=ce)
+        res.mt_ce, res.mt_ce_tokens = tot / max(cnt, 1), cnt
+    if mlm:
+        texts = list(mlm_texts) if mlm_texts is not None else _held_out_english(pairs)
+        if mlm_samples is not None and len(texts) > mlm_samples:
+            texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), mlm_samples))]
+        ex = mlm_examples(tok, texts, seed=seed, vocab_size=int(model.config.vocab_size))
+        res.mlm_loss, res.mlm_tokens = teacher_forced_loss(model, ex, batch_size=batch_size, progress=progress,
+                                                           desc="MLM loss")
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def _held_out_english(pairs: Mapping[str, Iterable[dict]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for rows in pairs.values():
+        for r in rows:
+            en = r.get("en")
+            if en:
+                seen.setdefault(en, None)
+    if not seen:
+        raise DataError("no held-out English text for the MLM loss (records lack the 'en' field)")
+    return list(seen)
+
+
+def _fmt(v: float | None, nd: int = 2) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def format_result(res: EvalResult, title: str = "") -> str:
+    """Per-direction BLEU/chrF(/CE) table plus the average, MLM loss and speed, as plain text."""
+    lines = [title] if title else []
+    if res.directions:
+        lines.append(f"{'direction':<12}{'n':>6}{'BLEU':>8}{'chrF':>8}{'CE':>8}")
+        for r in res.directions.values():
+            lines.append(f"{r.direction:<12}{r.n:>6}{_fmt(r.bleu):>8}{_fmt(r.chrf):>8}{_fmt(r.ce, 3):>8}")
+        n = sum(r.n for r in res.directions.values())
+        lines.append(f"{'average':<12}{n:>6}{_fmt(res.bleu):>8}{_fmt(res.chrf):>8}{_fmt(res.mt_ce, 3):>8}")
+    if res.bleu_signature:
+        lines.append(f"BLEU signature: {res.bleu_signature}")
+        lines.append(f"chrF signature: {res.chrf_signature}")
+    if res.mlm_loss is not None:
+        lines.append(f"MLM (span-corruption) loss: {res.mlm_loss:.4f} nats/token over {res.mlm_tokens} target tokens")
+    if res.tokens_per_s is not None:
+        lines.append(f"decode speed: {_fmt(res.tokens_per_s, 1)} tokens/s ({res.gen_tokens} tokens)")
+    return "\n".join(lines)
