@@ -1,0 +1,255 @@
+"""Fused dequantize-matmul Pallas kernel: ``y = x @ dequant(W)`` reading the packed codes directly.
+
+MoQE (Kim et al. 2023, §3/§5: weight-only int8/4/3/2 experts, decode is memory-bound) and QMoE
+(Frantar & Alistarh 2023, §3.2: 2-bit / ternary experts). The float weight is never written to HBM: each
+program loads a ``[BKr, BN]`` tile of ``packed`` (docs/FORMATS.md §1), extracts the codes of one residue
+``j`` at a time with shifts and masks, turns them into values with :func:`moqe_jax.quant.qtensor.dequant_codes`
+(the single definition of a code's value) and accumulates ``x_j @ w_j`` in float32.
+
+Residue split (no in-kernel interleave): with ``p`` codes per packed row (p = 8/b; 3-bit: p = 8, one bit
+per plane), packed row ``i`` residue ``j`` holds K-row ``k = i·p + j``, so ``x @ W = Σ_j x[:, j::p] @ W_j``
+where ``W_j`` are the residue-``j`` codes of all packed rows. ``x[:, j::p]`` is built outside the kernel
+(a cheap reshape/transpose of the small activation).
+
+One kernel serves dense and grouped (per-expert) matmuls: operands carry a leading expert axis ``E``
+(``E = 1`` for a 2-D weight) and the grid is ``(N blocks, K splits × M blocks, E)``. Split-K programs write
+float32 partials that are summed by XLA; with one split the output is written directly.
+
+Triton-lowering constraints respected (specs/JAX_NOTES.md §4.5): power-of-two blocks, every dot dim ≥ 16
+(M is padded to ≥ 16), same-dtype dot operands, no value gathers (tiles never straddle a scale group, so
+one ``[BN]`` scale row per tile), masked loads/stores for ragged K (packed rows) and N.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes
+from moqe_jax.quant.spec import QuantSpec
+from pallas_kernels import backend
+
+__all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul", "grouped_quant_matmul"]
+
+# Programs we aim to launch so that every SM has ~2 resident (H100: 132 SMs). Split-K supplies the rest.
+_TARGET_PROGRAMS = 264
+_FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, int(v)).bit_length() - 1)
+
+
+def _pow2_ceil(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _pow2_divisor(v: int) -> int:
+    return v & -v
+
+
+def codes_per_row(spec: QuantSpec) -> int:
+    """K rows per packed row (and per plane row for 3-bit): the residue count ``p``."""
+    b = spec.code_bits
+    return 8 if b == 3 else 8 // b
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tiling of one launch (all powers of two). ``bkr`` counts packed (plane) rows, i.e. ``bkr·p`` K rows."""
+
+    bm: int
+    bn: int
+    bkr: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _max_bkr(spec: QuantSpec, k: int) -> int:
+    """Largest tile height (packed rows) that keeps a tile inside one scale group."""
+    if spec.granularity == "channel":
+        return 1 << 30
+    return _pow2_divisor(spec.group_size(k)) // codes_per_row(spec)
+
+
+def unsupported_reason(spec: QuantSpec, k: int, x_dtype: object) -> str | None:
+    """Why the kernel cannot run this case (None = supported). The caller falls back to XLA."""
+    if jnp.dtype(x_dtype) not in _FLOAT_DTYPES:
+        return f"activation dtype {jnp.dtype(x_dtype)} (needs bf16/f16/f32)"
+    if _max_bkr(spec, k) < 16:
+        return (f"group size {spec.group_size(k)} too small for {spec.describe()} "
+                f"(a tile of ≥16 packed rows must lie in one group)")
+    return None
+
+
+def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
+    """Block-size heuristic (documented table, tuned on H100; see benchmarks/results/KERNEL_NOTES.md).
+
+    ====================  =========================================================
+    BM                    next pow2 ≥ M, at least 16 (Triton dot), at most 64
+    BN                    128, or next pow2 ≥ N (≥ 32) for narrow N; 64 when M > 16
+    BKr (packed rows)     ~16 KiB of packed bytes per tile: 128 (int8: 64; 3-bit: 64
+                          per plane), ≤ next pow2 of the packed height, ≥ 16,
+                          ≤ the group's power-of-two part / p (no group straddling)
+    splits (split-K)      enough programs for ~2 per SM (264), each ≥ 1 K tile
+    warps / stages        4 / 3 (Triton defaults); 8 warps when BM·BN ≥ 64·128
+    ====================  =========================================================
+    """
+    p = codes_per_row(spec)
+    rv = -(-k // 8) * 8 // p
+    bm = min(64, max(16, _pow2_ceil(m)))
+    bn = max(32, min(128, _pow2_ceil(n)))
+    if m > 16 and bn > 64:
+        bn = 64
+    bkr = {8: 64, 3: 64}.get(spec.code_bits, 128)
+    bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(spec, k)))
+    n_kt = -(-rv // bkr)
+    n_blocks = -(-n // bn) * -(-m // bm) * e
+    splits = max(1, min(n_kt, -(-_TARGET_PROGRAMS // n_blocks)))
+    per = -(-n_kt // splits)
+    splits = -(-n_kt // per)
+    warps = 8 if bm * bn >= 64 * 128 else 4
+    return Blocks(bm=bm, bn=bn, bkr=bkr, splits=splits, num_warps=warps, num_stages=3)
+
+
+def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, bn: int, bkr: int,
+                 n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, cdt: jnp.dtype,
+                 interpret: bool):
+    b = spec.code_bits
+    code_mask = (1 << b) - 1
+    channel = spec.granularity == "channel"
+
+    def dot(a, w):
+        if interpret:
+            return jnp.dot(a, w, preferred_element_type=jnp.float32)
+        return backend.plgpu.dot(a, w, allow_tf32=False if cdt == jnp.float32 else None)
+
+    def load(ref, mask=None, other=None):
+        # plgpu.load/store also run in interpret mode, where out-of-bounds slices are padded, not shifted
+        return backend.plgpu.load(ref, mask=mask, other=other)
+
+    pl = backend.pl
+
+    def kernel(x_ref, p_ref, s_ref, *rest):
+        z_ref = rest[0] if has_zeros else None
+        o_ref = rest[-1]
+        nb = pl.program_id(0)
+        sm = pl.program_id(1)
+        e = pl.program_id(2)
+        split = sm // n_mblocks
+        mb = sm % n_mblocks
+        n0 = nb * bn
+        m0 = mb * bm
+        cmask = (n0 + jnp.arange(bn)) < n
+        t0 = split * per_split
+        t1 = jnp.minimum(t0 + per_split, n_kt)
+
+        def body(t, acc):
+            r0 = t * bkr
+            rmask = (r0 + jnp.arange(bkr)) < rv
+            mask2 = rmask[:, None] & cmask[None, :]
+            nsl = pl.ds(n0, bn)
+            if b == 3:
+                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, jnp.uint8(0)) for c in range(3)]
+            else:
+                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, jnp.uint8(0))
+            g = jnp.int32(0) if channel else (r0 * p) // gs
+            s = load(s_ref.at[e, g, nsl], cmask, 0.0)[None, :]
+            z = load(z_ref.at[e, g, nsl], cmask, 0.0)[None, :] if has_zeros else None
+            for j in range(p):
+                if b == 3:
+                    q = ((planes[0] >> j) & 1) | (((planes[1] >> j) & 1) << 1) | (((planes[2] >> j) & 1) << 2)
+                elif b == 8:
+                    q = pk
+                else:
+                    q = (pk >> jnp.uint8(j * b)) & jnp.uint8(code_mask)
+                w = dequant_codes(q, s, z, spec).astype(cdt)
+                xj = load(x_ref.at[e, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
+                acc = acc + dot(xj, w)
+            return acc
+
+        acc = jax.lax.fori_loop(t0, t1, body, jnp.zeros((bm, bn), jnp.float32))
+        out = o_ref.at[split, e, pl.ds(m0, bm), pl.ds(n0, bn)]
+        val = acc.astype(o_ref.dtype)
+        backend.plgpu.store(out, val, mask=jnp.broadcast_to(cmask[None, :], (bm, bn)))
+
+    return kernel
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "k", "blocks", "interpret", "poison"))
+def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None, *, spec: QuantSpec, k: int,
+        blocks: Blocks | None = None, interpret: bool = False, poison: bool = False) -> jax.Array:
+    """Core launch: ``x [E, M, K] @ dequant(packed [E, R, N]) -> [E, M, N]`` in ``x.dtype``.
+
+    ``poison=True`` (tests) pre-fills the output with NaN and aliases it into the kernel, so any tile the
+    kernel fails to write shows up as NaN.
+    """
+    e, m, kx = x.shape
+    if kx != k:
+        raise ValueError(f"x has K={kx}, weight has K={k}")
+    n = packed.shape[-1]
+    p = codes_per_row(spec)
+    rv = -(-k // 8) * 8 // p
+    blocks = blocks or plan_blocks(m, k, n, e, spec)
+    bm, bn, bkr = blocks.bm, blocks.bn, blocks.bkr
+    n_kt = -(-rv // bkr)
+    per = -(-n_kt // blocks.splits)
+    splits = -(-n_kt // per)
+    n_mb = -(-m // bm)
+    rt = n_kt * bkr
+    cdt = x.dtype
+    # residue split of the activation: xr[e, j, m, i] = x[e, m, i·p + j] (zero padded in M and K)
+    xp = jnp.pad(x, ((0, 0), (0, n_mb * bm - m), (0, rt * p - k)))
+    xr = xp.reshape(e, n_mb * bm, rt, p).transpose(0, 3, 1, 2) if p > 1 else xp[:, None]
+    has_zeros = zeros is not None
+    odt = cdt if splits == 1 else jnp.float32
+    out_shape = jax.ShapeDtypeStruct((splits, e, n_mb * bm, n), odt)
+    kernel = _make_kernel(spec, p=p, rv=rv, n=n, gs=spec.group_size(k), bm=bm, bn=bn, bkr=bkr, n_kt=n_kt,
+                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, cdt=jnp.dtype(cdt),
+                          interpret=interpret)
+    args = [xr, packed, scales] + ([zeros] if has_zeros else [])
+    kwargs = {}
+    if poison:
+        args.append(jnp.full(out_shape.shape, jnp.nan, odt))
+        kwargs["input_output_aliases"] = {len(args) - 1: 0}
+
+        inner = kernel
+
+        def kernel(*refs):  # the aliased poison input is the same buffer as the output
+            inner(*refs[:-2], refs[-1])
+
+    grid = (-(-n // bn), splits * n_mb, e)
+    call = backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+                               num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                               name=f"qmm_{spec.describe().replace('-', '_')}", **kwargs)
+    y = call(*args)
+    y = y[0] if splits == 1 else jnp.sum(y, axis=0)
+    return y[:, :m].astype(cdt)
+
+
+def quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = False, poison: bool = False,
+                 blocks: Blocks | None = None) -> jax.Array:
+    """``x [..., K] @ W [K, N] -> [..., N]`` for a 2-D :class:`QuantizedTensor` (leading dims of x flattened)."""
+    if w.ndim != 2:
+        raise ValueError(f"quant_matmul needs a 2-D weight, got shape {w.shape}")
+    lead = x.shape[:-1]
+    m = math.prod(lead) if lead else 1
+    x3 = x.reshape(1, m, x.shape[-1])
+    z = None if w.zeros is None else w.zeros[None]
+    y = qmm(x3, w.packed[None], w.scales[None], z, spec=w.spec, k=w.k, blocks=blocks, interpret=interpret,
+            poison=poison)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def grouped_quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = False, poison: bool = False,
+                         blocks: Blocks | None = None) -> jax.Array:
+    """All experts in one launch: ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` (capacity-dispatched layout)."""
+    if w.ndim != 3 or x.ndim != 3 or x.shape[0] != w.shape[0]:
+        raise ValueError(f"grouped_quant_matmul needs x [E, C, K] and W [E, K, N], got {x.shape} and {w.shape}")
+    return qmm(x, w.packed, w.scales, w.zeros, spec=w.spec, k=w.k, blocks=blocks, interpret=interpret,
+               poison=poison)
