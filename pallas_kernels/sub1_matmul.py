@@ -1,0 +1,197 @@
+"""Decode-fused matmul ``y = x @ dequant(decode(W))`` for QMoE's sub-1-bit :class:`Sub1Tensor`.
+
+Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU). Port of QMoE's ``Sub1MatVec``
+(specs/QMOE.md §2) to the constraints of the Pallas Triton backend (specs/JAX_NOTES.md §4.5: no
+scratch memory, no value gathers, power-of-two blocks):
+
+* one program handles ``BR`` output channels ("rows") and all ``M ≤ 64`` tokens of the batch; rows are
+  independent thanks to ``row_off``; the grouped variant maps row ``r`` to expert ``r // N``;
+* a row is decoded in **chunks of CW codewords**: the chunk's codewords are one coalesced load, their
+  two ``dec`` words are ref-indexed gathers from the global 512 KiB table (served by L1/L2, exactly as
+  the CUDA kernel does), the start position of every codeword in the chunk is an exclusive
+  ``cumsum`` of ``2·pair_count`` (so there is no serial dependence inside a chunk), and each codeword
+  expands to 32 weight slots (28 used) whose 2-bit symbols are shifted out of the ``dec`` words;
+* the weight value is selected arithmetically from the row's ``(w_min, w_max)`` and multiplied with
+  the matching ``x`` entries, which are also a ref-indexed gather (``x`` is laid out ``[E, K, M]``);
+  the float weight matrix is never materialised.
+
+Entry points return None for cases they do not handle (the caller falls back to XLA decode+dot).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moqe_jax.quant.sub1 import Sub1Tensor
+from moqe_jax.quant.sub1_dict import get_dictionary
+
+__all__ = ["sub1_matmul", "grouped_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS", "choose_blocks"]
+
+MAX_TOKENS = 64      # larger batches: decode once + dense matmul (XLA) is the better plan
+SLOTS = 32           # weight slots per codeword (28 used; power of two for the Triton lowering)
+_TILE_ELEMS = 4096   # target elements of the [BR, CW, SLOTS, Mp] product tile
+
+
+def _pow2_ceil(v: int) -> int:
+    return 1 << max(0, int(v - 1).bit_length())
+
+
+def choose_blocks(num_rows: int, mp: int) -> tuple[int, int]:
+    """(rows per program BR, codewords per chunk CW) for ``mp`` padded tokens."""
+    cw = max(4, min(32, _TILE_ELEMS // (SLOTS * mp)))
+    br = max(1, _TILE_ELEMS // (SLOTS * mp * cw))
+    while br > 1 and num_rows // br < 512:  # keep ≥ ~4 programs per SM on big GPUs
+        br //= 2
+    return br, cw
+
+
+def _kernel(row_off_ref, stream_ref, dec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
+            br: int, cw: int, mp: int, n: int, k: int, e: int, total: int):
+    i = pl_program_id()
+    rows = i * br + jnp.arange(br, dtype=jnp.int32)
+    lo = row_off_ref[rows]
+    hi = row_off_ref[rows + 1]
+    lens = hi - lo
+    ex = jnp.minimum(rows // n, e - 1)
+    smax = smax_ref[rows].astype(jnp.float32)
+    smin = smin_ref[rows].astype(jnp.float32)
+    j = jnp.arange(cw, dtype=jnp.int32)
+    lane = jnp.arange(SLOTS, dtype=jnp.int32)
+    second = lane >= 14
+    shift = 4 + 2 * jnp.where(second, lane - 14, lane)
+    live = lane < 28
+    tok = jnp.arange(mp, dtype=jnp.int32)
+    xrow = ex * k  # [BR]
+    nchunks = (jnp.max(lens) + (cw - 1)) // cw
+
+    def body(t, carry):
+        acc, pos = carry
+        idx = t * cw + j[None, :]                                   # [BR, CW]
+        valid = idx < lens[:, None]
+        cidx = jnp.minimum(lo[:, None] + idx, total - 1)
+        code = stream_ref[cidx].astype(jnp.int32)
+        w0 = dec_ref[2 * code]
+        w1 = dec_ref[2 * code + 1]
+        npairs = jnp.where(valid, w0 & 15, 0)
+        step = 2 * npairs
+        start = pos[:, None] + jnp.cumsum(step, axis=1) - step      # exclusive prefix sum
+        word = jnp.where(second[None, None, :], w1[:, :, None], w0[:, :, None])   # [BR, CW, S]
+        sym = (word >> shift[None, None, :]) & 3
+        sym = jnp.where(valid[:, :, None] & live[None, None, :], sym, 0)
+        val = jnp.where(sym == 2, smax[:, None, None], jnp.where(sym == 1, smin[:, None, None], 0.0))
+        kk = jnp.minimum(start[:, :, None] + lane[None, None, :], k - 1)
+        flat = (xrow[:, None, None] + kk) * mp                       # [BR, CW, S]
+        xg = x_ref[flat[..., None] + tok[None, None, None, :]].astype(jnp.float32)  # [BR, CW, S, Mp]
+        prod = jnp.where((sym != 0)[..., None], val[..., None] * xg, 0.0)
+        acc = acc + jnp.sum(jnp.sum(prod, axis=2), axis=1)
+        pos = pos + jnp.sum(step, axis=1)
+        return acc, pos
+
+    acc0 = jnp.zeros((br, mp), jnp.float32)
+    pos0 = jnp.zeros((br,), jnp.int32)
+    acc, _ = jax.lax.fori_loop(0, nchunks, body, (acc0, pos0))
+    o_ref[...] = acc
+
+
+def pl_program_id():
+    from jax.experimental import pallas as pl
+
+    return pl.program_id(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _dec_table() -> np.ndarray:
+    return get_dictionary().dec
+
+
+def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs):
+    try:
+        from pallas_kernels import backend
+        if hasattr(backend, "pallas_call"):
+            return backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+                                       num_warps=num_warps, num_stages=1, name="sub1_matmul", out_specs=out_specs)
+    except ImportError:  # pragma: no cover
+        pass
+    from jax.experimental import pallas as pl  # pragma: no cover - before backend.py existed
+
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, out_specs=out_specs)
+
+
+def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
+                     blocks: tuple[int, int] | None = None, num_warps: int | None = None) -> jax.Array:
+    """Core launch: ``xt [E, K, M]`` (E = prod(w.batch_shape), or 1) -> ``y [E·N, M]`` float32.
+
+    Row ``r`` of ``w`` (output channel ``r % N`` of expert ``r // N``) is dotted with ``xt[r // N]``.
+    """
+    from jax.experimental import pallas as pl
+
+    e, k, m = xt.shape
+    n, r = w.n, w.num_rows
+    mp = _pow2_ceil(m)
+    if mp != m:
+        xt = jnp.pad(xt, ((0, 0), (0, 0), (0, mp - m)))
+    br, cw = blocks or choose_blocks(r, mp)
+    rp = -(-r // br) * br
+    row_off = jnp.asarray(w.row_off, jnp.int32)
+    smax = jnp.asarray(w.scales).reshape(-1)
+    smin = jnp.asarray(w.zeros).reshape(-1)
+    if rp != r:  # padded rows are empty (length 0)
+        row_off = jnp.concatenate([row_off, jnp.broadcast_to(row_off[-1:], (rp - r,))])
+        smax = jnp.pad(smax, (0, rp - r))
+        smin = jnp.pad(smin, (0, rp - r))
+    stream = jnp.asarray(w.stream)
+    total = int(stream.shape[0])
+    dec = jnp.asarray(_dec_table())
+    kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total)
+    tile = br * cw * SLOTS * mp
+    warps = num_warps or int(min(8, max(1, tile // 512)))
+    out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
+                       interpret=interpret, num_warps=warps,
+                       out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
+        row_off, stream, dec, smax, smin, xt.reshape(-1))
+    return out[:r, :m]
+
+
+def _supported(w: Any) -> bool:
+    return isinstance(w, Sub1Tensor)
+
+
+def sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False) -> jax.Array | None:
+    """``x [..., K] @ W [K, N] -> [..., N]`` (2-D W), or ``x [E, ..., K]`` with a stacked ``W [E, K, N]``.
+
+    None when unsupported: more than :data:`MAX_TOKENS` tokens per launch, K mismatch, other ranks.
+    """
+    if not _supported(w) or x.shape[-1] != w.k:
+        return None
+    if len(w.batch_shape) == 0:
+        lead = x.shape[:-1]
+        m = math.prod(lead) if lead else 1
+        if m == 0 or m > MAX_TOKENS:
+            return None
+        xt = x.reshape(m, w.k).T[None]
+        y = sub1_matmul_rows(xt, w, interpret=interpret)          # [N, M]
+        return y.T.reshape(*lead, w.n).astype(x.dtype)
+    if len(w.batch_shape) == 1 and x.ndim >= 2 and x.shape[0] == w.batch_shape[0]:
+        lead = x.shape[1:-1]
+        c = math.prod(lead) if lead else 1
+        y = grouped_sub1_matmul(x.reshape(x.shape[0], c, w.k), w, interpret=interpret)
+        return None if y is None else y.reshape(x.shape[0], *lead, w.n)
+    return None
+
+
+def grouped_sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False) -> jax.Array | None:
+    """Per-expert ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` in one launch (None when unsupported)."""
+    if not _supported(w) or len(w.batch_shape) != 1 or x.ndim != 3:
+        return None
+    e, c, k = x.shape
+    if e != w.batch_shape[0] or k != w.k or c == 0 or c > MAX_TOKENS:
+        return None
+    xt = jnp.swapaxes(x, 1, 2)                                       # [E, K, C]
+    y = sub1_matmul_rows(xt, w, interpret=interpret)                 # [E·N, C]
+    return jnp.swapaxes(y.reshape(e, w.n, c), 1, 2).astype(x.dtype)
