@@ -249,7 +249,7 @@ def load_hf(path: str | os.PathLike, config: SwitchConfig | None = None):
     if not os.path.isdir(d):
         raise CheckpointError(f"{d}: not a directory (expected a HF model dir with config.json)")
     try:
-        cfg = config or SwitchConfig.from_hf(d)
+        cfg = config or SwitchConfig.from_hf(d, name=os.path.basename(os.path.normpath(d)))
     except MoqeError as e:
         raise CheckpointError(str(e)) from None
     import jax.numpy as jnp

@@ -1,0 +1,133 @@
+"""``moqe info``: parameter counts per component (and, for a saved/HF/T5X model, storage facts).
+
+``moqe info --preset switch-c-2048 [--json]`` works without allocating weights (``jax.eval_shape``).
+``moqe info PATH`` accepts ``hf:DIR``, ``t5x:DIR`` (with ``--preset``) or a ``Model.save`` directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from collections import Counter
+from typing import Any
+
+from moqe_jax.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("info", help="model / size report (parameter counts per component)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", nargs="?", help="hf:DIR, t5x:DIR or a saved model directory")
+    p.add_argument("--preset", help="config preset (e.g. switch-base-8); the config for t5x: sources")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{unit}"
+    return str(int(n))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _leaf_kind(leaf: Any) -> str:
+    dt = getattr(leaf, "dtype", None)
+    if type(leaf).__name__ in ("QuantizedTensor", "Sub1Tensor"):
+        spec = getattr(leaf, "spec", None)
+        return f"{type(leaf).__name__}({spec.describe() if spec is not None else ''})"
+    return str(dt)
+
+
+def _dir_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            fp = os.path.join(root, f)
+            if not os.path.islink(fp):
+                total += os.path.getsize(fp)
+    return total
+
+
+def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[str, Any]:
+    """The report as a JSON-serialisable dict."""
+    from moqe_jax.model.api import param_counts
+
+    counts = param_counts(cfg)
+    total = sum(counts.values())
+    out: dict[str, Any] = {
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "sparse_layers": {"encoder": list(cfg.sparse_layers("encoder")), "decoder": list(cfg.sparse_layers("decoder"))},
+        "components": {k: {"params": v, "bytes_bf16": 2 * v} for k, v in counts.items() if v},
+        "total_params": total,
+        "total_bytes_bf16": 2 * total,
+    }
+    if model is not None:
+        import jax
+
+        from moqe_jax.quant.qtensor import QuantizedTensor
+
+        def is_leaf(x: Any) -> bool:
+            return isinstance(x, QuantizedTensor) or hasattr(x, "decode")
+
+        leaves = jax.tree_util.tree_leaves(model.params, is_leaf=is_leaf)
+        out["dtypes"] = dict(Counter(_leaf_kind(x) for x in leaves))
+        if source is not None:
+            p = source.split(":", 1)[1] if source.startswith(("hf:", "t5x:")) else source
+            out["disk_bytes"] = _dir_bytes(p)
+        quantized = any(is_leaf(x) for x in leaves)
+        if quantized and importlib.util.find_spec("moqe_jax.quant.report") is not None:
+            rep = model.size_report()
+            if hasattr(rep, "to_dict"):
+                rep = rep.to_dict()
+            out["size_report"] = rep if isinstance(rep, dict) else str(rep)
+    return out
+
+
+def _print_text(d: dict[str, Any]) -> None:
+    c = d["config"]
+    print(f"{d['name']}: d_model={c['d_model']} d_ff={c['d_ff']} heads={c['num_heads']}x{c['d_kv']} "
+          f"layers={c['num_layers']}+{c['num_decoder_layers']} experts={c['num_experts']} "
+          f"act={c['activation']} vocab={c['vocab_size']} tied={c['tie_word_embeddings']}")
+    print(f"sparse layers: encoder {d['sparse_layers']['encoder']} decoder {d['sparse_layers']['decoder']}")
+    print(f"{'component':<12} {'params':>12} {'bf16':>12} {'share':>7}")
+    for k, v in d["components"].items():
+        print(f"{k:<12} {_fmt(v['params']):>12} {_fmt_bytes(v['bytes_bf16']):>12} "
+              f"{100 * v['params'] / d['total_params']:6.2f}%")
+    print(f"{'total':<12} {_fmt(d['total_params']):>12} {_fmt_bytes(d['total_bytes_bf16']):>12}")
+    if "dtypes" in d:
+        print("leaf types: " + ", ".join(f"{k}×{v}" for k, v in d["dtypes"].items()))
+    if "disk_bytes" in d:
+        print(f"on disk: {_fmt_bytes(d['disk_bytes'])}")
+    if "size_report" in d:
+        print("size report: " + json.dumps(d["size_report"], default=str))
+
+
+def run(args: argparse.Namespace) -> int:
+    from moqe_jax.config import SwitchConfig
+
+    if args.path is None:
+        if not args.preset:
+            raise ConfigError("give a model PATH (hf:DIR, t5x:DIR, saved dir) or --preset NAME")
+        d = info_dict(SwitchConfig.preset(args.preset))
+    else:
+        from moqe_jax.model.api import load_model
+
+        model = load_model(args.path, config=args.preset)
+        d = info_dict(model.config, model, args.path)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+    else:
+        _print_text(d)
+    return 0
