@@ -29,7 +29,7 @@ import numpy as np
 from moqe_jax.errors import CheckpointError, QuantizationError
 from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
-from moqe_jax.quant.sub1_dict import DEC_SHA256, MAX_PAIRS, TRIE_ROOT, ZEROS, get_dictionary
+from moqe_jax.quant.sub1_dict import DEC_SHA256, MAX_PAIRS, TRIE_ROOT, get_dictionary
 
 __all__ = ["Sub1Tensor", "encode", "encode_pairs", "decode_pairs", "pair_symbols", "from_qmoe", "to_qmoe",
            "qmoe_layers_from_state_dict", "ternary_entropy_bits", "compress_model", "compress_params",
