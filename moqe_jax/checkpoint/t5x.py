@@ -305,17 +305,10 @@ def open_t5x(path: str) -> T5XCheckpoint:
 # ---- model-level ---------------------------------------------------------------------------------
 
 def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """``{path: shape}`` of the model's parameter tree for ``config`` (abstract init, no compute)."""
-    import jax
+    """``{path: shape}`` of the model's parameter tree for ``config`` (abstract init, no allocation)."""
+    from moqe_jax.model.api import param_shapes
 
-    from moqe_jax.model import api
-
-    fn = getattr(api, "abstract_params", None)
-    if fn is not None:
-        tree = fn(config)
-    else:
-        tree = jax.eval_shape(lambda: api.Model.init(config, 0).params)
-    return {p: tuple(v.shape) for p, v in flatten(tree, is_leaf=lambda x: not isinstance(x, dict)).items()}
+    return param_shapes(config)
 
 
 def check_against(ckpt: T5XCheckpoint, expected: dict[str, tuple[int, ...]], name: str) -> None:
