@@ -242,6 +242,7 @@ def quantize_arrays(w: jax.Array, spec: QuantSpec, *, log_steps: int = LOG_MSE_S
     return quantize_codes(w, s, z, spec), s, z
 
 
+@partial(jax.jit, static_argnames=("spec", "log_steps"))
 def fake_quantize(w: jax.Array, spec: QuantSpec, *, log_steps: int = LOG_MSE_STEPS) -> jax.Array:
     """``quantize_tensor(w).dequantize()`` computed without packing (float32, same ops bit for bit)."""
     codes, s, z = quantize_arrays(w, spec, log_steps=log_steps)
@@ -283,7 +284,7 @@ def quantize_tensor(w: Any, spec: Any, name: str | None = None, *, log_steps: in
     spec = as_spec(spec)
     label = name or "weight"
     shape = tuple(getattr(w, "shape", np.shape(w)))
-    dtype = jnp.dtype(getattr(w, "dtype", np.asarray(w).dtype))
+    dtype = jnp.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
     if len(shape) < 2:
         raise QuantizationError(f"{label}: cannot quantize a {len(shape)}-D tensor {list(shape)} (need [*batch, K, N])")
     if not jnp.issubdtype(dtype, jnp.floating):
