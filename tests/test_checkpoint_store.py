@@ -231,3 +231,26 @@ def test_t5x_checkpoint_to_model_logits(tmp_path, tiny):
     write_t5x_checkpoint(str(tmp_path / "t5x_bad"), src)
     with pytest.raises(CheckpointError, match="decoder/layers_1/mlp/router/router_weights/w/kernel of config tiny"):
         api.load_model(f"t5x:{tmp_path / 't5x_bad'}", "tiny")
+
+
+def test_cli_convert(tmp_path, tiny, capsys):
+    from moqe_jax.cli import main
+
+    flat = {p: np.asarray(v, np.float32) for p, v in store.flatten_params(tiny.params).items()}
+    write_t5x_checkpoint(str(tmp_path / "t5x"), flat, step=2)
+    out = tmp_path / "conv"
+    assert main(["convert", "--from", f"t5x:{tmp_path / 't5x'}", "--config", "tiny", "--to", str(out),
+                 "--format", "safetensors"]) == 0
+    _leaves_equal(tiny.params, jax.tree.map(np.asarray, store.load_model(out).params))
+    # export back to T5X and read it again
+    assert main(["convert", "--from", str(out), "--to-t5x", str(tmp_path / "re")]) == 0
+    again = api.load_model(f"t5x:{tmp_path / 're'}", "tiny")
+    _leaves_equal(tiny.params, again.params)
+    # failures: one line, nothing partial left behind
+    capsys.readouterr()
+    assert main(["convert", "--from", f"t5x:{tmp_path / 't5x'}", "--config", "switch-base-8", "--to",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config switch-base-8" in err[0] and not (tmp_path / "bad").exists()
+    assert main(["convert", "--from", f"t5x:{tmp_path / 't5x'}", "--to", str(tmp_path / "bad")]) == 2
+    assert "--config" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["conv", "re", "t5x"]

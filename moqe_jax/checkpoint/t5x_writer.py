@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moqe_jax.checkpoint.msgpack_flax import chunk_array, packb
-from moqe_jax.checkpoint.t5x import flatten, unflatten
+from moqe_jax.checkpoint.t5x import _progress, flatten, unflatten
 from moqe_jax.checkpoint.zarr import write_zarr
 
 __all__ = ["write_t5x_checkpoint", "t5x_chunk_shape", "odd_chunk_shape"]
@@ -101,12 +101,7 @@ def write_t5x_checkpoint(
     os.makedirs(tmp)
     try:
         target: dict[str, Any] = {}
-        items = list(flat.items())
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(items, desc="writing T5X", unit="param")
-        for path, value in items:
+        for path, value in _progress(list(flat.items()), progress, "writing T5X"):
             arr = np.asarray(value)
             want = (dtypes or {}).get(path, dtype)
             if want is not None:
