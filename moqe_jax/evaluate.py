@@ -32,7 +32,7 @@ from moqe_jax.errors import DataError
 __all__ = [
     "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
     "parse_directions", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "load_eval_pairs",
-    "translate", "teacher_forced_loss", "mlm_examples", "evaluate_model", "format_result",
+    "translate", "decode_speed", "teacher_forced_loss", "mlm_examples", "evaluate_model", "format_result",
 ]
 
 # sacrebleu tokenizer per TARGET language: 13a for space-delimited languages, `zh` for Chinese,
@@ -251,50 +251,74 @@ class GenerationStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for bk in buckets:
+        if n <= bk:
+            return bk
+    return buckets[-1]
+
+
 def translate(model: Any, tok: Any, sources: Sequence[str], *, batch_size: int = 32, max_src_len: int | None = None,
-              max_new_tokens: int | None = None, num_beams: int = 1, progress: bool | None = None,
-              ) -> tuple[list[str], GenerationStats]:
+              max_new_tokens: int | None = None, num_beams: int = 1, buckets: Sequence[int] = (16, 32, 64, 128, 256),
+              progress: bool | None = None) -> tuple[list[str], GenerationStats]:
     """Greedy (or beam) decode ``sources`` with ``model.generate``; SentencePiece-decoded hypotheses.
 
-    All batches share one shape ``[batch_size, max_src_len]`` (one compilation per parameter
-    structure); sentences are sorted by length so padding is small inside the compiled shape.
-    ``tokens_per_s`` counts generated tokens up to and including EOS, over the batches after the
-    first (the first includes jit compilation) — or over all of them if there is only one.
+    Sentences are grouped into source-length buckets (``buckets``, or the single length
+    ``max_src_len``); every batch of a bucket has the shape ``[batch_size, bucket]`` and decodes
+    ``max_new_tokens`` (default ``2·bucket``, at most 512) steps, so there is one compilation per
+    bucket and parameter structure. Sources longer than the largest bucket are truncated (keeping EOS).
+    ``tokens_per_s`` counts generated tokens up to and including EOS over the batches that did not
+    compile (the first of each bucket), or over all batches if every batch compiled.
     """
     cfg = model.config
     pad, eos, start = int(cfg.pad_token_id), int(cfg.eos_token_id), int(cfg.decoder_start_token_id)
     enc = [_encode(tok, s) + [eos] for s in sources]
-    longest = max((len(e) for e in enc), default=1)
-    src_len = int(max_src_len or min(_round_up(longest, 16), 512))
-    new = int(max_new_tokens or min(_round_up(int(1.5 * src_len) + 8, 16), 512))
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    bks = (int(max_src_len),) if max_src_len else tuple(sorted(int(b) for b in buckets))
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(enc)), key=lambda i: len(enc[i])):
+        groups.setdefault(_bucket(len(enc[i]), bks), []).append(i)
     hyps: list[str] = [""] * len(enc)
     stats = GenerationStats()
+    all_tokens, all_seconds = 0, 0.0
     bar = _progress(len(enc), "translate", progress)
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
-        x = _pad_batch([enc[i] for i in idx], src_len, batch_size, pad, eos)
-        t0 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=new, num_beams=num_beams)
-        out = np.asarray(out)
-        dt = time.perf_counter() - t0
-        ntok = 0
-        for j, i in enumerate(idx):
-            ids = _strip_generated(out[j], eos, pad, start)
-            ntok += min(len(ids) + 1, new)
-            hyps[i] = _decode(tok, ids)
-        if stats.batches == 0:
-            stats.first_batch_seconds = dt
-            first_tokens = ntok
-        else:
-            stats.tokens += ntok
-            stats.seconds += dt
-        stats.batches += 1
-        bar.update(len(idx))
+    for bk, members in sorted(groups.items()):
+        new = int(max_new_tokens or min(2 * bk, 512))
+        for b0 in range(0, len(members), batch_size):
+            idx = members[b0:b0 + batch_size]
+            x = _pad_batch([enc[i] for i in idx], bk, batch_size, pad, eos)
+            t0 = time.perf_counter()
+            out = np.asarray(model.generate(x, max_new_tokens=new, num_beams=num_beams))
+            dt = time.perf_counter() - t0
+            ntok = 0
+            for j, i in enumerate(idx):
+                ids = _strip_generated(out[j], eos, pad, start)
+                ntok += min(len(ids) + 1, new)
+                hyps[i] = _decode(tok, ids)
+            all_tokens, all_seconds = all_tokens + ntok, all_seconds + dt
+            if b0 == 0:
+                stats.first_batch_seconds += dt
+            else:
+                stats.tokens, stats.seconds = stats.tokens + ntok, stats.seconds + dt
+            stats.batches += 1
+            bar.update(len(idx))
     bar.close()
-    if stats.batches == 1:
-        stats.tokens, stats.seconds = first_tokens, stats.first_batch_seconds
+    if stats.seconds == 0.0:
+        stats.tokens, stats.seconds = all_tokens, all_seconds
     return hyps, stats
+
+
+def decode_speed(model: Any, *, batch_size: int = 8, src_len: int = 32, new_tokens: int = 64, reps: int = 3,
+                 seed: int = 0) -> float:
+    """Steady-state greedy decode throughput (generated tokens/s) on random source ids, after one warm-up call."""
+    rng = np.random.default_rng(seed)
+    v = int(model.config.vocab_size)
+    x = rng.integers(3, max(4, v - 100), (batch_size, src_len)).astype(np.int32)
+    x[:, -1] = int(model.config.eos_token_id)
+    np.asarray(model.generate(x, max_new_tokens=new_tokens))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        np.asarray(model.generate(x, max_new_tokens=new_tokens))
+    return reps * batch_size * new_tokens / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,32 +368,22 @@ def teacher_forced_loss(model: Any, examples: Sequence[tuple[Sequence[int], Sequ
     return total / max(count, 1), count
 
 
-def mlm_examples(tok: Any, texts: Sequence[str], *, seed: int = 0, noise_density: float = 0.15,
-                 mean_span: float = 3.0, vocab_size: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """Span-corruption (T5 / QMoE §C: noise 0.15, mean span 3) examples of ``texts``.
+def mlm_examples(tok: Any, texts: Sequence[str], *, seed: int = 0, inputs_length: int = 64,
+                 noise_density: float = 0.15, mean_span: float = 3.0) -> list[tuple[list[int], list[int]]]:
+    """Span-corruption examples of ``texts`` (T5 / QMoE §C: noise 0.15, mean span 3).
 
-    Uses the project's ``moqe_jax.data`` span corruption (sentinels from the top of the vocabulary),
-    seeded so every model sees exactly the same corrupted inputs.
+    The held-out sentences are concatenated (each followed by EOS) into rows that give exactly
+    ``inputs_length`` tokens after corruption, then corrupted with ``moqe_jax.data.span_corruption``
+    (sentinels at the top of the tokenizer's vocabulary) under a fixed seed, so every model sees the
+    same inputs.
     """
-    from moqe_jax.data import span_corruption as sc
+    from moqe_jax.data.span_corruption import compute_input_and_target_lengths, pack_stream, span_corrupt
 
-    eos = 1
-    rng = np.random.default_rng(seed)
-    out: list[tuple[list[int], list[int]]] = []
-    vs = vocab_size or tokenizer_vocab_size(tok)
-    for t in texts:
-        ids = _encode(tok, t)
-        if len(ids) < 2:
-            continue
-        inp, tgt = sc.span_corrupt(np.asarray(ids, np.int32), rng, noise_density=noise_density,
-                                   mean_span_length=mean_span, vocab_size=vs)
-        inp, tgt = [int(i) for i in inp], [int(i) for i in tgt]
-        if not inp or inp[-1] != eos:
-            inp.append(eos)
-        if not tgt or tgt[-1] != eos:
-            tgt.append(eos)
-        out.append((inp, tgt))
-    return out
+    raw_len, _ = compute_input_and_target_lengths(inputs_length, noise_density, mean_span)
+    rows = pack_stream([_encode(tok, t) for t in texts if t], raw_len)
+    b = span_corrupt(rows, np.random.default_rng(seed), tokenizer_vocab_size(tok), noise_density, mean_span)
+    return [([int(i) for i in x], [int(i) for i in y if i != 0]) for x, y in zip(b["input_ids"], b["targets"],
+                                                                                strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +497,7 @@ def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: 
         texts = list(mlm_texts) if mlm_texts is not None else _held_out_english(pairs)
         if mlm_samples is not None and len(texts) > mlm_samples:
             texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), mlm_samples))]
-        ex = mlm_examples(tok, texts, seed=seed, vocab_size=int(model.config.vocab_size))
+        ex = mlm_examples(tok, texts, seed=seed)
         res.mlm_loss, res.mlm_tokens = teacher_forced_loss(model, ex, batch_size=batch_size, progress=progress,
                                                            desc="MLM loss")
     res.seconds = time.perf_counter() - t_start

@@ -1,0 +1,208 @@
+"""Shared plumbing of the reproduction scripts: arguments, model/data setup, sizes, tables, plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from moqe_jax.errors import MoqeError
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "moqe_jax" / "assets" / "default"
+RESULTS = REPO / "docs" / "results"
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every reproduction script takes (model / data paths, sample sizes, output dir)."""
+    p.add_argument("--moe", default=str(ASSETS / "moe"), help="MoE model dir (default: bundled moe)")
+    p.add_argument("--dense", default=str(ASSETS / "dense"), help="dense twin model dir (default: bundled dense)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model/dir (default: bundled tokenizer)")
+    p.add_argument("--data", default=os.environ.get("MOQE_DATA", "data/corpus"),
+                   help="corpus dir from `moqe data build` (default $MOQE_DATA or data/corpus)")
+    p.add_argument("--directions", default="all", help="'all' or e.g. en-de,de-en")
+    p.add_argument("--samples", type=int, default=None, help="test sentences per direction")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=str(RESULTS), help="where tables (.md/.json) and plots (.png) go")
+    p.add_argument("--quick", action="store_true", help="CI mode: few sentences, fewer bit widths")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random tiny models + synthetic corpus (used automatically if the bundled model is missing "
+                        "in --quick mode)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@dataclass
+class Setup:
+    """Everything a script evaluates with."""
+
+    moe: Any
+    dense: Any | None
+    tokenizer: Any
+    data: Any
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+    tmp: Any = None
+
+
+def _default_tokenizer(args: argparse.Namespace) -> Path:
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    for c in (Path(args.moe) / "tokenizer", ASSETS / "tokenizer", Path(args.data) / "tokenizer"):
+        if c.exists():
+            return c
+    return ASSETS / "tokenizer"
+
+
+def setup_from_args(args: argparse.Namespace) -> Setup:
+    """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup)."""
+    from moqe_jax.evaluate import load_tokenizer
+    from moqe_jax.model.api import load_model
+
+    use_syn = args.synthetic or (args.quick and not Path(args.moe).exists())
+    if use_syn:
+        from eval.synthetic import synthetic_setup
+
+        tmp = tempfile.TemporaryDirectory(prefix="moqe_syn_")
+        s = synthetic_setup(tmp.name)
+        note = ("SYNTHETIC run: random tiny models and a synthetic corpus (bundled model not found at "
+                f"{args.moe}); the numbers are meaningless, only the pipeline is exercised.")
+        return Setup(s["moe"], s["dense"], load_tokenizer(s["tokenizer"]), s["data"], True, [note], tmp)
+    if not Path(args.moe).exists():
+        raise MoqeError(f"{args.moe}: MoE model not found (train it with `python -m train.bundled` or pass --moe)")
+    moe = load_model(args.moe)
+    dense = load_model(args.dense) if args.dense and Path(args.dense).exists() else None
+    notes = [] if dense is not None else [f"dense twin not found at {args.dense}: dense rows skipped"]
+    return Setup(moe, dense, load_tokenizer(_default_tokenizer(args)), args.data, False, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization / sizes
+# ---------------------------------------------------------------------------------------------
+def quantize(model: Any, bits: Any, components: Sequence[str], method: str = "rtn", calib: Any = None,
+             **spec_kw: Any) -> Any:
+    """``moqe_jax.pipeline.quantize`` with ``QuantSpec(bits, **spec_kw)`` (MoQE default: linear absmax, channel)."""
+    from moqe_jax.pipeline import quantize as pq
+    from moqe_jax.quant.spec import QuantSpec
+
+    return pq(model, QuantSpec(bits=bits, **spec_kw), components=tuple(components), method=method, calib=calib)
+
+
+def _leaf_bytes(x: Any, float_bytes: int) -> tuple[int, int]:
+    """(stored bytes, logical params) of a param leaf; float leaves count ``float_bytes`` each."""
+    n = int(np.prod(x.shape))
+    if hasattr(x, "nbytes") and not isinstance(x, (np.ndarray, jax.Array)):
+        return int(x.nbytes), n
+    return n * float_bytes, n
+
+
+def packed_bytes(model: Any, float_bytes: int = 2) -> dict[str, dict[str, float]]:
+    """Real storage per component: packed codes + scales (+ zeros) for quantized leaves, ``float_bytes``
+    per float parameter (2 = bf16/fp16 storage, MoQE's baseline). ``{"total": {...}, comp: {...}}``."""
+    from moqe_jax.model.components import component_of
+    from moqe_jax.quant.qtensor import QuantizedTensor
+
+    try:
+        from moqe_jax.quant.sub1 import Sub1Tensor
+        types: tuple = (QuantizedTensor, Sub1Tensor)
+    except ImportError:  # pragma: no cover
+        types = (QuantizedTensor,)
+    out: dict[str, dict[str, float]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=lambda x: isinstance(x, types))[0]:
+        comp = component_of(path)
+        b, n = _leaf_bytes(leaf, float_bytes)
+        for key in (comp, "total"):
+            d = out.setdefault(key, {"bytes": 0, "params": 0})
+            d["bytes"] += b
+            d["params"] += n
+    for d in out.values():
+        d["bits_per_param"] = 8.0 * d["bytes"] / max(1, d["params"])
+    return out
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# tables / plots / provenance
+# ---------------------------------------------------------------------------------------------
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "–" if np.isnan(v) else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that regenerates the current outputs (for captions)."""
+    script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
+
+
+def write_markdown(path: Path, title: str, body: str, setup: Setup | None = None, extra: Sequence[str] = ()) -> None:
+    """Write a results page with its regenerate command and notes."""
+    lines = [f"# {title}", "", f"Regenerate: `{command_line()}`", ""]
+    if setup is not None:
+        lines += [f"> {n}" for n in setup.notes] + ([""] if setup.notes else [])
+    lines += [body, ""]
+    lines += list(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=float), encoding="utf-8")
+
+
+def new_figure(w: float = 6.4, h: float = 4.2, ncols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(w, h))
+
+
+def save_figure(fig: Any, path: Path, caption: str) -> None:
+    """Save a PNG with the regenerate command in small print under it."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.005, caption, fontsize=6, color="0.4", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Timer:
+    """Wall and process CPU time of a block."""
+
+    def __enter__(self) -> Timer:
+        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
+
+
+def machine_note() -> str:
+    dev = jax.devices()[0]
+    return (f"jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '?')}), "
+            f"{os.cpu_count()} CPU cores visible")
