@@ -33,7 +33,8 @@ from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend
 
-__all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul", "grouped_quant_matmul"]
+__all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul", "grouped_quant_matmul",
+           "indexed_quant_matmul"]
 
 # Programs we aim to launch so that every SM has ~2 resident (H100: 132 SMs). Split-K supplies the rest.
 _TARGET_PROGRAMS = 264
@@ -118,7 +119,7 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
 
 
 def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, bn: int, bkr: int,
-                 n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, cdt: jnp.dtype,
+                 n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool, cdt: jnp.dtype,
                  interpret: bool):
     b = spec.code_bits
     code_mask = (1 << b) - 1
@@ -135,12 +136,16 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, 
 
     pl = backend.pl
 
-    def kernel(x_ref, p_ref, s_ref, *rest):
+    def kernel(*refs):
+        if has_ids:
+            ids_ref, *refs = refs
+        x_ref, p_ref, s_ref, *rest = refs
         z_ref = rest[0] if has_zeros else None
         o_ref = rest[-1]
         nb = pl.program_id(0)
         sm = pl.program_id(1)
-        e = pl.program_id(2)
+        a = pl.program_id(2)  # slot of x / out
+        e = ids_ref[a] if has_ids else a  # expert of the weight (indexed launch: a scalar load, no gather)
         split = sm // n_mblocks
         mb = sm % n_mblocks
         n0 = nb * bn
@@ -169,12 +174,12 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, 
                 else:
                     q = (pk >> jnp.uint8(j * b)) & jnp.uint8(code_mask)
                 w = dequant_codes(q, s, z, spec).astype(cdt)
-                xj = load(x_ref.at[e, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
+                xj = load(x_ref.at[a, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
                 acc = acc + dot(xj, w)
             return acc
 
         acc = jax.lax.fori_loop(t0, t1, body, jnp.zeros((bm, bn), jnp.float32))
-        out = o_ref.at[split, e, pl.ds(m0, bm), pl.ds(n0, bn)]
+        out = o_ref.at[split, a, pl.ds(m0, bm), pl.ds(n0, bn)]
         val = acc.astype(o_ref.dtype)
         backend.plgpu.store(out, val, mask=jnp.broadcast_to(cmask[None, :], (bm, bn)))
 
@@ -183,8 +188,12 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, 
 
 @functools.partial(jax.jit, static_argnames=("spec", "k", "blocks", "interpret", "poison"))
 def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None, *, spec: QuantSpec, k: int,
-        blocks: Blocks | None = None, interpret: bool = False, poison: bool = False) -> jax.Array:
-    """Core launch: ``x [E, M, K] @ dequant(packed [E, R, N]) -> [E, M, N]`` in ``x.dtype``.
+        expert_ids: jax.Array | None = None, blocks: Blocks | None = None, interpret: bool = False,
+        poison: bool = False) -> jax.Array:
+    """Core launch: ``x [A, M, K] @ dequant(packed [E, R, N]) -> [A, M, N]`` in ``x.dtype``.
+
+    Without ``expert_ids`` slot ``a`` uses expert ``a`` (A = E). With ``expert_ids [A]`` (int32, values in
+    ``[0, E)``) slot ``a`` uses expert ``expert_ids[a]``: the decode-time launch over active experts only.
 
     ``poison=True`` (tests) pre-fills the output with NaN and aliases it into the kernel, so any tile the
     kernel fails to write shows up as NaN.
@@ -207,12 +216,15 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
     xp = jnp.pad(x, ((0, 0), (0, n_mb * bm - m), (0, rt * p - k)))
     xr = xp.reshape(e, n_mb * bm, rt, p).transpose(0, 3, 1, 2) if p > 1 else xp[:, None]
     has_zeros = zeros is not None
+    has_ids = expert_ids is not None
+    if not has_ids and packed.shape[0] != e:
+        raise ValueError(f"x has {e} expert slots, weight has {packed.shape[0]} experts")
     odt = cdt if splits == 1 else jnp.float32
     out_shape = jax.ShapeDtypeStruct((splits, e, n_mb * bm, n), odt)
     kernel = _make_kernel(spec, p=p, rv=rv, n=n, gs=spec.group_size(k), bm=bm, bn=bn, bkr=bkr, n_kt=n_kt,
-                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, cdt=jnp.dtype(cdt),
+                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, has_ids=has_ids, cdt=jnp.dtype(cdt),
                           interpret=interpret)
-    args = [xr, packed, scales] + ([zeros] if has_zeros else [])
+    args = ([expert_ids.astype(jnp.int32)] if has_ids else []) + [xr, packed, scales] + ([zeros] if has_zeros else [])
     kwargs = {}
     if poison:
         args.append(jnp.full(out_shape.shape, jnp.nan, odt))
@@ -253,3 +265,17 @@ def grouped_quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = 
         raise ValueError(f"grouped_quant_matmul needs x [E, C, K] and W [E, K, N], got {x.shape} and {w.shape}")
     return qmm(x, w.packed, w.scales, w.zeros, spec=w.spec, k=w.k, blocks=blocks, interpret=interpret,
                poison=poison)
+
+
+def indexed_quant_matmul(x: jax.Array, w: QuantizedTensor, expert_ids: jax.Array, *, interpret: bool = False,
+                         poison: bool = False, blocks: Blocks | None = None) -> jax.Array:
+    """Active experts only, one launch: ``x [A, C, K]``, slot ``a`` times ``W[expert_ids[a]]`` -> ``[A, C, N]``.
+
+    Decode step of a top-1 MoE layer: one slot per token (C = 1) or per active expert; experts that no
+    token chose are never read.
+    """
+    if w.ndim != 3 or x.ndim != 3 or expert_ids.shape != (x.shape[0],):
+        raise ValueError(f"indexed_quant_matmul needs x [A, C, K], W [E, K, N], ids [A]; got {x.shape}, "
+                         f"{w.shape}, {expert_ids.shape}")
+    return qmm(x, w.packed, w.scales, w.zeros, spec=w.spec, k=w.k, expert_ids=expert_ids, blocks=blocks,
+               interpret=interpret, poison=poison)

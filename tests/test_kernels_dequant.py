@@ -17,7 +17,13 @@ from moqe_jax import ops
 from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend, dispatch
-from pallas_kernels.dequant_matmul import Blocks, grouped_quant_matmul, plan_blocks, quant_matmul
+from pallas_kernels.dequant_matmul import (
+    Blocks,
+    grouped_quant_matmul,
+    indexed_quant_matmul,
+    plan_blocks,
+    quant_matmul,
+)
 
 ON_GPU = backend.gpu_kernels_available()
 INTERPRET = not ON_GPU
@@ -245,3 +251,16 @@ def test_gpu_large_shapes(spec: QuantSpec, m: int) -> None:
     y = quant_matmul(x, qt, interpret=False, poison=True)
     ref = np.asarray(x, np.float64) @ np_dequant(qt)
     assert rel_err(y, ref) < 2e-2
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=False), QuantSpec(2)], ids=lambda s: s.describe())
+def test_indexed_active_experts_matches_numpy(spec: QuantSpec) -> None:
+    """Decode launch over active experts only: slot a uses W[ids[a]] (repeats allowed, unused experts skipped)."""
+    e, k, n, a = 5, 96, 52, 4
+    qt = random_qt(spec, (e, k, n))
+    ids = jnp.asarray(RNG.integers(0, e, a), jnp.int32)
+    x = jnp.asarray(RNG.standard_normal((a, 1, k)), jnp.float32)
+    y = indexed_quant_matmul(x, qt, ids, interpret=INTERPRET, poison=True)
+    w = np_dequant(qt)[np.asarray(ids)]
+    ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), w)
+    assert y.shape == (a, 1, n) and rel_err(y, ref) < 1e-5
