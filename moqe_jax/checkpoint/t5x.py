@@ -287,7 +287,7 @@ def _has_placeholder(tree: Any) -> bool:
     return False
 
 
-def _progress(items: list, enabled: bool, desc: str):
+def _progress(items: Any, enabled: bool, desc: str):
     import sys
 
     if not enabled or os.environ.get("MOQE_NO_PROGRESS") == "1" or not sys.stderr.isatty():

@@ -67,7 +67,7 @@ def _spec(rel: str, arr: np.ndarray, chunks: tuple[int, ...], form: str) -> dict
 
 def write_t5x_checkpoint(
     directory: str,
-    params: dict[str, Any],
+    params: dict[str, Any] | Iterable[tuple[str, Any]],
     step: int = 1,
     *,
     chunks: str | dict[str, tuple[int, ...]] | Callable[[str, np.ndarray], tuple[int, ...]] = "t5x",
@@ -84,7 +84,9 @@ def write_t5x_checkpoint(
     spec_hook: Callable[[str, dict], dict] | None = None,
     progress: bool = False,
 ) -> str:
-    """Write ``params`` (nested or ``'a/b'``-flat dict of arrays) as ``directory/checkpoint_<step>``; return it.
+    """Write ``params`` as ``directory/checkpoint_<step>``; return that directory.
+
+    ``params``: a nested or ``'a/b'``-flat dict of arrays, or an iterable of ``(path, array)`` pairs.
 
     Args:
       chunks: ``"t5x"`` (T5X's 64 MiB rule), ``"odd"`` (non-dividing chunks), a per-path dict or a function.
@@ -93,15 +95,19 @@ def write_t5x_checkpoint(
       skip_chunks: per path, chunk grid indices whose files are left out (read back as zeros).
       spec_hook: edit each spec dict before it is serialised (bad-input tests).
     """
-    flat = flatten(params, is_leaf=lambda x: not isinstance(x, dict)) if any(
-        isinstance(v, dict) for v in params.values()) else dict(params)
+    if isinstance(params, dict):
+        flat = flatten(params, is_leaf=lambda x: not isinstance(x, dict)) if any(
+            isinstance(v, dict) for v in params.values()) else dict(params)
+        pairs: Iterable[tuple[str, Any]] = list(flat.items())
+    else:  # an iterable of (path, array) pairs, consumed lazily (bounded memory for big fixtures)
+        pairs = params
     inline, legacy_path, gcs, gfile, chunked_array = (set(x) for x in (inline, legacy_path, gcs, gfile, chunked_array))
     final = os.path.join(directory, f"checkpoint_{step}")
     tmp = f"{final}.tmp-{int(time.time() * 1e6)}"
     os.makedirs(tmp)
     try:
         target: dict[str, Any] = {}
-        for path, value in _progress(list(flat.items()), progress, "writing T5X"):
+        for path, value in _progress(pairs, progress, "writing T5X"):
             arr = np.asarray(value)
             want = (dtypes or {}).get(path, dtype)
             if want is not None:
