@@ -2,7 +2,7 @@
 
 Parameter names reproduce the T5X ``target`` tree (spec §2) so checkpoints load without renaming.
 Every kernel matmul goes through :mod:`moqe_jax.ops` so a kernel leaf may be a float array, a
-``QuantizedTensor`` or a codec (``Sub1Tensor``); params are read with ``self.param`` and passed through
+``QuantizedTensor`` or a codec (``Sub1Tensor``); params are read with ``get_param`` and passed through
 untouched.
 
 Layers return ``(x, info)``; ``info`` is ``{}`` for dense layers and for MoE layers a dict with
@@ -96,6 +96,14 @@ def activation(x: Array, gate: Array | None = None) -> Array:
 
 
 # ---- modules ---------------------------------------------------------------------------------
+def get_param(module: nn.Module, name: str, init_fn: Any, shape: tuple[int, ...]) -> Array:
+    """``module.param`` that passes an existing leaf through untouched (no Flax shape check), so a
+    ``QuantizedTensor``/``Sub1Tensor`` (whose array leaves have packed shapes) can stand in for a kernel."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init_fn, shape)
+
+
 class Kernel(nn.Module):
     """Holds one ``kernel`` param (float or quantized leaf), returned as is."""
 
@@ -104,7 +112,7 @@ class Kernel(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("kernel", self.init_fn, self.shape)
+        return get_param(self, "kernel", self.init_fn, self.shape)
 
 
 class LayerNorm(nn.Module):
@@ -112,7 +120,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (self.cfg.d_model,))
+        scale = get_param(self, "scale", nn.initializers.ones, (self.cfg.d_model,))
         return rms_norm(x, scale, self.cfg.layer_norm_epsilon, self.cfg.jnp_dtype)
 
 
@@ -122,7 +130,7 @@ class Embed(nn.Module):
     cfg: SwitchConfig
 
     def setup(self) -> None:
-        self.embedding = self.param("embedding", embedding_init, (self.cfg.vocab_size, self.cfg.d_model))
+        self.embedding = get_param(self, "embedding", embedding_init, (self.cfg.vocab_size, self.cfg.d_model))
 
     def __call__(self, ids: Array) -> Array:
         dt = self.cfg.jnp_dtype
@@ -134,7 +142,8 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("rel_embedding", relpos_init, (self.cfg.num_heads, self.cfg.relative_attention_num_buckets))
+        return get_param(self, "rel_embedding", relpos_init,
+                         (self.cfg.num_heads, self.cfg.relative_attention_num_buckets))
 
 
 class MultiHeadAttention(nn.Module):
