@@ -258,6 +258,15 @@ def test_orbax_format_is_rejected(tmp_path):
         with pytest.raises(CheckpointError, match="Orbax-format") as e:
             T5XCheckpoint(str(p))
         _one_line(e)
+    # a real Orbax CheckpointManager directory (and one of its steps)
+    ocp = pytest.importorskip("orbax.checkpoint")
+    mngr = ocp.CheckpointManager(str(tmp_path / "real"), options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(3, args=ocp.args.StandardSave({"w": np.arange(4.0)}))
+    mngr.wait_until_finished()
+    mngr.close()
+    for p in (tmp_path / "real", tmp_path / "real" / "3"):
+        with pytest.raises(CheckpointError, match="Orbax-format"):
+            T5XCheckpoint(str(p))
     # early Orbax/Flax format: msgpack with PLACEHOLDER:// leaves
     d2 = tmp_path / "early"
     os.makedirs(d2)

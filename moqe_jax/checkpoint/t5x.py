@@ -95,6 +95,9 @@ def resolve_checkpoint_file(path: str) -> str:
         if m and os.path.isdir(os.path.join(path, name)):
             steps.append((int(m.group(1)), name))
     if not steps:
+        for name in os.listdir(path):
+            if os.path.isdir(os.path.join(path, name)) and _is_orbax_dir(os.path.join(path, name)):
+                raise _orbax_error(os.path.join(path, name))
         raise CheckpointError(f"{path}: no 'checkpoint' file and no checkpoint_<step> directories")
     step_dir = os.path.join(path, max(steps)[1])
     if os.path.isfile(os.path.join(step_dir, "checkpoint")) and not _is_orbax_dir(step_dir):
