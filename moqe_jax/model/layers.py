@@ -310,7 +310,7 @@ class MoeLayer(nn.Module):
             "kept": r.kept.reshape(bp, lp)[:b, :l],
             "aux_loss": aux,
             "z_loss": z,
-            "dropped_fraction": 1.0 - jnp.mean(kept_f),
+            "dropped_fraction": jnp.sum(~r.kept).astype(jnp.float32) / r.kept.size,
             "expert_usage": jnp.mean(onehot * kept_f[..., None], axis=(0, 1)),
             "router_confidence": jnp.mean(r.gate),
         }
