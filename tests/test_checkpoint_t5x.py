@@ -177,6 +177,11 @@ def test_checkpoint_path_forms(tmp_path, tree):
     assert resolve_checkpoint_file(f) == f
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_file(str(tmp_path / "nope"))
+    v2 = write_t5x_checkpoint(str(tmp_path / "v2"), small, version=2)  # version 2: fine without uint16
+    assert T5XCheckpoint(v2).version == 2
+    v1 = write_t5x_checkpoint(str(tmp_path / "v1"), small, version=1)
+    with pytest.raises(CheckpointError, match="version 1 is not supported"):
+        T5XCheckpoint(v1)
 
 
 def _write(tmp_path, tree, **kw) -> str:
