@@ -1,0 +1,138 @@
+"""Fused dequant-matmul kernel vs XLA bf16 ``jnp.dot`` vs XLA dequantize-then-dot (issue 6).
+
+Switch expert shapes K×N (768×3072 … 4096×10240), batch M ∈ {1, 16, 64}. For every case: median time of one
+matmul (weight sets rotated so L2 does not hold them, see benchmarks/common.py), achieved GB/s over the bytes
+that must move (packed + scales + zeros + x + y; bf16: the bf16 weight), % of the measured copy bandwidth and
+the speedup over XLA bf16. ``--quick`` runs tiny shapes (interpret mode on CPU) as a smoke test.
+
+    PYTHONPATH=. python benchmarks/kernels.py [--quick] [--out kernels_h100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import copy_bandwidth, device_info, n_sets_for, time_rotated, write_results
+from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.quant.spec import QuantSpec
+from pallas_kernels import backend
+from pallas_kernels.dequant_matmul import plan_blocks, quant_matmul
+
+SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (2080, 6144), (4096, 10240)]
+BATCHES = [1, 16, 64]
+FORMATS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int3": QuantSpec(3), "int2": QuantSpec(2),
+           "ternary": QuantSpec("ternary"), "int4-g128": QuantSpec(4, symmetric=False, granularity=128)}
+ALL_M_FORMATS = ("int4", "int2", "ternary")  # formats timed at every batch; the others at M=1 only
+
+
+def random_qt(key: jax.Array, spec: QuantSpec, k: int, n: int) -> QuantizedTensor:
+    k1, k2, k3 = jax.random.split(key, 3)
+    codes = jax.random.randint(k1, (k, n), 0, spec.maxq + 1)
+    g = spec.num_groups(k)
+    scales = jax.random.uniform(k2, (g, n), jnp.float32, 0.001, 0.01)
+    zeros = None
+    if spec.is_ternary:
+        zeros = -jax.random.uniform(k3, (g, n), jnp.float32, 0.001, 0.01)
+    elif spec.has_zeros:
+        zeros = jax.random.randint(k3, (g, n), 0, spec.maxq + 1).astype(jnp.float32)
+    return QuantizedTensor.from_codes(codes, scales, zeros, spec, jnp.bfloat16)
+
+
+def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[list]:
+    interpret = not backend.gpu_kernels_available()
+    if interpret and not quick:
+        print("no GPU kernels available: running in interpret mode (numbers are not meaningful)", file=sys.stderr)
+    shapes = shapes or ([(200, 130)] if quick else SHAPES)
+    batches = batches or ([1, 3] if quick else BATCHES)
+    formats = formats or list(FORMATS)
+    meta = device_info()
+    bw = copy_bandwidth(quick=quick)
+    meta["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"# {meta['device']} jax {meta['jax']}: measured copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows: list[list] = []
+    key = jax.random.key(1234)
+    for k, n in shapes:
+        nb_bf16 = k * n * 2
+        sets_bf16 = n_sets_for(nb_bf16, quick=quick)
+        key, kw = jax.random.split(key)
+        w_bf16 = [jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.02 for kk in jax.random.split(kw, sets_bf16)]
+        qts: dict[str, list[QuantizedTensor]] = {}
+        for fmt in formats:
+            spec = FORMATS[fmt]
+            if spec.granularity != "channel" and k % spec.granularity:
+                continue
+            q0 = random_qt(key, spec, k, n)
+            ns = n_sets_for(q0.nbytes, quick=quick)
+            qts[fmt] = [q0] + [random_qt(kk, spec, k, n) for kk in jax.random.split(jax.random.fold_in(key, 7),
+                                                                                   ns - 1)]
+        for m in batches:
+            xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(jax.random.key(m), 64)]
+            io_bytes = (m * k + m * n) * 2
+            t_bf16 = time_rotated(lambda x, w: jnp.dot(x, w), list(zip(xs, w_bf16)), quick=quick)
+            rows.append([f"{k}x{n}", m, "bf16 XLA dot", t_bf16 * 1e6, (nb_bf16 + io_bytes) / t_bf16 / 1e9,
+                         100 * (nb_bf16 + io_bytes) / t_bf16 / bw, 1.0, "-"])
+            print(rows[-1], flush=True)
+            for fmt, ws in qts.items():
+                if m != batches[0] and fmt not in ALL_M_FORMATS:
+                    continue
+                nbytes = ws[0].nbytes + io_bytes
+                sets = list(zip(xs, ws))
+                t_k = time_rotated(lambda x, w: quant_matmul(x, w, interpret=interpret), sets, quick=quick)
+                blk = plan_blocks(m, k, n, 1, ws[0].spec)
+                rows.append([f"{k}x{n}", m, f"{fmt} kernel", t_k * 1e6, nbytes / t_k / 1e9, 100 * nbytes / t_k / bw,
+                             t_bf16 / t_k, f"bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits} w{blk.num_warps}"])
+                print(rows[-1], flush=True)
+                if fmt in ("int4", "int2") and (m == batches[0] or fmt == "int4"):
+                    t_d = time_rotated(lambda x, w: jnp.dot(x, w.dequantize(jnp.bfloat16)), sets, quick=quick)
+                    rows.append([f"{k}x{n}", m, f"{fmt} XLA dequant+dot", t_d * 1e6, nbytes / t_d / 1e9,
+                                 100 * nbytes / t_d / bw, t_bf16 / t_d, "-"])
+                    print(rows[-1], flush=True)
+    header = ["K×N", "M", "method", "time µs", "GB/s", "% copy BW", "× vs bf16", "blocks"]
+    notes = (f"Median of one matmul over rotated weight sets (≥3× L2 of bytes). GB/s counts the bytes that must "
+             f"move (weights incl. scales/zeros + x + y). Copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s "
+             f"(read+write).{' INTERPRET MODE (CPU smoke test): times are meaningless.' if interpret else ''}")
+    write_results(out, "Dequant-matmul kernels vs XLA", header, rows, meta, notes)
+    return rows
+
+
+def check_correct(quick: bool) -> None:
+    """One fresh random case per format on the benchmark path (relative error vs float64 host math)."""
+    interpret = not backend.gpu_kernels_available()
+    rng = np.random.default_rng()
+    k, n, m = (256, 96, 2) if quick else (1024, 4096, 16)
+    for fmt, spec in FORMATS.items():
+        qt = random_qt(jax.random.key(int(rng.integers(1 << 30))), spec, k, n)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        y = np.asarray(quant_matmul(x, qt, interpret=interpret), np.float64)
+        ref = np.asarray(x, np.float64) @ np.asarray(qt.dequantize(jnp.float32), np.float64)
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        print(f"check {fmt}: rel err {err:.2e}", flush=True)
+        if not math.isfinite(err) or err > 2e-2:
+            raise SystemExit(f"kernel {fmt} wrong: rel err {err}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--out", default=None, help="results name (default kernels_<device>)")
+    ap.add_argument("--formats", default=None, help="comma list of " + ",".join(FORMATS))
+    ap.add_argument("--shapes", default=None, help="comma list of KxN")
+    ap.add_argument("--batches", default=None, help="comma list of M")
+    a = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    batches = [int(v) for v in a.batches.split(",")] if a.batches else None
+    formats = a.formats.split(",") if a.formats else None
+    out = a.out or ("kernels_quick" if a.quick else "kernels_" + jax.devices()[0].platform)
+    check_correct(a.quick)
+    run(a.quick, out, shapes, batches, formats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

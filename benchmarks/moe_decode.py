@@ -1,0 +1,150 @@
+"""One Switch MoE layer decode step (router + top-1 dispatch + experts + combine): bf16 vs int4 vs int2 experts.
+
+Base shape: switch-base-128 (E=128, D=768, F=3072, ReLU MLP), B ∈ {1, 16, 64} decode tokens (one group).
+Two expert layouts:
+
+* ``capacity``: the model's layout (Flaxformer): tokens scattered into ``[E, C, D]``, every expert computed
+  (``moqe_jax.ops.grouped_qmatmul``; the kernel's grouped launch over all E experts);
+* ``active``: one slot per token, slot ``b`` multiplies by ``W[expert[b]]`` — only chosen experts are read
+  (kernel: ``indexed_quant_matmul``, one launch; bf16 XLA: gather the chosen experts' weights, then a
+  batched dot).
+
+Routing uses ``moqe_jax.model.routing`` (top-1, in-order priority, capacity of spec §4.8).
+
+    PYTHONPATH=. python benchmarks/moe_decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import copy_bandwidth, device_info, time_rotated, write_results
+from benchmarks.kernels import random_qt
+from moqe_jax import ops
+from moqe_jax.model import routing
+from moqe_jax.quant.spec import QuantSpec
+from pallas_kernels import backend, dispatch
+from pallas_kernels.dequant_matmul import indexed_quant_matmul
+
+CAPACITY_FACTOR = 2.0  # switch eval capacity factor
+MIN_CAPACITY = 4
+
+
+def _route(x: jax.Array, router: jax.Array, e: int, cap: int):
+    probs = jax.nn.softmax(x.astype(jnp.float32) @ router, axis=-1)
+    return routing.top1_route(probs[None], cap)
+
+
+def layer_capacity(x, router, wi, wo, *, mode: str):
+    """Capacity layout: ``[B, D]`` -> ``[B, D]`` (f32), every expert computed."""
+    b, d = x.shape
+    e = router.shape[-1]
+    cap = routing.expert_capacity(b, e, CAPACITY_FACTOR, MIN_CAPACITY)
+    r = _route(x, router, e, cap)
+    slot = jnp.where(r.kept[0], r.expert[0] * cap + r.priority[0], e * cap)
+    buf = jnp.zeros((e * cap, d), x.dtype).at[slot].set(x, mode="drop").reshape(e, cap, d)
+    h = jax.nn.relu(ops.grouped_qmatmul(buf, wi, mode=mode))
+    o = ops.grouped_qmatmul(h, wo, mode=mode).reshape(e * cap, d)
+    y = o[jnp.minimum(slot, e * cap - 1)].astype(jnp.float32) * r.gate[0][:, None]
+    return jnp.where(r.kept[0][:, None], y, 0.0)
+
+
+def layer_active(x, router, wi, wo, *, impl: str):
+    """Active layout: one slot per token, only the chosen experts' weights are read."""
+    e = router.shape[-1]
+    r = _route(x, router, e, x.shape[0])
+    ids = r.expert[0]
+    xs = x[:, None, :]
+    if impl == "xla":  # bf16 (or dequantized) weights gathered per token, then a batched dot
+        def mm(a, w):  # gather the chosen experts first (packed, if quantized), then dequantize only those
+            return jnp.einsum("bcd,bdf->bcf", a, ops.dequantize_weight(w[ids], a.dtype))
+    else:
+        def mm(a, w):
+            return indexed_quant_matmul(a, w, ids, interpret=(impl == "interpret"))
+    h = jax.nn.relu(mm(xs, wi))
+    o = mm(h, wo)[:, 0]
+    return o.astype(jnp.float32) * r.gate[0][:, None]
+
+
+def run(quick: bool, out: str) -> list[list]:
+    gpu = backend.gpu_kernels_available()
+    kmode = "pallas" if gpu else "interpret"
+    e, d, f = (4, 64, 128) if quick else (128, 768, 3072)
+    batches = [1, 3] if quick else [1, 16, 64]
+    meta = device_info()
+    bw = copy_bandwidth(quick=quick)
+    meta.update(copy_bandwidth_GBps=bw / 1e9, experts=e, d_model=d, d_ff=f)
+    key = jax.random.key(7)
+    n_w = 2  # two independent layers' weights, alternated, so L2 does not hold the chosen experts
+    routers = [jax.random.normal(k, (d, e), jnp.float32) for k in jax.random.split(jax.random.key(3), n_w)]
+    weights = {"bf16": [(jax.random.normal(k1, (e, d, f), jnp.bfloat16) * 0.02,
+                         jax.random.normal(k2, (e, f, d), jnp.bfloat16) * 0.02)
+                        for k1, k2 in jax.random.split(key, (n_w, 2))]}
+    for name, spec in (("int4", QuantSpec(4)), ("int2", QuantSpec(2))):
+        ws = []
+        for k1, k2 in jax.random.split(jax.random.fold_in(key, 1), (n_w, 2)):
+            wi = jax.vmap(lambda kk: random_qt(kk, spec, d, f))(jax.random.split(k1, e))
+            wo = jax.vmap(lambda kk: random_qt(kk, spec, f, d))(jax.random.split(k2, e))
+            ws.append((wi, wo))
+        weights[name] = ws
+    rows: list[list] = []
+    # correctness of the benchmarked paths (fresh random tokens), int4 vs its XLA reference
+    xc = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (3, d), jnp.bfloat16)
+    wi, wo = weights["int4"][0]
+    ref = np.asarray(layer_active(xc, routers[0], wi, wo, impl="xla"), np.float64)
+    for got in (layer_active(xc, routers[0], wi, wo, impl=kmode if gpu else "interpret"),
+                layer_capacity(xc, routers[0], wi, wo, mode=kmode)):
+        err = float(np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref))
+        print(f"check moe layer int4 kernel vs XLA: rel err {err:.2e}", flush=True)
+        if not err < 2e-2:
+            raise SystemExit(f"MoE layer kernel path wrong: rel err {err}")
+    n_x = 2 if quick else 8
+    for b in batches:
+        xs = [jax.random.normal(k, (b, d), jnp.bfloat16) for k in jax.random.split(jax.random.key(b), n_x)]
+        base = {}
+        for fmt, ws in weights.items():
+            sets = [(xs[i], routers[i % n_w], *ws[i % n_w]) for i in range(n_x)]
+            if fmt == "bf16":
+                cases = [("capacity", "bf16 XLA", lambda x, r, a, c: layer_capacity(x, r, a, c, mode="xla")),
+                         ("active", "bf16 XLA gather", lambda x, r, a, c: layer_active(x, r, a, c, impl="xla"))]
+            else:
+                cases = [("capacity", f"{fmt} kernel", lambda x, r, a, c: layer_capacity(x, r, a, c, mode=kmode)),
+                         ("active", f"{fmt} kernel", lambda x, r, a, c: layer_active(x, r, a, c, impl=kmode))]
+                if fmt == "int4":
+                    cases.append(("active", "int4 XLA dequant", lambda x, r, a, c: layer_active(x, r, a, c,
+                                                                                                impl="xla")))
+            for layout, label, fn in cases:
+                t = time_rotated(fn, sets, quick=quick)
+                if fmt == "bf16":
+                    base[layout] = t
+                best_bf16 = min(base.values()) if base else t
+                rows.append([b, layout, label, t * 1e6, base.get(layout, t) / t, best_bf16 / t])
+                print(rows[-1], flush=True)
+    header = ["tokens", "layout", "experts", "time µs", "× vs bf16 same layout", "× vs best bf16"]
+    notes = (f"One MoE layer decode step, E={e}, D={d}, F={f} (ReLU), top-1, capacity factor {CAPACITY_FACTOR} "
+             f"(min {MIN_CAPACITY}). Two layers' weights alternate across {n_x} token sets. Copy bandwidth "
+             f"{bw / 1e9:.0f} GB/s.{'' if gpu else ' INTERPRET MODE (CPU smoke test): times are meaningless.'}")
+    write_results(out, "MoE layer decode step: bf16 vs int4 vs int2 experts", header, rows, meta, notes)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not backend.gpu_kernels_available() and not a.quick:
+        print("no GPU kernels: use --quick on CPU", file=sys.stderr)
+    out = a.out or ("moe_decode_quick" if a.quick else "moe_decode_" + jax.devices()[0].platform)
+    run(a.quick, out)
+    _ = dispatch  # the capacity path goes through moqe_jax.ops -> pallas_kernels.dispatch
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
