@@ -30,7 +30,7 @@ L2_BYTES = 50 * 2**20  # H100 SXM L2; used only to size the rotation so the work
 def device_info() -> dict[str, Any]:
     d = jax.devices()[0]
     return {"device": getattr(d, "device_kind", str(d)), "platform": d.platform, "jax": jax.__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node()}
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node()}
 
 
 def n_sets_for(nbytes: int, *, quick: bool = False, lo: int = 2, hi: int = 64) -> int:

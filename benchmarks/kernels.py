@@ -74,7 +74,7 @@ def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[
         for m in batches:
             xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(jax.random.key(m), 64)]
             io_bytes = (m * k + m * n) * 2
-            t_bf16 = time_rotated(lambda x, w: jnp.dot(x, w), list(zip(xs, w_bf16)), quick=quick)
+            t_bf16 = time_rotated(lambda x, w: jnp.dot(x, w), list(zip(xs, w_bf16, strict=False)), quick=quick)
             rows.append([f"{k}x{n}", m, "bf16 XLA dot", t_bf16 * 1e6, (nb_bf16 + io_bytes) / t_bf16 / 1e9,
                          100 * (nb_bf16 + io_bytes) / t_bf16 / bw, 1.0, "-"])
             print(rows[-1], flush=True)
@@ -82,7 +82,7 @@ def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[
                 if m != batches[0] and fmt not in ALL_M_FORMATS:
                     continue
                 nbytes = ws[0].nbytes + io_bytes
-                sets = list(zip(xs, ws))
+                sets = list(zip(xs, ws, strict=False))
                 t_k = time_rotated(lambda x, w: quant_matmul(x, w, interpret=interpret), sets, quick=quick)
                 blk = plan_blocks(m, k, n, 1, ws[0].spec)
                 rows.append([f"{k}x{n}", m, f"{fmt} kernel", t_k * 1e6, nbytes / t_k / 1e9, 100 * nbytes / t_k / bw,

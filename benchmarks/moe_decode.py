@@ -88,8 +88,8 @@ def run(quick: bool, out: str) -> list[list]:
     for name, spec in (("int4", QuantSpec(4)), ("int2", QuantSpec(2))):
         ws = []
         for k1, k2 in jax.random.split(jax.random.fold_in(key, 1), (n_w, 2)):
-            wi = jax.vmap(lambda kk: random_qt(kk, spec, d, f))(jax.random.split(k1, e))
-            wo = jax.vmap(lambda kk: random_qt(kk, spec, f, d))(jax.random.split(k2, e))
+            wi = jax.vmap(lambda kk, s=spec: random_qt(kk, s, d, f))(jax.random.split(k1, e))
+            wo = jax.vmap(lambda kk, s=spec: random_qt(kk, s, f, d))(jax.random.split(k2, e))
             ws.append((wi, wo))
         weights[name] = ws
     rows: list[list] = []
