@@ -111,6 +111,8 @@ def test_lazy_slices_read_only_needed_chunks(tmp_path, tree):
     layer = ck.read_layer("encoder/layers_1")
     assert set(layer) == {p for p in tree if p.startswith("encoder/layers_1/")}
     assert ck.layers() == ["encoder/layers_0", "encoder/layers_1", "decoder/layers_0", "decoder/layers_1"]
+    assert [p for p, _ in ck.iter_layers()] == ck.layers()
+    assert ck.shapes()[WI] == (w.shape, np.dtype(np.float32))
     with pytest.raises(CheckpointError, match="unit-step"):
         ck.read_slice(WI, slice(0, 4, 2))
     with pytest.raises(CheckpointError, match="out of range"):

@@ -274,6 +274,15 @@ class T5XCheckpoint:
             raise CheckpointError(f"{self.file}: no parameters under target/{prefix}")
         return {p: self.read(p, dtype) for p in paths}
 
+    def iter_layers(self, dtype: Any = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Stream ``(prefix, {path: array})`` layer by layer in model order (only one layer in memory)."""
+        for prefix in self.layers():
+            yield prefix, self.read_layer(prefix, dtype)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{path: (shape, stored dtype)}`` for every parameter, without reading array data."""
+        return {p: (i.shape, i.dtype) for p, i in self.params.items()}
+
     def read_all(self, dtype: Any = None, progress: bool = True) -> dict[str, Any]:
         """Every parameter as a nested dict (``target`` tree)."""
         flat = {}
