@@ -1,0 +1,69 @@
+"""Decode-fused sub1 Pallas kernel in interpret mode vs decode-then-matmul (float64 NumPy reference)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.quant.sub1 import encode
+from pallas_kernels.sub1_matmul import MAX_TOKENS, grouped_sub1_matmul, sub1_matmul, sub1_matmul_rows
+
+TERN = QuantSpec(bits="ternary")
+
+
+def make(rng, shape, p0=0.85):
+    codes = rng.choice(3, size=shape, p=[p0, (1 - p0) / 2, (1 - p0) / 2]).astype(np.uint8)
+    g = (*shape[:-2], 1, shape[-1])
+    qt = QuantizedTensor.from_codes(codes, rng.uniform(0.1, 1, g), -rng.uniform(0.1, 1, g), TERN)
+    return encode(qt), np.asarray(qt.dequantize(), np.float64)
+
+
+@pytest.mark.parametrize("c", [1, 3, 16])
+def test_grouped_matches_reference(c):
+    rng = np.random.default_rng()
+    st, wf = make(rng, (3, 136, 24))  # ragged K (not a multiple of a chunk), N not a power of two
+    x = rng.normal(size=(3, c, 136)).astype(np.float32)
+    y = grouped_sub1_matmul(jnp.asarray(x), st, interpret=True)
+    assert y.shape == (3, c, 24) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.einsum("eck,ekn->ecn", x.astype(np.float64), wf),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dense_2d_and_block_choices():
+    rng = np.random.default_rng()
+    st, wf = make(rng, (77, 40), p0=0.6)  # odd K, low sparsity (short codewords)
+    x = rng.normal(size=(2, 3, 77)).astype(np.float32)
+    ref = x.astype(np.float64) @ wf
+    y = sub1_matmul(jnp.asarray(x), st, interpret=True)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    xt = jnp.asarray(x.reshape(6, 77).T[None])
+    for blocks in [(1, 4), (4, 8), (8, 32)]:  # rows per program, codewords per chunk
+        yr = sub1_matmul_rows(xt, st, interpret=True, blocks=blocks)
+        np.testing.assert_allclose(np.asarray(yr).T.reshape(2, 3, 40), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_input_and_dispatch_integration():
+    from moqe_jax import ops
+
+    rng = np.random.default_rng()
+    st, wf = make(rng, (2, 64, 16), p0=0.95)
+    x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.bfloat16)
+    ref = np.einsum("eck,ekn->ecn", np.asarray(x, np.float64), wf)
+    y = ops.grouped_qmatmul(x, st, mode="interpret")
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-2, atol=2e-2)
+    y_xla = ops.grouped_qmatmul(x.astype(jnp.float32), st, mode="xla")
+    y_k = jax.jit(lambda a, w: ops.grouped_qmatmul(a, w, mode="interpret"))(x.astype(jnp.float32), st)
+    np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_cases_return_none():
+    rng = np.random.default_rng()
+    st, _ = make(rng, (2, 32, 8))
+    assert grouped_sub1_matmul(jnp.zeros((2, MAX_TOKENS + 1, 32)), st, interpret=True) is None
+    assert grouped_sub1_matmul(jnp.zeros((3, 4, 32)), st, interpret=True) is None  # expert count mismatch
+    assert grouped_sub1_matmul(jnp.zeros((2, 4, 16)), st, interpret=True) is None  # K mismatch
+    st2, _ = make(rng, (32, 8))
+    assert sub1_matmul(jnp.zeros((MAX_TOKENS + 1, 32)), st2, interpret=True) is None
