@@ -120,7 +120,7 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     """GPTQ for one weight ``w [K, N]`` with Hessian ``h [K, K]`` (traceable; vmap it over experts).
 
     Returns a dict: ``codes`` uint8 ``[K, N]``, ``scales``/``zeros`` ``[G, N]`` (zeros absent for specs
-    without them), ``loss`` (Σ (w−q)²/U_ii²/2, the reference's ``Losses``), ``fallback`` (Cholesky
+    without them), ``loss`` ``[N]`` (Σ_k (w−q)²/U_kk²/2 per output channel, the reference's ``Losses``), ``fallback`` (Cholesky
     failed → RTN), ``nan_hessian`` (non-finite H → RTN), ``dead`` (number of dead inputs).
     """
     find_params, _ = _rtn_api()
@@ -184,7 +184,7 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
             urow = lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
             d = urow[i]
             err = (wi - q) / d
-            ls = ls + (wi - q) ** 2 / d ** 2 / 2
+            ls = ls + 0.5 * (err * err)  # (w − q)² / U_ii² / 2
             w1 = w1 - urow[:, None] * err[None, :]  # U is upper triangular: rows < i unchanged
             q1 = lax.dynamic_update_index_in_dim(q1, code, i, axis=0)
             e1 = lax.dynamic_update_index_in_dim(e1, err, i, axis=0)
@@ -200,7 +200,7 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     init = (wp, jnp.zeros((kp, n), jnp.uint8), jnp.zeros((n,), jnp.float32))
     _, codes_p, loss = lax.fori_loop(0, nb, block, init)
     codes = codes_p[:k][jnp.argsort(perm)] if actorder else codes_p[:k]
-    out = {"codes": codes, "scales": scales, "loss": jnp.sum(loss), "fallback": ~ok, "nan_hessian": nan_h,
+    out = {"codes": codes, "scales": scales, "loss": loss, "fallback": ~ok, "nan_hessian": nan_h,
            "dead": jnp.sum(dead & ok).astype(jnp.int32)}
     if zeros is not None:
         out["zeros"] = zeros
@@ -230,7 +230,7 @@ def _batched_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool
     fn = jax.vmap(one)
     if mesh is not None:
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
-                           out_specs=PartitionSpec(axis))
+                           out_specs=PartitionSpec(axis), check_vma=False)  # no collectives: per-expert
     return jax.jit(fn)
 
 
@@ -299,7 +299,8 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     if squeeze:
         cat = {key: v[0] for key, v in cat.items()}
     qt = QuantizedTensor.from_codes(cat["codes"], cat["scales"], cat.get("zeros"), spec)
-    stats = GPTQStats(loss=np.atleast_1d(cat["loss"]), fallback=np.atleast_1d(cat["fallback"]),
+    loss = np.sum(cat["loss"].astype(np.float64), axis=-1)  # host sum: independent of the batching
+    stats = GPTQStats(loss=np.atleast_1d(loss), fallback=np.atleast_1d(cat["fallback"]),
                       nan_hessian=np.atleast_1d(cat["nan_hessian"]), dead=np.atleast_1d(cat["dead"]))
     return qt, stats
 
