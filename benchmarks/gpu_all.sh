@@ -22,8 +22,10 @@ for s in "${stages[@]}"; do
              tests/test_kernels_dequant.py 2>&1 | tee -a "$LOG" || rc=1 ;;
     kernels) timeout 420 $PY benchmarks/kernels.py --out kernels_gpu $KERNELS_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;
     moe) timeout 300 $PY benchmarks/moe_decode.py --out moe_decode_gpu 2>&1 | tee -a "$LOG" || rc=1 ;;
-    sub1) if [ -f benchmarks/sub1.py ]; then  # sub-1-bit engineer: their GPU tests/benchmark line goes here
-            :
+    sub1) if [ -f benchmarks/sub1.py ]; then  # sub-1-bit: Triton tests + kernel vs bf16 (+ $SUB1_ARGS, e.g. --sweep)
+            timeout 120 $PY -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" -m gpu \
+              tests/test_sub1_kernel.py 2>&1 | tee -a "$LOG" || rc=1
+            timeout 400 $PY -m benchmarks.sub1 --no-bits --no-encode --out "$OUT" $SUB1_ARGS 2>&1 | tee -a "$LOG" || rc=1
           fi ;;
     *) echo "unknown stage $s" | tee -a "$LOG"; rc=2 ;;
   esac

@@ -31,27 +31,48 @@ import numpy as np
 from moqe_jax.quant.sub1 import Sub1Tensor
 from moqe_jax.quant.sub1_dict import get_dictionary
 
-__all__ = ["sub1_matmul", "grouped_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS", "choose_blocks"]
+__all__ = ["sub1_matmul", "grouped_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS", "choose_blocks",
+           "sparse_dec_table"]
 
 MAX_TOKENS = 64      # larger batches: decode once + dense matmul (XLA) is the better plan
-SLOTS = 32           # weight slots per codeword (28 used; power of two for the Triton lowering)
-_TILE_ELEMS = 4096   # target elements of the [BR, CW, SLOTS, Mp] product tile
+NZ_SLOTS = 4         # nonzero slots per codeword (the dictionary has at most 3 nonzeros per entry)
+_TILE_ELEMS = 4096   # target elements of the [BR, CW, NZ_SLOTS, Mp] product tile
 
 
 def _pow2_ceil(v: int) -> int:
     return 1 << max(0, int(v - 1).bit_length())
 
 
-def choose_blocks(num_rows: int, mp: int) -> tuple[int, int]:
-    """(rows per program BR, codewords per chunk CW) for ``mp`` padded tokens."""
-    cw = max(4, min(32, _TILE_ELEMS // (SLOTS * mp)))
-    br = max(1, _TILE_ELEMS // (SLOTS * mp * cw))
-    while br > 1 and num_rows // br < 512:  # keep ≥ ~4 programs per SM on big GPUs
+def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int]:
+    """(rows per program BR, codewords per chunk CW) for ``mp`` padded tokens and row length ``k``."""
+    cw = max(2, min(32, _pow2_ceil(max(1, k // 48))))          # ≈ half the mean codewords of a row
+    cw = max(2, min(cw, _TILE_ELEMS // (NZ_SLOTS * mp)))
+    br = max(1, min(64, _TILE_ELEMS // (NZ_SLOTS * mp * cw)))
+    while br > 1 and num_rows // br < 1024:  # keep several programs per SM on big GPUs
         br //= 2
     return br, cw
 
 
-def _kernel(row_off_ref, stream_ref, dec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
+@functools.lru_cache(maxsize=1)
+def sparse_dec_table() -> np.ndarray:
+    """int32 ``[65536]``: per codeword, bits 0–3 pair count, then for its j-th nonzero weight (j < 3) a
+    7-bit field at bit ``4 + 7j``: bit 6 = present, bit 5 = symbol is ``w_max`` (else ``w_min``), bits
+    0–4 = weight position in the entry (0–27). Derived from QMoE's dictionary (kernel-side only; the
+    stored stream is QMoE's). Every entry has at most 3 nonzero weights, so one word suffices.
+    """
+    d = get_dictionary()
+    w = d.weights.astype(np.int64)                               # [C, 28]
+    table = d.length.astype(np.int64).copy()
+    nz_rank = np.cumsum(w != 0, axis=1) - 1                      # rank of each nonzero within its entry
+    if int((w != 0).sum(1).max()) > NZ_SLOTS - 1:  # pragma: no cover - property of the fixed dictionary
+        raise AssertionError("dictionary entry with more than 3 nonzero weights")
+    rows, pos = np.nonzero(w)
+    field = 64 | ((w[rows, pos] == 2).astype(np.int64) << 5) | pos
+    np.add.at(table, rows, field << (4 + 7 * nz_rank[rows, pos]))
+    return table.astype(np.int32)
+
+
+def _kernel(row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
             br: int, cw: int, mp: int, n: int, k: int, e: int, total: int):
     i = pl_program_id()
     rows = i * br + jnp.arange(br, dtype=jnp.int32)
@@ -62,33 +83,26 @@ def _kernel(row_off_ref, stream_ref, dec_ref, smax_ref, smin_ref, x_ref, o_ref, 
     smax = smax_ref[rows].astype(jnp.float32)
     smin = smin_ref[rows].astype(jnp.float32)
     j = jnp.arange(cw, dtype=jnp.int32)
-    lane = jnp.arange(SLOTS, dtype=jnp.int32)
-    second = lane >= 14
-    shift = 4 + 2 * jnp.where(second, lane - 14, lane)
-    live = lane < 28
+    shift = 4 + 7 * jnp.arange(NZ_SLOTS, dtype=jnp.int32)
     tok = jnp.arange(mp, dtype=jnp.int32)
     xrow = ex * k  # [BR]
     nchunks = (jnp.max(lens) + (cw - 1)) // cw
 
     def body(t, carry):
         acc, pos = carry
-        idx = t * cw + j[None, :]                                   # [BR, CW]
+        idx = t * cw + j[None, :]                                    # [BR, CW]
         valid = idx < lens[:, None]
-        cidx = jnp.minimum(lo[:, None] + idx, total - 1)
-        code = stream_ref[cidx].astype(jnp.int32)
-        w0 = dec_ref[2 * code]
-        w1 = dec_ref[2 * code + 1]
-        npairs = jnp.where(valid, w0 & 15, 0)
-        step = 2 * npairs
+        code = stream_ref[jnp.minimum(lo[:, None] + idx, total - 1)].astype(jnp.int32)
+        word = jnp.where(valid, sdec_ref[code], 0)
+        step = 2 * (word & 15)
         start = pos[:, None] + jnp.cumsum(step, axis=1) - step      # exclusive prefix sum
-        word = jnp.where(second[None, None, :], w1[:, :, None], w0[:, :, None])   # [BR, CW, S]
-        sym = (word >> shift[None, None, :]) & 3
-        sym = jnp.where(valid[:, :, None] & live[None, None, :], sym, 0)
-        val = jnp.where(sym == 2, smax[:, None, None], jnp.where(sym == 1, smin[:, None, None], 0.0))
-        kk = jnp.minimum(start[:, :, None] + lane[None, None, :], k - 1)
-        flat = (xrow[:, None, None] + kk) * mp                       # [BR, CW, S]
-        xg = x_ref[flat[..., None] + tok[None, None, None, :]].astype(jnp.float32)  # [BR, CW, S, Mp]
-        prod = jnp.where((sym != 0)[..., None], val[..., None] * xg, 0.0)
+        f = (word[:, :, None] >> shift[None, None, :]) & 127         # [BR, CW, NZ]
+        present = f >= 64
+        val = jnp.where((f & 32) != 0, smax[:, None, None], smin[:, None, None])
+        kk = jnp.minimum(start[:, :, None] + (f & 31), k - 1)
+        flat = (xrow[:, None, None] + kk) * mp
+        xg = x_ref[flat[..., None] + tok[None, None, None, :]].astype(jnp.float32)  # [BR, CW, NZ, Mp]
+        prod = jnp.where(present[..., None], val[..., None] * xg, 0.0)
         acc = acc + jnp.sum(jnp.sum(prod, axis=2), axis=1)
         pos = pos + jnp.sum(step, axis=1)
         return acc, pos
@@ -103,11 +117,6 @@ def pl_program_id():
     from jax.experimental import pallas as pl
 
     return pl.program_id(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _dec_table() -> np.ndarray:
-    return get_dictionary().dec
 
 
 def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs):
@@ -136,7 +145,7 @@ def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
     mp = _pow2_ceil(m)
     if mp != m:
         xt = jnp.pad(xt, ((0, 0), (0, 0), (0, mp - m)))
-    br, cw = blocks or choose_blocks(r, mp)
+    br, cw = blocks or choose_blocks(r, mp, k)
     rp = -(-r // br) * br
     row_off = jnp.asarray(w.row_off, jnp.int32)
     smax = jnp.asarray(w.scales).reshape(-1)
@@ -147,14 +156,14 @@ def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
         smin = jnp.pad(smin, (0, rp - r))
     stream = jnp.asarray(w.stream)
     total = int(stream.shape[0])
-    dec = jnp.asarray(_dec_table())
+    sdec = jnp.asarray(sparse_dec_table())
     kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total)
-    tile = br * cw * SLOTS * mp
+    tile = br * cw * NZ_SLOTS * mp
     warps = num_warps or int(min(8, max(1, tile // 512)))
     out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
                        interpret=interpret, num_warps=warps,
                        out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
-        row_off, stream, dec, smax, smin, xt.reshape(-1))
+        row_off, stream, sdec, smax, smin, xt.reshape(-1))
     return out[:r, :m]
 
 
