@@ -90,12 +90,25 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
 # quantization / sizes
 # ---------------------------------------------------------------------------------------------
 def quantize(model: Any, bits: Any, components: Sequence[str], method: str = "rtn", calib: Any = None,
-             **spec_kw: Any) -> Any:
+             overrides: dict | None = None, **spec_kw: Any) -> Any:
     """``moqe_jax.pipeline.quantize`` with ``QuantSpec(bits, **spec_kw)`` (MoQE default: linear absmax, channel)."""
     from moqe_jax.pipeline import quantize as pq
     from moqe_jax.quant.spec import QuantSpec
 
-    return pq(model, QuantSpec(bits=bits, **spec_kw), components=tuple(components), method=method, calib=calib)
+    kw = {"overrides": overrides} if overrides else {}
+    return pq(model, QuantSpec(bits=bits, **spec_kw), components=tuple(components), method=method, calib=calib, **kw)
+
+
+def other_layers_overrides(model: Any, keep: dict[str, set[int]], component_path: str = "mlp/") -> dict:
+    """Policy overrides that keep ``component_path`` float in every layer NOT in ``keep`` (per stack) — MoQE's
+    dense baseline quantizes the FFN of selected layers only (specs/MOQE.md §4)."""
+    cfg = model.config
+    out: dict[str, None] = {}
+    for stack in ("encoder", "decoder"):
+        other = [i for i in range(cfg.num_stack_layers(stack)) if i not in keep.get(stack, set())]
+        if other:
+            out[rf"^{stack}/layers_({'|'.join(map(str, other))})/{component_path}"] = None
+    return out
 
 
 def _leaf_bytes(x: Any, float_bytes: int) -> tuple[int, int]:

@@ -443,7 +443,8 @@ def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: 
                    samples: int | None = 100, split: str = "test", bleu: bool = True, mt_loss: bool = False,
                    mlm: bool = False, mlm_texts: Sequence[str] | None = None, mlm_samples: int | None = 256,
                    batch_size: int = 32, max_src_len: int | None = None, max_new_tokens: int | None = None,
-                   num_beams: int = 1, seed: int = 0, progress: bool | None = None) -> EvalResult:
+                   num_beams: int = 1, buckets: Sequence[int] = (16, 32, 64, 128, 256), seed: int = 0,
+                   progress: bool | None = None) -> EvalResult:
     """Evaluate ``model`` (any params: float, RTN, GPTQ, QAT, sub-1-bit) on the MT corpus.
 
     Args:
@@ -469,7 +470,8 @@ def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: 
     if bleu:
         flat = [(d, r) for d in dirs for r in pairs[d]]
         hyps, st = translate(model, tok, [r["src"] for _, r in flat], batch_size=batch_size, max_src_len=max_src_len,
-                             max_new_tokens=max_new_tokens, num_beams=num_beams, progress=progress)
+                             max_new_tokens=max_new_tokens, num_beams=num_beams, buckets=buckets,
+                             progress=progress)
         res.tokens_per_s, res.gen_tokens, res.gen_seconds = st.tokens_per_s, st.tokens, st.seconds
         k = 0
         for d in dirs:
@@ -481,25 +483,35 @@ def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: 
             if sc.bleu_signature not in res.bleu_signature:
                 res.bleu_signature = "; ".join(x for x in (res.bleu_signature, sc.bleu_signature) if x)
             res.chrf_signature = sc.chrf_signature
+    eos = int(model.config.eos_token_id)
+    loss_sets: dict[str, list[tuple[list[int], list[int]]]] = {}
     if mt_loss:
-        eos = int(model.config.eos_token_id)
-        tot, cnt = 0.0, 0
         for d in dirs:
-            ex = [(_encode(tok, r["src"]) + [eos], _encode(tok, r["tgt"]) + [eos]) for r in pairs[d]]
-            ce, n = teacher_forced_loss(model, ex, batch_size=batch_size, progress=progress, desc=f"CE {d}")
-            tot, cnt = tot + ce * n, cnt + n
-            if d in res.directions:
-                res.directions[d].ce = ce
-            else:
-                res.directions[d] = DirectionResult(d, float("nan"), float("nan"), len(pairs[d]), ce=ce)
-        res.mt_ce, res.mt_ce_tokens = tot / max(cnt, 1), cnt
+            loss_sets[d] = [(_encode(tok, r["src"]) + [eos], _encode(tok, r["tgt"]) + [eos]) for r in pairs[d]]
     if mlm:
         texts = list(mlm_texts) if mlm_texts is not None else _held_out_english(pairs)
         if mlm_samples is not None and len(texts) > mlm_samples:
             texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), mlm_samples))]
-        ex = mlm_examples(tok, texts, seed=seed)
-        res.mlm_loss, res.mlm_tokens = teacher_forced_loss(model, ex, batch_size=batch_size, progress=progress,
-                                                           desc="MLM loss")
+        loss_sets["__mlm__"] = mlm_examples(tok, texts, seed=seed)
+    if loss_sets:  # one batch shape for every loss computation: one compilation per parameter structure
+        every = [e for ex in loss_sets.values() for e in ex]
+        s_len = min(_round_up(max(len(e[0]) for e in every), 16), 512)
+        t_len = min(_round_up(max(len(e[1]) for e in every), 16), 512)
+    tot, cnt = 0.0, 0
+    for d, ex in loss_sets.items():
+        desc = "MLM loss" if d == "__mlm__" else f"CE {d}"
+        ce, n = teacher_forced_loss(model, ex, batch_size=batch_size, max_src_len=s_len, max_tgt_len=t_len,
+                                    progress=progress, desc=desc)
+        if d == "__mlm__":
+            res.mlm_loss, res.mlm_tokens = ce, n
+            continue
+        tot, cnt = tot + ce * n, cnt + n
+        if d in res.directions:
+            res.directions[d].ce = ce
+        else:
+            res.directions[d] = DirectionResult(d, float("nan"), float("nan"), len(pairs[d]), ce=ce)
+    if mt_loss:
+        res.mt_ce, res.mt_ce_tokens = tot / max(cnt, 1), cnt
     res.seconds = time.perf_counter() - t_start
     return res
 
