@@ -268,3 +268,41 @@ def test_decode_cache_matches_full_recompute():
     np.testing.assert_array_equal(m.generate(ids, 6, num_beams=1), g)
     b3 = m.generate(ids, 6, num_beams=3)
     assert b3.shape == (2, 6)
+
+
+def test_moe_layer_bf16_cast_policy():
+    """bf16 experts (inputs, kernels and outputs rounded to bf16), f32 router, f32 gate × f32(y) combine."""
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+
+    def rb(a):
+        return np.asarray(a, np.float32).astype(bf).astype(np.float64)
+
+    e, d, f = 4, 32, 48
+    cfg = SwitchConfig.preset("tiny", d_model=d, d_ff=f, num_experts=e, max_group_size=64, eval_capacity_factor=2.0,
+                              min_expert_capacity=4)
+    rs = np.random.RandomState(21)
+    x = rb(rs.randn(2, 8, d))
+    wr, wi, wo = rs.randn(d, e), rs.randn(e, d, f) / np.sqrt(d), rs.randn(e, f, d) / np.sqrt(f)
+    params = {"router": {"router_weights": {"w": {"kernel": wr}}},
+              "expert": {"wi": {"kernel": wi}, "wo": {"kernel": wo}}}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    out, info = MoeLayer(cfg).apply({"params": params}, jnp.asarray(x, jnp.bfloat16))
+    assert out.dtype == jnp.float32 and bool(np.all(np.asarray(info["kept"])))
+    wr32, wi_b, wo_b = np.float32(wr).astype(np.float64), rb(wi), rb(wo)
+    lg = x @ wr32
+    pr = np.exp(lg - lg.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    k = pr.argmax(-1)
+    gate = np.take_along_axis(pr, k[..., None], -1)[..., 0]
+    h = rb(np.maximum(rb(np.einsum("bld,bldf->blf", x, wi_b[k])), 0))
+    y = rb(np.einsum("blf,blfd->bld", h, wo_b[k]))
+    ref = np.float32(gate)[..., None].astype(np.float64) * y
+    got = np.asarray(out, np.float64)
+    close = np.isclose(got, ref, rtol=1e-6, atol=0)
+    assert close.mean() > 0.97  # only f32-accumulation-order ties may round to the neighbouring bf16 value
+    np.testing.assert_allclose(got, ref, rtol=2 ** -7, atol=1e-6)
+    # an f32-expert computation is clearly different (proves the bf16 rounding really happens)
+    y32 = np.einsum("blf,blfd->bld", np.maximum(np.einsum("bld,bldf->blf", x, wi[k]), 0), wo[k])
+    assert np.mean(np.isclose(got, gate[..., None] * y32, rtol=1e-6, atol=0)) < 0.2
