@@ -45,6 +45,7 @@ def fake_quant(w: jax.Array, spec: QuantSpec, clip_grad: bool = False, log_steps
     return _fwd(w, spec, clip_grad, log_steps)[0]
 
 
+@partial(jax.jit, static_argnums=(1, 2, 3))
 def _fwd(w: jax.Array, spec: QuantSpec, clip_grad: bool, log_steps: int):
     codes, s, z = quantize_arrays(w, spec, log_steps=log_steps)
     y = dequantize_grouped(codes, s, z, spec).astype(w.dtype)
