@@ -6,14 +6,15 @@ scratch memory, no value gathers, power-of-two blocks):
 
 * one program handles ``BR`` output channels ("rows") and all ``M ≤ 64`` tokens of the batch; rows are
   independent thanks to ``row_off``; the grouped variant maps row ``r`` to expert ``r // N``;
-* a row is decoded in **chunks of CW codewords**: the chunk's codewords are one coalesced load, their
-  two ``dec`` words are ref-indexed gathers from the global 512 KiB table (served by L1/L2, exactly as
-  the CUDA kernel does), the start position of every codeword in the chunk is an exclusive
-  ``cumsum`` of ``2·pair_count`` (so there is no serial dependence inside a chunk), and each codeword
-  expands to 32 weight slots (28 used) whose 2-bit symbols are shifted out of the ``dec`` words;
-* the weight value is selected arithmetically from the row's ``(w_min, w_max)`` and multiplied with
-  the matching ``x`` entries, which are also a ref-indexed gather (``x`` is laid out ``[E, K, M]``);
-  the float weight matrix is never materialised.
+* a row is decoded in **chunks of CW codewords**: the chunk's codewords are one coalesced load; each
+  codeword's entry is one ref-indexed gather from a global 256 KiB table (served by L1/L2, as the CUDA
+  kernel's ``dec`` reads are). The table is a re-encoding of QMoE's ``dec`` (:func:`sparse_dec_table`):
+  every dictionary entry has **at most 3 nonzero weights**, so one int32 holds the pair count and the
+  position/sign of each nonzero — 4 slots per codeword instead of QMoE's 28 lanes;
+* the start of every codeword in the chunk is an exclusive ``cumsum`` of ``2·pair_count`` (no serial
+  dependence inside a chunk); each nonzero picks ``w_min``/``w_max`` of its row and multiplies the
+  matching ``x`` entries, also a ref-indexed gather (``x`` laid out ``[E, K, M]``); the float weight
+  matrix is never materialised.
 
 Entry points return None for cases they do not handle (the caller falls back to XLA decode+dot).
 """
