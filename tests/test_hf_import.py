@@ -19,16 +19,19 @@ from moqe_jax.errors import CheckpointError  # noqa: E402
 V = 96
 
 
-def _make_hf(path, expert_capacity=64, seed=0):
+def _make_hf(path, expert_capacity=64, seed=0, tie=True):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     c = SwitchTransformersConfig(vocab_size=V, d_model=16, d_ff=24, d_kv=8, num_heads=2, num_layers=4,
                                  num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
                                  num_experts=4, expert_capacity=expert_capacity, dropout_rate=0.0,
-                                 router_jitter_noise=0.0)
+                                 router_jitter_noise=0.0, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     m = SwitchTransformersForConditionalGeneration(c).eval()
     with torch.no_grad():  # make routing non-trivial and the relpos bias visible
+        if not tie:  # transformers 5 unties embed_tokens too when tie_word_embeddings=False; Switch shares them
+            m.encoder.embed_tokens.weight.copy_(m.shared.weight)
+            m.decoder.embed_tokens.weight.copy_(m.shared.weight)
         for n, p in m.named_parameters():
             if "classifier" in n or "relative_attention_bias" in n:
                 p.mul_(8.0)
@@ -105,6 +108,22 @@ def test_parity_with_transformers_capacity_drops(tmp_path):
     assert float(aux["dropped_fraction"]) > 0.2  # many tokens really dropped
     assert _rel(np.asarray(aux["encoder_output"]), out.encoder_last_hidden_state.numpy()) <= 1e-4
     assert _rel(np.asarray(logits), out.logits.numpy()) <= 1e-4
+
+
+def test_parity_untied_lm_head_and_decoder_lm_head_alias(tmp_path):
+    """Separate output layer (XXL/C style): no D^-0.5 scaling; ``decoder.lm_head.weight`` is accepted."""
+    d = str(tmp_path / "untied")
+    hf = _make_hf(d, seed=2, tie=False)
+    cfg = SwitchConfig.from_hf(d).replace(routing_mode="hf", dtype="float32")
+    assert not cfg.tie_word_embeddings
+    _rewrite(d, lambda t: t.__setitem__("decoder.lm_head.weight", t.pop("lm_head.weight")))
+    m = load_hf(d, cfg)
+    ids, am, dec, dm = _inputs(2)
+    out = _hf_out(hf, ids, am, dec, dm)
+    logits, _ = m.apply(ids, dec, am, dm)
+    assert _rel(np.asarray(logits), out.logits.numpy()) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(m.params["decoder"]["logits_dense"]["kernel"]),
+                                  hf.lm_head.weight.detach().numpy().T)
 
 
 def _copy(d, tmp_path, name):
@@ -197,6 +216,10 @@ def test_bad_checkpoints(hf_dir, tmp_path):
     _rewrite(dst, lambda t: t.__setitem__("encoder.block.9.layer.0.SelfAttention.q.weight",
                                           np.zeros((16, 16), np.float32)))
     _one_line_error(lambda: load_hf(dst), "encoder.block.9.layer.0.SelfAttention.q.weight")
+    # tied copy that is not a copy
+    dst = _copy(d, tmp_path, "untied-embed")
+    _rewrite(dst, lambda t: t.__setitem__("encoder.embed_tokens.weight", t["shared.weight"] + 1.0))
+    _one_line_error(lambda: load_hf(dst), "encoder.embed_tokens.weight", "differs")
     # no weights at all / not a directory
     dst = _copy(d, tmp_path, "empty")
     os.remove(os.path.join(dst, "model.safetensors"))

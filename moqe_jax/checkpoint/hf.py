@@ -203,6 +203,12 @@ def load_hf_params(d: str, cfg: SwitchConfig) -> dict:
                 tensors["shared.weight"] = tensors[alt]
                 where["shared.weight"] = where[alt]
                 break
+    for alt in _TIED_COPIES:  # T5X Switch has ONE shared embedder: copies must be identical
+        if alt in tensors and "shared.weight" in tensors and tensors[alt] is not tensors["shared.weight"]:
+            a, b = tensors[alt], tensors["shared.weight"]
+            if a.shape != b.shape or not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)):
+                raise CheckpointError(f"{where[alt]}: tensor {alt} differs from shared.weight (separate encoder/"
+                                      "decoder embeddings are not part of the Switch architecture)")
     used: set[str] = set()
     flat: dict[str, np.ndarray] = {}
     for path, (names, fn) in nmap.items():
