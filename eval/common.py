@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,11 +72,10 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     if use_syn:
         from eval.synthetic import synthetic_setup
 
-        tmp = tempfile.TemporaryDirectory(prefix="moqe_syn_")
-        s = synthetic_setup(tmp.name)
+        s = synthetic_setup()
         note = ("SYNTHETIC run: random tiny models and a synthetic corpus (bundled model not found at "
                 f"{args.moe}); the numbers are meaningless, only the pipeline is exercised.")
-        return Setup(s["moe"], s["dense"], load_tokenizer(s["tokenizer"]), s["data"], True, [note], tmp)
+        return Setup(s["moe"], s["dense"], load_tokenizer(s["tokenizer"]), s["data"], True, [note])
     if not Path(args.moe).exists():
         raise MoqeError(f"{args.moe}: MoE model not found (train it with `python -m train.bundled` or pass --moe)")
     moe = load_model(args.moe)
@@ -111,35 +109,17 @@ def other_layers_overrides(model: Any, keep: dict[str, set[int]], component_path
     return out
 
 
-def _leaf_bytes(x: Any, float_bytes: int) -> tuple[int, int]:
-    """(stored bytes, logical params) of a param leaf; float leaves count ``float_bytes`` each."""
-    n = int(np.prod(x.shape))
-    if hasattr(x, "nbytes") and not isinstance(x, (np.ndarray, jax.Array)):
-        return int(x.nbytes), n
-    return n * float_bytes, n
+def packed_bytes(model: Any) -> dict[str, dict[str, float]]:
+    """Real storage per component from ``moqe_jax.quant.report.size_report`` (packed codes + scales/zeros of
+    quantized leaves, bf16 for float leaves — MoQE's baseline): ``{"total"|component: {bytes, params,
+    bits_per_param}}``."""
+    from moqe_jax.quant.report import size_report
 
-
-def packed_bytes(model: Any, float_bytes: int = 2) -> dict[str, dict[str, float]]:
-    """Real storage per component: packed codes + scales (+ zeros) for quantized leaves, ``float_bytes``
-    per float parameter (2 = bf16/fp16 storage, MoQE's baseline). ``{"total": {...}, comp: {...}}``."""
-    from moqe_jax.model.components import component_of
-    from moqe_jax.quant.qtensor import QuantizedTensor
-
-    try:
-        from moqe_jax.quant.sub1 import Sub1Tensor
-        types: tuple = (QuantizedTensor, Sub1Tensor)
-    except ImportError:  # pragma: no cover
-        types = (QuantizedTensor,)
-    out: dict[str, dict[str, float]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=lambda x: isinstance(x, types))[0]:
-        comp = component_of(path)
-        b, n = _leaf_bytes(leaf, float_bytes)
-        for key in (comp, "total"):
-            d = out.setdefault(key, {"bytes": 0, "params": 0})
-            d["bytes"] += b
-            d["params"] += n
-    for d in out.values():
-        d["bits_per_param"] = 8.0 * d["bytes"] / max(1, d["params"])
+    rep = size_report(model)
+    out = {c: {"bytes": v.bytes_after, "params": v.params, "bits_per_param": v.bits_per_param}
+           for c, v in rep.components.items()}
+    t = rep.total
+    out["total"] = {"bytes": t.bytes_after, "params": t.params, "bits_per_param": t.bits_per_param}
     return out
 
 

@@ -16,7 +16,6 @@ Outputs ``<out>/qmoe_table.{md,json}`` and ``qmoe_losses.png``. ``--quick`` = CI
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,29 +47,8 @@ QMOE_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def calibration_batches(tok: Any, data: Any, n: int, batch_size: int, seed: int = 0, split: str = "train",
-                        max_len: int = 64) -> list[dict[str, np.ndarray]]:
-    """``n`` random training translation pairs as ``{"input_ids", "decoder_input_ids"}`` batches (pad 0, EOS 1,
-    decoder inputs = targets shifted right behind the start id 0; sequences cut at ``max_len``)."""
-    from moqe_jax.data.corpus import read_jsonl
-    from moqe_jax.evaluate import _encode, _pad_batch, _shift_right
-
-    rows = read_jsonl(Path(data) / f"{split}.jsonl")
-    pick = random.Random(seed).sample(range(len(rows)), min(n, len(rows)))
-    ex = [(_encode(tok, rows[i]["src"]) + [1], _encode(tok, rows[i]["tgt"]) + [1]) for i in pick]
-    s_len = min(max(len(e[0]) for e in ex), max_len)
-    t_len = min(max(len(e[1]) for e in ex), max_len)
-    out = []
-    for b0 in range(0, len(ex), batch_size):
-        chunk = ex[b0:b0 + batch_size]
-        x = _pad_batch([c[0] for c in chunk], s_len, len(chunk), 0, 1)
-        y = _pad_batch([c[1] for c in chunk], t_len, len(chunk), 0, 1)
-        out.append({"input_ids": x, "decoder_input_ids": _shift_right(y, 0, 0)})
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    from moqe_jax.evaluate import evaluate_model
+    from moqe_jax.evaluate import calibration_batches, evaluate_model
     from moqe_jax.pipeline import compress_sub1
 
     p = argparse.ArgumentParser(description="Reproduce QMoE's RTN-vs-GPTQ loss table and sub-1-bit compression")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,21 @@ def tiny_models(vocab_size: int = 512, seed: int = 0) -> tuple[Any, Any]:
     return moe, dense
 
 
-def synthetic_setup(work_dir: str | Path, langs: Sequence[str] = ("de", "fr"), vocab_size: int = 512,
+_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def synthetic_setup(work_dir: str | Path | None = None, langs: Sequence[str] = ("de", "fr"), vocab_size: int = 512,
                     ) -> dict[str, Any]:
-    """Corpus dir, tokenizer dir and the two random tiny models, all under ``work_dir``."""
-    w = Path(work_dir)
+    """Corpus dir, tokenizer dir and the two random tiny models (under ``work_dir``, default a temp dir).
+
+    Memoized per process (model initialisation dominates the cost), so several scripts/tests share one.
+    """
+    key = (tuple(langs), vocab_size)
+    if key in _CACHE and Path(_CACHE[key]["data"]).is_dir():
+        return _CACHE[key]
+    w = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="moqe_syn_"))
     corpus = build_synthetic_corpus(w / "corpus", langs)
     build_synthetic_tokenizer(corpus, w / "tokenizer", vocab_size)
     moe, dense = tiny_models(vocab_size)
-    return {"data": corpus, "tokenizer": w / "tokenizer", "moe": moe, "dense": dense}
+    _CACHE[key] = {"data": corpus, "tokenizer": w / "tokenizer", "moe": moe, "dense": dense}
+    return _CACHE[key]

@@ -1,0 +1,85 @@
+"""``moqe eval MODEL --data DIR``: per-direction BLEU/chrF (+ average), MT token CE and MLM loss.
+
+The model may be float, RTN/GPTQ-quantized, QAT-exported or sub-1-bit: evaluation runs the same
+jitted ``Model.generate`` / ``Model.logits`` path for all of them (``moqe_jax.evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from moqe_jax.errors import DataError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="BLEU/chrF per direction, MT token CE and MLM loss of a (quantized) model")
+    p.add_argument("model", help="model dir saved by `moqe quantize/compress/train`, hf:DIR, t5x:DIR, or 'default' "
+                                 "(the bundled MoE model)")
+    p.add_argument("--data", default=None,
+                   help="corpus dir from `moqe data build` (default $MOQE_DATA, then data/corpus)")
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece model/dir (default: MODEL/tokenizer, the bundled tokenizer, DATA/tokenizer)")
+    p.add_argument("--config", default=None, help="preset name or config for t5x:DIR models")
+    p.add_argument("--directions", default="all", help="'all' or a comma list, e.g. en-de,de-en")
+    p.add_argument("--samples", type=int, default=100, help="test sentences per direction (default 100; 0 = all)")
+    p.add_argument("--split", default="test", choices=("test", "valid", "train"))
+    p.add_argument("--mlm", action="store_true", help="also the span-corruption MLM loss on held-out English")
+    p.add_argument("--mt-loss", action="store_true", help="also the teacher-forced token CE of the references")
+    p.add_argument("--no-bleu", action="store_true", help="skip decoding (losses only)")
+    p.add_argument("--beams", type=int, default=1, help="beam size (default 1 = greedy, MoQE's setting)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample and of the MLM corruption")
+    p.add_argument("--json", default=None, help="also write the full result (with hypotheses) to this JSON file")
+    p.set_defaults(func=_eval)
+
+
+def resolve_data(arg: str | None) -> str:
+    """``--data``, else ``$MOQE_DATA``, else ``data/corpus``; must hold ``test.jsonl``."""
+    d = arg or os.environ.get("MOQE_DATA") or "data/corpus"
+    if not (Path(d) / "test.jsonl").is_file():
+        raise DataError(f"{d}: no corpus here (test.jsonl missing); build it with `moqe data build --out {d}`")
+    return d
+
+
+def resolve_tokenizer(arg: str | None, model_dir: str | None, data: str | None) -> Path:
+    """``--tokenizer``, else the model dir's ``tokenizer/``, the bundled tokenizer, then ``DATA/tokenizer``."""
+    from moqe_jax.commands.demo import ASSETS
+
+    if arg:
+        return Path(arg)
+    cands = []
+    if model_dir:
+        cands.append(Path(model_dir) / "tokenizer")
+    cands.append(ASSETS / "tokenizer")
+    if data:
+        cands.append(Path(data) / "tokenizer")
+    for c in cands:
+        if c.exists():
+            return c
+    raise DataError(f"no tokenizer found (looked in {', '.join(map(str, cands))}); pass --tokenizer")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from moqe_jax.commands.demo import ASSETS
+    from moqe_jax.evaluate import evaluate_model, format_result
+    from moqe_jax.model.api import load_model
+
+    src = str(ASSETS / "moe") if args.model == "default" else args.model
+    need_data = not args.no_bleu or args.mt_loss or args.mlm
+    data = resolve_data(args.data) if need_data else None
+    local = src if os.path.isdir(src) else (src.split(":", 1)[1] if ":" in src else None)
+    tok = resolve_tokenizer(args.tokenizer, local, data)
+    model = load_model(src, config=args.config)
+    res = evaluate_model(model, tokenizer=tok, data=data, directions=args.directions,
+                         samples=args.samples or None, split=args.split, bleu=not args.no_bleu,
+                         mt_loss=args.mt_loss, mlm=args.mlm, batch_size=args.batch_size, num_beams=args.beams,
+                         seed=args.seed)
+    print(format_result(res, f"{src} on {data} ({args.split}, {args.samples or 'all'} sentences/direction)"))
+    print(f"evaluated in {res.seconds:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_dict(with_text=True), indent=1, ensure_ascii=False,
+                                              default=float), encoding="utf-8")
+    return 0
