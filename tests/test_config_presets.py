@@ -81,3 +81,20 @@ def test_info_cli_bad_path(capsys, tmp_path):
     assert main(["info", "hf:" + str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(tmp_path) in err
+
+
+def test_info_dict_quantized_model():
+    import numpy as np
+
+    from moqe_jax.commands.info import info_dict
+    from moqe_jax.model.api import Model
+    from moqe_jax.quant.qtensor import QuantizedTensor
+    from moqe_jax.quant.spec import QuantSpec
+
+    m = Model.init("tiny", 0)
+    m.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"] = QuantizedTensor.from_codes(
+        np.random.RandomState(0).randint(0, 16, (4, 32, 64)), np.ones((4, 1, 64)), None, QuantSpec(bits=4))
+    d = info_dict(m.config, m)
+    assert d["dtypes"]["float32"] == 48 and any(k.startswith("QuantizedTensor") for k in d["dtypes"])
+    if "size_report" in d:  # moqe_jax.quant.report present
+        assert d["size_report"]["total"]["params"] == d["total_params"]

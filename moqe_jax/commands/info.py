@@ -89,9 +89,8 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
         quantized = any(is_leaf(x) for x in leaves)
         if quantized and importlib.util.find_spec("moqe_jax.quant.report") is not None:
             rep = model.size_report()
-            if hasattr(rep, "to_dict"):
-                rep = rep.to_dict()
-            out["size_report"] = rep if isinstance(rep, dict) else str(rep)
+            out["size_report"] = rep.to_dict() if hasattr(rep, "to_dict") else str(rep)
+            out["size_report_text"] = str(rep)
     return out
 
 
@@ -110,8 +109,8 @@ def _print_text(d: dict[str, Any]) -> None:
         print("leaf types: " + ", ".join(f"{k}×{v}" for k, v in d["dtypes"].items()))
     if "disk_bytes" in d:
         print(f"on disk: {_fmt_bytes(d['disk_bytes'])}")
-    if "size_report" in d:
-        print("size report: " + json.dumps(d["size_report"], default=str))
+    if "size_report_text" in d:
+        print(d["size_report_text"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.path, config=args.preset)
         d = info_dict(model.config, model, args.path)
     if args.json:
+        d.pop("size_report_text", None)
         print(json.dumps(d, indent=2, default=str))
     else:
         _print_text(d)
