@@ -1,7 +1,18 @@
 """GPTQ solver vs a float64 NumPy transcription of the reference (IST-DASLab/gptq fasterquant, QMoE batch_gptq)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
+import pytest
+
+from moqe_jax.errors import QuantizationError
+from moqe_jax.quant.gptq import gptq_quantize, layer_error, rtn_codes, solve_one_jit
+from moqe_jax.quant.spec import QuantSpec
 
 
 def find_params(x: np.ndarray, bits: int | str, sym: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +88,7 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
         fallback = True
         w, hinv, perm, groups = prepare(np.eye(cols), w0)
     codes = np.zeros((rows, cols), np.int64)
+    margin = np.zeros_like(w)  # distance of the value being rounded to the nearest decision boundary / range
     losses = np.zeros_like(w)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -92,6 +104,7 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
             gidx = perm[i1 + i] // groupsize if groupsize > 0 else 0
             scale, zero = groups[gidx]
             c, q = quantize(col, scale, zero, bits)
+            margin[:, i1 + i] = boundary_margin(col, scale, zero, bits)
             c1[:, i] = c
             l1[:, i] = (col - q) ** 2 / d ** 2
             e = (col - q) / d
@@ -102,20 +115,35 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if actorder:
         codes = codes[:, np.argsort(perm)]
-    return {"codes": codes, "loss": float(losses.sum()), "fallback": fallback, "groups": groups}
+        margin = margin[:, np.argsort(perm)]
+    return {"codes": codes, "loss": float(losses.sum()), "fallback": fallback, "groups": groups, "margin": margin}
+
+
+def boundary_margin(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int | str) -> np.ndarray:
+    """|x − nearest rounding threshold| relative to the grid range (small = a near-tie)."""
+    if bits == "ternary":
+        return np.minimum(np.abs(x - scale / 2), np.abs(x - zero / 2)) / (scale - zero)
+    maxq = 2 ** int(bits) - 1
+    t = x / scale + zero  # thresholds at half-integers strictly inside (0, maxq)
+    half = np.clip(np.floor(t) + 0.5, 0.5, maxq - 0.5)
+    return np.abs(t - half) / maxq
+
+
+def assert_codes_match(codes: np.ndarray, ref: dict, min_rate: float = 0.999, tie: float = 1e-4) -> None:
+    """Codes equal the reference's, except rows whose FIRST difference is a near-tie of the reference
+    (f32 vs f64 rounding decides it; the error feedback then legitimately changes the rest of that row)."""
+    diff = codes != ref["codes"]
+    rate = 1.0 - diff.mean()
+    for r in np.nonzero(diff.any(axis=1))[0]:
+        c = int(np.argmax(diff[r]))
+        m = ref["margin"][r, c]
+        assert m < tie, f"row {r}: first differing code at input {c} is not a tie (margin {m:.2e})"
+    assert rate >= min_rate, f"only {rate:.4%} identical codes"
 
 
 # ================================ tests ======================================================
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 
-import pytest  # noqa: E402
 
-from moqe_jax.errors import QuantizationError  # noqa: E402
-from moqe_jax.quant.gptq import gptq_quantize, layer_error, rtn_codes, solve_one_jit  # noqa: E402
-from moqe_jax.quant.spec import QuantSpec  # noqa: E402
 
 K, N = 160, 24  # K not a multiple of 128: exercises the padded last block
 
@@ -144,18 +172,16 @@ def _hessian(rng, kind: str, k: int = K, t: int = 600) -> np.ndarray:
 @pytest.mark.parametrize("actorder", [False, True])
 @pytest.mark.parametrize("kind", ["well", "ill"])
 def test_codes_match_float64_reference(bits, actorder, kind):
-    rng = np.random.default_rng(abs(hash((str(bits), actorder, kind))) % 2**32)
+    rng = np.random.default_rng([{4: 4, 3: 3, 2: 2, "ternary": 1}[bits], int(actorder), len(kind)])
     w = rng.standard_normal((K, N)).astype(np.float32)
     h = _hessian(rng, kind)
     spec = _spec(bits)
     percdamp = 0.1 if kind == "well" else 0.01
     res = solve_one_jit(w, h, spec, percdamp=percdamp, actorder=actorder)
     ref = fasterquant(w.T, h, bits, percdamp=percdamp, actorder=actorder)
-    codes = np.asarray(res["codes"]).T
-    same = np.mean(codes == ref["codes"])
     # f32 vs f64: a weight within rounding noise of a decision boundary may flip, and its error feedback then
-    # perturbs the later inputs of that row only; ≥ 99.9 % identical (in practice 100 % on well-conditioned H).
-    assert same >= 0.999, f"only {same:.4%} identical codes"
+    # perturbs the later inputs of that row only; ≥ 99.9 % identical (in practice 100 %; see assert_codes_match).
+    assert_codes_match(np.asarray(res["codes"]).T, ref)
     assert not bool(res["fallback"]) and not ref["fallback"]
     np.testing.assert_allclose(float(np.sum(res["loss"])), ref["loss"], rtol=2e-3)
     # the grid: GPTQ's scales/zeros are the reference's per-row min-max grid of the original weights
@@ -172,7 +198,7 @@ def test_static_groups_match_reference(actorder):
     h = _hessian(rng, "well", k)
     res = solve_one_jit(w, h, _spec(4, group=32), actorder=actorder, blocksize=64)
     ref = fasterquant(w.T, h, 4, groupsize=32, actorder=actorder, blocksize=64)
-    assert np.mean(np.asarray(res["codes"]).T == ref["codes"]) >= 0.999
+    assert_codes_match(np.asarray(res["codes"]).T, ref)
     np.testing.assert_allclose(np.asarray(res["scales"]), np.stack([g[0] for g in ref["groups"]]), rtol=1e-6)
 
 

@@ -52,41 +52,9 @@ _HIGHEST = lax.Precision.HIGHEST
 # ---- grid / rounding interface (moqe_jax.quant.rtn) ---------------------------------------------
 def _rtn_api() -> tuple[Callable, Callable]:
     """``(find_params, quantize_codes)`` of ``moqe_jax.quant.rtn`` (jittable, elementwise rounding)."""
-    try:
-        from moqe_jax.quant import rtn
-    except ImportError:  # pragma: no cover - rtn.py lands concurrently
-        return _minmax_find_params, _minmax_quantize_codes
+    from moqe_jax.quant import rtn
+
     return rtn.find_params, rtn.quantize_codes
-
-
-def _minmax_find_params(w: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
-    """Temporary stand-in for ``rtn.find_params`` (QMoE quant.py min-max / ternary grid)."""
-    k, n = w.shape[-2:]
-    g = spec.num_groups(k)
-    wg = w.reshape(*w.shape[:-2], g, k // g, n)
-    xmin = jnp.minimum(jnp.min(wg, axis=-2), 0.0)
-    xmax = jnp.maximum(jnp.max(wg, axis=-2), 0.0)
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin = jnp.where(both0, -1.0, xmin)
-    xmax = jnp.where(both0, 1.0, xmax)
-    if spec.is_ternary:
-        return xmax, xmin
-    maxq = spec.maxq
-    if spec.symmetric:
-        xmax = jnp.maximum(-xmin, xmax)
-        return 2 * xmax / maxq, None
-    scale = (xmax - xmin) / maxq
-    return scale, jnp.round(-xmin / scale)
-
-
-def _minmax_quantize_codes(w: jax.Array, scales: jax.Array, zeros: jax.Array | None, spec: QuantSpec) -> jax.Array:
-    k = w.shape[-2]
-    s = expand_groups(scales, k)
-    if spec.is_ternary:
-        z = expand_groups(zeros, k)
-        return jnp.where(w > s / 2, 2, jnp.where(w < z / 2, 1, 0)).astype(jnp.uint8)
-    z = float(1 << (int(spec.bits) - 1)) if zeros is None else expand_groups(zeros, k)
-    return jnp.clip(jnp.round(w / s) + z, 0, spec.maxq).astype(jnp.uint8)
 
 
 def _channel_spec(spec: QuantSpec) -> QuantSpec:
@@ -120,8 +88,8 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     """GPTQ for one weight ``w [K, N]`` with Hessian ``h [K, K]`` (traceable; vmap it over experts).
 
     Returns a dict: ``codes`` uint8 ``[K, N]``, ``scales``/``zeros`` ``[G, N]`` (zeros absent for specs
-    without them), ``loss`` ``[N]`` (Σ_k (w−q)²/U_kk²/2 per output channel, the reference's ``Losses``), ``fallback`` (Cholesky
-    failed → RTN), ``nan_hessian`` (non-finite H → RTN), ``dead`` (number of dead inputs).
+    without them), ``loss`` ``[N]`` (Σ_k (w−q)²/U_kk²/2 per output channel, the reference's ``Losses``),
+    ``fallback`` (Cholesky failed → RTN), ``nan_hessian`` (non-finite H → RTN), ``dead`` (number of dead inputs).
     """
     find_params, _ = _rtn_api()
     w = jnp.asarray(w, jnp.float32)
@@ -264,8 +232,6 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     ``vmap``; with ``mesh`` the group is sharded over its ``axis`` via ``jax.shard_map`` and padded with
     dummy experts (H = I, W = 0). Returns the ``QuantizedTensor`` and per-expert :class:`GPTQStats`.
     """
-    if spec.scheme != "linear" and not spec.is_ternary:
-        raise QuantizationError(f"{name}: GPTQ supports linear and ternary grids, not {spec.describe()}")
     w_np = np.asarray(w, np.float32)
     h_np = np.asarray(h, np.float32)
     squeeze = w_np.ndim == 2
