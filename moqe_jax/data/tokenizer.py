@@ -159,4 +159,17 @@ def train_tokenizer(sentences: Sequence[str], out_dir: str | os.PathLike, vocab_
         input_sentence_size=0, remove_extra_whitespaces=False, max_sentence_length=4096, minloglevel=2,
         train_extremely_large_corpus=False)
     (out / "spm.vocab").unlink(missing_ok=True)
+    _strip_paths(out / MODEL_FILE)
     return Tokenizer(out / MODEL_FILE, num_extra_ids)
+
+
+def _strip_paths(path: Path) -> None:
+    """Make the model file byte-reproducible: the trainer spec records the output path (model_prefix)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+    except ImportError:  # protobuf missing: the pieces are still reproducible, only the file bytes differ
+        return
+    m = pb2.ModelProto()
+    m.ParseFromString(path.read_bytes())
+    m.trainer_spec.model_prefix = "spm"
+    path.write_bytes(m.SerializeToString())

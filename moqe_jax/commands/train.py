@@ -1,0 +1,114 @@
+"""``moqe train``: pretrain a Switch MoE / dense model on the gettext MT corpus, or STE-QAT its experts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a Switch model (MoE or dense) on the MT corpus, or QAT its experts")
+    p.add_argument("--config", default="small-mt", help="preset name or a config JSON file (default small-mt)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a SwitchConfig field, e.g. --set d_ff=384 (repeatable)")
+    p.add_argument("--data", required=True, help="corpus directory from `moqe data build` (or 'synthetic')")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default <data>/tokenizer)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, model/)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tokens-per-batch", type=int, default=None, help="rows per bucket = tokens // bucket length")
+    p.add_argument("--max-len", type=int, default=96)
+    p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default 0.01 adafactor, 1e-3 adamw)")
+    p.add_argument("--warmup", type=int, default=1000)
+    p.add_argument("--schedule", choices=("rsqrt", "constant", "cosine"), default="rsqrt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default="", help="e.g. data=2,expert=2 (default: one device)")
+    p.add_argument("--qat-bits", default=None, help="STE QAT of --qat-components to this many bits (or 'ternary')")
+    p.add_argument("--qat-components", default="experts")
+    p.add_argument("--qat-granularity", default="channel", help="'channel' or a group size")
+    p.add_argument("--init", default=None, help="start from this saved model directory (required for QAT)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the exported <out>/model weights")
+    p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0 (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=_train)
+
+
+def _value(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from moqe_jax.config import SwitchConfig
+    from moqe_jax.errors import ConfigError
+
+    over = {}
+    for kv in args.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
+        over[k.strip()] = _value(v.strip())
+    if Path(args.config).is_file():
+        cfg = SwitchConfig.from_dict(json.loads(Path(args.config).read_text()))
+        return cfg.replace(**over) if over else cfg
+    return SwitchConfig.preset(args.config, **over)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from moqe_jax import sharding as shd
+    from train.train import (
+        SyntheticData,
+        TrainConfig,
+        load_mt_data,
+        maybe_init_distributed,
+        save_final_model,
+        train,
+    )
+
+    maybe_init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_params = None
+    if args.init:
+        from moqe_jax.model.api import load_model
+
+        m = load_model(args.init)
+        cfg = m.config
+        if args.set:
+            cfg = cfg.replace(**{k: _value(v) for k, _, v in (s.partition("=") for s in args.set)})
+        init_params = m.params
+    else:
+        cfg = _config(args)
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adafactor" else 1e-3)
+    gran: Any = int(args.qat_granularity) if str(args.qat_granularity).isdigit() else args.qat_granularity
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,
+                     optimizer=args.optimizer, learning_rate=lr, warmup_steps=args.warmup, schedule=args.schedule,
+                     seed=args.seed, mesh=shd.parse_mesh(args.mesh), log_every=args.log_every,
+                     eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
+                     qat_bits=args.qat_bits, qat_components=tuple(args.qat_components.split(",")),
+                     qat_granularity=gran)
+    shd.check_fits(cfg, tc.mesh, [tc.batch_size] if tc.tokens_per_batch is None else [])
+    if args.data == "synthetic":
+        data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
+    else:
+        data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
+    res = train(cfg, tc, data, args.out, init_params=init_params)
+    out = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
+    print(f"trained {res.step} steps; model saved to {out}")
+    return 0

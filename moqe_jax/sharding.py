@@ -1,0 +1,186 @@
+"""Logical-axis sharding rules: the ONE place that maps parameter axes onto a device mesh (shared/DESIGN.md).
+
+Parameters carry logical axis names derived from their T5X path (specs/T5X_SWITCH.md §2):
+``embed`` (D), ``mlp`` (F), ``heads`` (the joined H·K axis of q/k/v/o and the H axis of the relative
+bias), ``kv``, ``vocab`` (V) and ``expert`` (E). ``LOGICAL_RULES`` maps them onto the mesh axes
+``data``, ``expert``, ``model`` (T5X / Flaxformer MoE partitioning):
+
+* ``expert`` → ``expert``: expert ``i`` lives on one slice of the expert axis (expert parallelism);
+* ``mlp``, ``heads``, ``vocab`` → ``model`` (tensor parallelism, only if the mesh has a ``model`` axis);
+* ``embed``, ``kv`` → replicated;
+* the batch → ``("data", "expert")``: as in T5X's MoE partitioner the expert axis is also a data axis
+  for everything that is not an expert, so no device computes a replica of another's tokens.
+
+Mesh axes missing from the mesh are dropped from the rules (replication). `check_fits` raises a
+one-line `ConfigError` *before any compute* when a config cannot be laid out on a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moqe_jax.errors import ConfigError
+
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "BATCH_AXES", "parse_mesh", "make_mesh", "logical_axes", "param_axes",
+           "logical_to_spec", "param_specs", "param_shardings", "batch_sharding", "replicated", "check_fits",
+           "shard_batch"]
+
+MESH_AXES: tuple[str, ...] = ("data", "expert", "model")
+LOGICAL_RULES: dict[str, str | None] = {
+    "expert": "expert", "mlp": "model", "heads": "model", "vocab": "model", "embed": None, "kv": None,
+}
+BATCH_AXES: tuple[str, ...] = ("data", "expert")
+
+# (regex on the "/"-joined param path, logical axes per dim) — first match wins.
+_PATH_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"token_embedder/embedding$", ("vocab", "embed")),
+    (r"logits_dense/kernel$", ("embed", "vocab")),
+    (r"relpos_bias/rel_embedding$", ("heads", None)),
+    (r"mlp/expert/(wi|wi_0|wi_1)/kernel$", ("expert", "embed", "mlp")),
+    (r"mlp/expert/wo/kernel$", ("expert", "mlp", "embed")),
+    (r"mlp/router/router_weights/w/kernel$", ("embed", None)),
+    (r"mlp/(wi|wi_0|wi_1)/kernel$", ("embed", "mlp")),
+    (r"mlp/wo/kernel$", ("mlp", "embed")),
+    (r"(query|key|value)/kernel$", ("embed", "heads")),
+    (r"out/kernel$", ("heads", "embed")),
+    (r"(scale)$", ("embed",)),
+)
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """``"data=2,expert=2"`` (or a dict) → ordered ``{axis: size}`` over ``MESH_AXES``; default all 1."""
+    if spec is None or spec == "":
+        d: dict[str, int] = {}
+    elif isinstance(spec, str):
+        d = {}
+        for part in spec.split(","):
+            name, _, val = part.partition("=")
+            name = name.strip()
+            if name not in MESH_AXES or not val.strip().isdigit() or int(val) < 1:
+                raise ConfigError(f"bad mesh spec {spec!r}: use e.g. 'data=2,expert=2' (axes {', '.join(MESH_AXES)})")
+            d[name] = int(val)
+    else:
+        d = dict(spec)
+        bad = [k for k in d if k not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"unknown mesh axes {bad}; known: {', '.join(MESH_AXES)}")
+    return {a: int(d.get(a, 1)) for a in MESH_AXES}
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A `Mesh` with axes ``data, expert, model`` (sizes from ``spec``) over the first devices."""
+    sizes = parse_mesh(spec)
+    devs = list(jax.devices() if devices is None else devices)
+    n = math.prod(sizes.values())
+    if n > len(devs):
+        raise ConfigError(f"mesh {sizes} needs {n} devices but only {len(devs)} are available "
+                          "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    arr = np.asarray(devs[:n], dtype=object).reshape(tuple(sizes.values()))
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its T5X path (replicated if no rule matches)."""
+    for pat, axes in _PATH_RULES:
+        if re.search(pat, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def _path_str(kp: Sequence[Any]) -> str:
+    parts = []
+    for k in kp:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def param_axes(params: Any) -> Any:
+    """Tree of logical-axis tuples matching ``params`` (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: logical_axes(_path_str(kp), len(x.shape)), params)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
+                    where: str = "") -> P:
+    """Partition spec for logical ``axes`` on ``mesh``; a mesh axis is used at most once."""
+    used: set[str] = set()
+    out: list[str | None] = []
+    for i, a in enumerate(axes):
+        m = LOGICAL_RULES.get(a) if a is not None else None
+        if m is None or m not in mesh.shape or mesh.shape[m] == 1 or m in used:
+            out.append(None)
+            continue
+        if shape is not None and shape[i] % mesh.shape[m]:
+            raise ConfigError(f"{where or 'param'}: dim {i} ({a}={shape[i]}) is not divisible by mesh axis "
+                              f"{m}={mesh.shape[m]}")
+        used.add(m)
+        out.append(m)
+    return P(*out)
+
+
+def param_specs(params: Any, mesh: Mesh) -> Any:
+    """Tree of `PartitionSpec` for a param tree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: logical_to_spec(logical_axes(_path_str(kp), len(x.shape)), mesh, x.shape, _path_str(kp)),
+        params)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """Tree of `NamedSharding` for a param tree (experts over ``expert``, mlp/heads/vocab over ``model``)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of ``[B, L]`` batch arrays: B over ``("data", "expert")``."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    return NamedSharding(mesh, P(axes if axes else None, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(int(shape.get(a, 1)) for a in BATCH_AXES)
+
+
+def check_fits(cfg: Any, mesh: Mesh | Mapping[str, int], batch_rows: Sequence[int] = ()) -> None:
+    """Raise `ConfigError` (one line) if ``cfg`` or the batch cannot be laid out on ``mesh``. No compute."""
+    shape = dict(mesh.shape) if isinstance(mesh, Mesh) else parse_mesh(mesh)
+    ex, mo = shape.get("expert", 1), shape.get("model", 1)
+    has_experts = bool(cfg.sparse_layers("encoder") or cfg.sparse_layers("decoder"))
+    if has_experts and cfg.num_experts % ex:
+        raise ConfigError(f"num_experts={cfg.num_experts} is not divisible by the mesh expert axis ({ex})")
+    if mo > 1:
+        for name, val in (("d_ff", cfg.d_ff), ("num_heads*d_kv", cfg.num_heads * cfg.d_kv),
+                          ("num_heads", cfg.num_heads), ("vocab_size", cfg.vocab_size)):
+            if val % mo:
+                raise ConfigError(f"{name}={val} is not divisible by the mesh model axis ({mo})")
+    div = batch_divisor(shape)
+    for rows in batch_rows:
+        if rows % div:
+            raise ConfigError(f"batch size {rows} is not divisible by the data-parallel size {div} "
+                              f"(mesh data×expert = {shape.get('data', 1)}×{ex})")
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a (globally identical on every process) NumPy batch on the mesh, rows over the data axes."""
+    sh = batch_sharding(mesh)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        s = sh if v.ndim >= 1 else replicated(mesh)
+        if v.ndim >= 1 and v.ndim != 2:
+            s = NamedSharding(mesh, P(sh.spec[0], *([None] * (v.ndim - 1))))
+        out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+    return out
