@@ -30,12 +30,22 @@ MODES = {
 }
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    return float("nan")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _peak_mb() -> float:
+    """High-water RSS of this process image (VmHWM; ru_maxrss would include the parent's peak across exec)."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(path: str, mode: str) -> None:
@@ -60,7 +70,7 @@ def child(path: str, mode: str) -> None:
         else:
             nbytes = sum(a.nbytes for a in _leaves(ck.read_all(progress=False)))
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_mb()
     print(json.dumps({"mode": mode, "base_mb": base, "peak_mb": peak, "data_mb": nbytes / 2**20, "seconds": dt}))
 
 
@@ -148,7 +158,7 @@ def main() -> None:
         f"{args.layers} decoder layers (odd layers sparse), bf16 on disk, gzip level 1, T5X chunk rule; "
         f"{disk / 2**30:.2f} GiB on disk "
         f"(written in {write_s:.0f} s{' - reused' if write_s < 5 else ''}). Each row is a fresh subprocess; "
-        "`peak` = ru_maxrss, `imports` = RSS after importing numpy + the reader.", "",
+        "`peak` = VmHWM (high-water RSS of the child), `imports` = RSS after importing numpy + the reader.", "",
         "| read | peak RSS (MB) | after imports (MB) | peak - imports (MB) | data returned (MB) | time (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -258,9 +258,8 @@ class T5XCheckpoint:
         info = self.info(path)
         if info.source == "inline":
             out = info.inline if index is None else info.inline[index]
-        else:
-            out = self._open(info).read(index)
-        return out if dtype is None else np.asarray(out).astype(dtype, copy=False)
+            return out if dtype is None else np.asarray(out).astype(dtype, copy=False)
+        return self._open(info).read(index, dtype)
 
     def read(self, path: str, dtype: Any = None) -> np.ndarray:
         """Read one whole parameter in its stored dtype (or cast to ``dtype``)."""

@@ -177,11 +177,73 @@ class ZarrArray:
         dt = self.dtype.newbyteorder("<") if self.dtype.byteorder == ">" else self.dtype
         return np.frombuffer(raw, dtype=dt).reshape(self.chunks, order=self.order)
 
-    def read(self, index: Any = None) -> np.ndarray:
-        """Read the whole array, or ``index`` (ints / unit-step slices), touching only needed chunks."""
+    def _read_span(self, f: Any, fn: str, b0: int, b1: int) -> bytes:
+        """Bytes ``[b0, b1)`` of a chunk's decompressed payload, streaming (stops once ``b1`` is reached)."""
+        if self.compressor is None:
+            f.seek(b0)
+            data = f.read(b1 - b0)
+            if len(data) != b1 - b0:
+                raise CheckpointError(f"{fn}: chunk is truncated ({b0 + len(data)} bytes, expected ≥ {b1})")
+            return data
+        wbits = 31 if self.compressor == "gzip" else 15
+        block = 1 << 22
+        d = zlib.decompressobj(wbits)
+        parts, pos = [], 0
+        try:
+            while pos < b1:
+                if d.unconsumed_tail:
+                    inp = d.unconsumed_tail
+                elif d.eof:  # concatenated gzip members
+                    inp = d.unused_data or f.read(block)
+                    if not inp:
+                        break
+                    d = zlib.decompressobj(wbits)
+                else:
+                    inp = f.read(block)
+                    if not inp:
+                        break
+                out = d.decompress(inp, block)
+                if pos + len(out) > b0:
+                    parts.append(out[max(0, b0 - pos):b1 - pos])
+                pos += len(out)
+        except zlib.error as e:
+            raise CheckpointError(f"{fn}: corrupt {self.compressor} chunk ({e})".splitlines()[0]) from e
+        if pos < b1:
+            raise CheckpointError(f"{fn}: chunk decompresses to {pos} bytes, expected "
+                                  f"{math.prod(self.chunks) * self.dtype.itemsize} (truncated or corrupt)")
+        return b"".join(parts)
+
+    def _read_region(self, cidx: tuple[int, ...], src: tuple[slice, ...]) -> np.ndarray | None:
+        """``chunk[src]`` (None if the chunk file is missing). A region smaller than the chunk is read by
+        streaming only the byte span it covers (C order), so one expert of a chunk holding all experts
+        costs its own bytes, not the whole decompressed chunk."""
+        n = math.prod(self.chunks)
+        st = [math.prod(self.chunks[k + 1:]) for k in range(len(self.chunks))]
+        lo = sum(sl.start * x for sl, x in zip(src, st, strict=True))
+        hi = sum((sl.stop - 1) * x for sl, x in zip(src, st, strict=True)) + 1
+        if self.order != "C" or (lo == 0 and hi == n):
+            chunk = self._read_chunk(cidx)
+            return None if chunk is None else chunk[src]
+        fn = os.path.join(self.path, self.chunk_key(cidx))
+        try:
+            f = open(fn, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with f:
+            span = self._read_span(f, fn, lo * self.dtype.itemsize, hi * self.dtype.itemsize)
+        dt = self.dtype.newbyteorder("<") if self.dtype.byteorder == ">" else self.dtype
+        flat = np.frombuffer(span, dtype=dt)
+        return np.lib.stride_tricks.as_strided(flat, shape=tuple(sl.stop - sl.start for sl in src),
+                                               strides=tuple(x * dt.itemsize for x in st), writeable=False)
+
+    def read(self, index: Any = None, dtype: Any = None) -> np.ndarray:
+        """Read the whole array, or ``index`` (ints / unit-step slices), touching only needed chunks.
+
+        ``dtype``: cast chunk by chunk into an output of that dtype (no full-size stored-dtype copy).
+        """
         bounds, drop = _normalize_index(index, self.shape, self.path)
         out_shape = tuple(b - a for a, b in bounds)
-        out = np.empty(out_shape, dtype=self.dtype)
+        out = np.empty(out_shape, dtype=self.dtype if dtype is None else np.dtype(dtype))
         if out.size == 0:
             return out.reshape([s for s, d in zip(out_shape, drop, strict=True) if not d])
         ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, self.chunks, strict=True)]
@@ -190,12 +252,9 @@ class ZarrArray:
             lo = [max(a, i * c) for (a, _), i, c in zip(bounds, cidx, self.chunks, strict=True)]
             hi = [min(b, (i + 1) * c) for (_, b), i, c in zip(bounds, cidx, self.chunks, strict=True)]
             dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds, strict=True))
-            chunk = self._read_chunk(cidx)
-            if chunk is None:
-                out[dst] = self.fill_value
-            else:
-                src = tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, cidx, self.chunks, strict=True))
-                out[dst] = chunk[src]
+            src = tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, cidx, self.chunks, strict=True))
+            region = self._read_region(cidx, src)
+            out[dst] = self.fill_value if region is None else region
         return out.reshape([s for s, d in zip(out_shape, drop, strict=True) if not d])
 
     def chunks_for(self, index: Any = None) -> int:
