@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import jax
@@ -61,7 +62,12 @@ def codes_per_row(spec: QuantSpec) -> int:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tiling of one launch (all powers of two). ``bkr`` counts packed (plane) rows, i.e. ``bkr·p`` K rows."""
+    """Tiling of one launch. ``bkr`` counts packed (plane) rows, i.e. ``bkr·p`` K rows.
+
+    ``mode="dot"``: ``[bm, bkr] @ [bkr, bn]`` tensor-core dots (bm, bn, bkr powers of two ≥ 16).
+    ``mode="fma"`` (GEMV, M ≤ 4): per activation row a ``[bkr, bn]`` float32 multiply-accumulate in registers,
+    reduced over K once at the end — no dot, no operand layout conversion; ``bm`` is then M itself.
+    """
 
     bm: int
     bn: int
@@ -69,6 +75,7 @@ class Blocks:
     splits: int
     num_warps: int = 4
     num_stages: int = 3
+    mode: str = "dot"
 
 
 def _max_bkr(spec: QuantSpec, k: int) -> int:
@@ -88,53 +95,89 @@ def unsupported_reason(spec: QuantSpec, k: int, x_dtype: object) -> str | None:
     return None
 
 
+FMA_MAX_M = 4
+
+
 def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
-    """Block-size heuristic (documented table, tuned on H100; see benchmarks/results/KERNEL_NOTES.md).
+    """Block-size heuristic (documented table; H100 measurements in benchmarks/results/KERNEL_NOTES.md).
 
     ====================  =========================================================
-    BM                    next pow2 ≥ M, at least 16 (Triton dot), at most 64
-    BN                    128, or next pow2 ≥ N (≥ 32) for narrow N; 64 when M > 16
-    BKr (packed rows)     ~16 KiB of packed bytes per tile: 128 (int8: 64; 3-bit: 64
-                          per plane), ≤ next pow2 of the packed height, ≥ 16,
-                          ≤ the group's power-of-two part / p (no group straddling)
-    splits (split-K)      enough programs for ~2 per SM (264), each ≥ 1 K tile
-    warps / stages        4 / 3 (Triton defaults); 8 warps when BM·BN ≥ 64·128
+    mode                  ``fma`` (GEMV) for M ≤ 4, else ``dot``
+    BM                    fma: M; dot: next pow2 ≥ M, at least 16 (Triton dot), ≤ 64
+    BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32;
+                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N
+    BKr (packed rows)     128 (int8 and 3-bit planes: 64), ≤ next pow2 of the packed
+                          height, ≥ 16, ≤ the group's power-of-two part / p
+    splits (split-K)      only when the N×M×E grid has < 132 programs (one extra XLA
+                          reduction launch), up to ~264 programs
+    warps / stages        fma 4 / 4; dot 4 / 3, 8 warps when BM·BN ≥ 64·128
     ====================  =========================================================
     """
     p = codes_per_row(spec)
     rv = -(-k // 8) * 8 // p
-    bm = min(64, max(16, _pow2_ceil(m)))
-    bn = max(32, min(128, _pow2_ceil(n)))
-    if m > 16 and bn > 64:
-        bn = 64
     bkr = {8: 64, 3: 64}.get(spec.code_bits, 128)
     bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(spec, k)))
     n_kt = -(-rv // bkr)
-    n_blocks = -(-n // bn) * -(-m // bm) * e
-    splits = max(1, min(n_kt, -(-_TARGET_PROGRAMS // n_blocks)))
-    per = -(-n_kt // splits)
-    splits = -(-n_kt // per)
-    warps = 8 if bm * bn >= 64 * 128 else 4
-    return Blocks(bm=bm, bn=bn, bkr=bkr, splits=splits, num_warps=warps, num_stages=3)
+    if m <= FMA_MAX_M:
+        bn = 32
+        for cand in (128, 64):
+            if -(-n // cand) * e >= _TARGET_PROGRAMS:
+                bn = cand
+                break
+        bn = max(32, min(bn, _pow2_ceil(n)))
+        bm, warps, stages, mode = m, 4, 4, "fma"
+    else:
+        bm = min(64, max(16, _pow2_ceil(m)))
+        bn = max(32, min(128, _pow2_ceil(n)))
+        if m > 16 and bn > 64:
+            bn = 64
+        warps = 8 if bm * bn >= 64 * 128 else 4
+        stages, mode = 3, "dot"
+    n_prog = -(-n // bn) * -(-m // bm) * e
+    splits = 1
+    if n_prog < 132:
+        splits = max(1, min(n_kt, -(-_TARGET_PROGRAMS // n_prog)))
+        per = -(-n_kt // splits)
+        splits = -(-n_kt // per)
+    return Blocks(bm=bm, bn=bn, bkr=bkr, splits=splits, num_warps=warps, num_stages=stages, mode=mode)
 
 
-def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, bn: int, bkr: int,
+def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs: int, blocks: Blocks,
                  n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool, cdt: jnp.dtype,
-                 interpret: bool):
+                 interpret: bool, xprep: bool):
     b = spec.code_bits
     code_mask = (1 << b) - 1
     channel = spec.granularity == "channel"
+    bm, bn, bkr, fma = blocks.bm, blocks.bn, blocks.bkr, blocks.mode == "fma"
+    split_out = blocks.splits > 1
+    pl = backend.pl
+    plgpu = backend.plgpu
 
     def dot(a, w):
         if interpret:
             return jnp.dot(a, w, preferred_element_type=jnp.float32)
-        return backend.plgpu.dot(a, w, allow_tf32=False if cdt == jnp.float32 else None)
+        return plgpu.dot(a, w, allow_tf32=False if cdt == jnp.float32 else None)
 
     def load(ref, mask=None, other=None):
         # plgpu.load/store also run in interpret mode, where out-of-bounds slices are padded, not shifted
-        return backend.plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref, mask=mask, other=other)
 
-    pl = backend.pl
+    def load_x(x_ref, a, j, rows, r0):
+        """Residue-j activation tile: ``x[a, rows, (r0 + i)·p + j]`` for i < bkr (zero outside M, K).
+
+        GPU: a strided load straight from ``x [A, M, K]``. Interpret mode has no strided loads, so there
+        (and with ``MOQE_KERNEL_XPREP=1``) ``x_ref`` is the residue-split copy ``[A, p, M_pad, R_pad]`` made
+        by XLA (same values)."""
+        kidx = (r0 + jnp.arange(bkr)) * p + j
+        if isinstance(rows, int):  # one row (fma)
+            if xprep:
+                return load(x_ref.at[a, jnp.int32(j), jnp.int32(rows), pl.ds(r0, bkr)])
+            return load(x_ref.at[a, jnp.int32(rows), pl.ds(r0 * p + j, bkr, stride=p)], kidx < k, 0.0)
+        m0 = rows
+        if xprep:
+            return load(x_ref.at[a, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
+        mask = ((m0 + jnp.arange(bm)) < m)[:, None] & (kidx < k)[None, :]
+        return load(x_ref.at[a, pl.ds(m0, bm), pl.ds(r0 * p + j, bkr, stride=p)], mask, 0.0)
 
     def kernel(*refs):
         if has_ids:
@@ -147,18 +190,17 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, 
         a = pl.program_id(2)  # slot of x / out
         e = ids_ref[a] if has_ids else a  # expert of the weight (indexed launch: a scalar load, no gather)
         split = sm // n_mblocks
-        mb = sm % n_mblocks
+        m0 = (sm % n_mblocks) * bm
         n0 = nb * bn
-        m0 = mb * bm
         cmask = (n0 + jnp.arange(bn)) < n
         t0 = split * per_split
         t1 = jnp.minimum(t0 + per_split, n_kt)
+        nsl = pl.ds(n0, bn)
 
-        def body(t, acc):
-            r0 = t * bkr
+        def weights(r0):
+            """Dequantized residue tiles ``[bkr, bn]`` (float32) of packed rows ``r0 … r0+bkr``."""
             rmask = (r0 + jnp.arange(bkr)) < rv
             mask2 = rmask[:, None] & cmask[None, :]
-            nsl = pl.ds(n0, bn)
             if b == 3:
                 planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, jnp.uint8(0)) for c in range(3)]
             else:
@@ -173,15 +215,37 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, n: int, gs: int, bm: int, 
                     q = pk
                 else:
                     q = (pk >> jnp.uint8(j * b)) & jnp.uint8(code_mask)
-                w = dequant_codes(q, s, z, spec).astype(cdt)
-                xj = load(x_ref.at[a, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
-                acc = acc + dot(xj, w)
+                yield j, dequant_codes(q, s, z, spec)
+
+        if fma:
+            def body(t, accs):
+                r0 = t * bkr
+                accs = list(accs)
+                for j, w in weights(r0):
+                    for i in range(bm):
+                        xv = load_x(x_ref, a, j, i, r0).astype(jnp.float32)
+                        accs[i] = accs[i] + xv[:, None] * w
+                return tuple(accs)
+
+            accs = jax.lax.fori_loop(t0, t1, body, tuple(jnp.zeros((bkr, bn), jnp.float32) for _ in range(bm)))
+            for i in range(bm):
+                row = jnp.sum(accs[i], axis=0).astype(o_ref.dtype)
+                idx = (split, a, i) if split_out else (a, i)
+                plgpu.store(o_ref.at[(*[jnp.int32(v) if isinstance(v, int) else v for v in idx], nsl)], row,
+                            mask=cmask)
+            return
+
+        def body(t, acc):
+            r0 = t * bkr
+            for j, w in weights(r0):
+                acc = acc + dot(load_x(x_ref, a, j, m0, r0), w.astype(cdt))
             return acc
 
         acc = jax.lax.fori_loop(t0, t1, body, jnp.zeros((bm, bn), jnp.float32))
-        out = o_ref.at[split, a, pl.ds(m0, bm), pl.ds(n0, bn)]
-        val = acc.astype(o_ref.dtype)
-        backend.plgpu.store(out, val, mask=jnp.broadcast_to(cmask[None, :], (bm, bn)))
+        rows = pl.ds(m0, bm)
+        out = o_ref.at[split, a, rows, nsl] if split_out else o_ref.at[a, rows, nsl]
+        omask = ((m0 + jnp.arange(bm)) < m)[:, None] & cmask[None, :]
+        plgpu.store(out, acc.astype(o_ref.dtype), mask=omask)
 
     return kernel
 
@@ -194,9 +258,9 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
 
     Without ``expert_ids`` slot ``a`` uses expert ``a`` (A = E). With ``expert_ids [A]`` (int32, values in
     ``[0, E)``) slot ``a`` uses expert ``expert_ids[a]``: the decode-time launch over active experts only.
-
-    ``poison=True`` (tests) pre-fills the output with NaN and aliases it into the kernel, so any tile the
-    kernel fails to write shows up as NaN.
+    On the GPU this is ONE launch (plus an XLA sum when split-K is planned); ``poison=True`` (tests)
+    pre-fills the output with NaN and aliases it into the kernel, so any element the kernel fails to write
+    shows up as NaN.
     """
     e, m, kx = x.shape
     if kx != k:
@@ -205,29 +269,38 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
     p = codes_per_row(spec)
     rv = -(-k // 8) * 8 // p
     blocks = blocks or plan_blocks(m, k, n, e, spec)
+    if blocks.mode == "fma" and blocks.bm != m:
+        blocks = Blocks(m, blocks.bn, blocks.bkr, blocks.splits, blocks.num_warps, blocks.num_stages, "fma")
     bm, bn, bkr = blocks.bm, blocks.bn, blocks.bkr
     n_kt = -(-rv // bkr)
     per = -(-n_kt // blocks.splits)
     splits = -(-n_kt // per)
+    if splits != blocks.splits:
+        blocks = Blocks(bm, bn, bkr, splits, blocks.num_warps, blocks.num_stages, blocks.mode)
     n_mb = -(-m // bm)
-    rt = n_kt * bkr
     cdt = x.dtype
-    # residue split of the activation: xr[e, j, m, i] = x[e, m, i·p + j] (zero padded in M and K)
-    xp = jnp.pad(x, ((0, 0), (0, n_mb * bm - m), (0, rt * p - k)))
-    xr = xp.reshape(e, n_mb * bm, rt, p).transpose(0, 3, 1, 2) if p > 1 else xp[:, None]
+    xprep = interpret or os.environ.get("MOQE_KERNEL_XPREP", "0") == "1"
+    if xprep:  # residue split of the activation: xr[a, j, m, i] = x[a, m, i·p + j] (zero padded)
+        rt = n_kt * bkr
+        xp = jnp.pad(x, ((0, 0), (0, n_mb * bm - m), (0, rt * p - k)))
+        xin = xp.reshape(e, n_mb * bm, rt, p).transpose(0, 3, 1, 2)
+    else:
+        xin = x
     has_zeros = zeros is not None
     has_ids = expert_ids is not None
     if not has_ids and packed.shape[0] != e:
         raise ValueError(f"x has {e} expert slots, weight has {packed.shape[0]} experts")
-    odt = cdt if splits == 1 else jnp.float32
-    out_shape = jax.ShapeDtypeStruct((splits, e, n_mb * bm, n), odt)
-    kernel = _make_kernel(spec, p=p, rv=rv, n=n, gs=spec.group_size(k), bm=bm, bn=bn, bkr=bkr, n_kt=n_kt,
-                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, has_ids=has_ids, cdt=jnp.dtype(cdt),
-                          interpret=interpret)
-    args = ([expert_ids.astype(jnp.int32)] if has_ids else []) + [xr, packed, scales] + ([zeros] if has_zeros else [])
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((e, m, n), cdt)
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, e, m, n), jnp.float32)
+    kernel = _make_kernel(spec, p=p, rv=rv, m=m, k=k, n=n, gs=spec.group_size(k), blocks=blocks, n_kt=n_kt,
+                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, has_ids=has_ids,
+                          cdt=jnp.dtype(cdt), interpret=interpret, xprep=xprep)
+    args = ([expert_ids.astype(jnp.int32)] if has_ids else []) + [xin, packed, scales] + ([zeros] if has_zeros else [])
     kwargs = {}
     if poison:
-        args.append(jnp.full(out_shape.shape, jnp.nan, odt))
+        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         kwargs["input_output_aliases"] = {len(args) - 1: 0}
 
         inner = kernel
@@ -238,10 +311,9 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
     grid = (-(-n // bn), splits * n_mb, e)
     call = backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                                num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                               name=f"qmm_{spec.describe().replace('-', '_')}", **kwargs)
+                               name=f"qmm_{blocks.mode}_{spec.describe().replace('-', '_')}", **kwargs)
     y = call(*args)
-    y = y[0] if splits == 1 else jnp.sum(y, axis=0)
-    return y[:, :m].astype(cdt)
+    return y if splits == 1 else jnp.sum(y, axis=0).astype(cdt)
 
 
 def quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = False, poison: bool = False,

@@ -86,7 +86,10 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def tol(dtype) -> float:
-    return 2e-2 if jnp.dtype(dtype) == jnp.bfloat16 else 1e-5
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return 2e-2
+    # f32: exact-ish in interpret mode; Triton's f32 dot measured at TF32 level (~3e-4) on the H100
+    return 1e-5 if INTERPRET else 2e-3
 
 
 # (spec, granularity) coverage: every bits × scheme × symmetry, channel and group scales
@@ -131,11 +134,15 @@ def test_explicit_blocks_split_k_and_m_tiles() -> None:
     m, k, n = 40, 330, 75
     qt = random_qt(spec, (k, n))
     x = jnp.asarray(RNG.standard_normal((2, m // 2, k)), jnp.float32)
+    ref = np.asarray(x, np.float64) @ np_dequant(qt)
     blocks = Blocks(bm=16, bn=32, bkr=16, splits=3)
     y = quant_matmul(x, qt, interpret=INTERPRET, poison=True, blocks=blocks)
     assert y.shape == (2, m // 2, n)
-    ref = np.asarray(x, np.float64) @ np_dequant(qt)
-    assert rel_err(y, ref) < 1e-5
+    assert rel_err(y, ref) < tol(jnp.float32)
+    # GEMV (fma) form with split-K, 3 rows
+    y = quant_matmul(x[0, :3], qt, interpret=INTERPRET, poison=True,
+                     blocks=Blocks(bm=3, bn=32, bkr=16, splits=2, mode="fma"))
+    assert y.shape == (3, n) and rel_err(y, ref[0, :3]) < 1e-5
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, symmetric=False), QuantSpec("ternary"),
@@ -185,7 +192,9 @@ def test_dispatch_routes_and_falls_back() -> None:
 
 def test_plan_blocks_table() -> None:
     b = plan_blocks(1, 4096, 10240, 1, QuantSpec(4))
-    assert (b.bm, b.bn, b.bkr) == (16, 128, 128) and b.splits >= 2
+    assert (b.mode, b.bm, b.bn, b.bkr, b.splits) == ("fma", 1, 32, 128, 1)
+    b = plan_blocks(16, 3072, 768, 1, QuantSpec(4))
+    assert b.mode == "dot" and b.bm == 16 and b.splits > 1
     b = plan_blocks(256, 768, 3072, 1, QuantSpec(2, granularity=128))
     assert b.bm == 64 and b.bkr == 32 and b.splits >= 1
     for blk in (b.bm, b.bn, b.bkr):
