@@ -28,8 +28,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe", default=str(ASSETS / "moe"), help="MoE model dir (default: bundled moe)")
     p.add_argument("--dense", default=str(ASSETS / "dense"), help="dense twin model dir (default: bundled dense)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model/dir (default: bundled tokenizer)")
-    p.add_argument("--data", default=os.environ.get("MOQE_DATA", "data/corpus"),
-                   help="corpus dir from `moqe data build` (default $MOQE_DATA or data/corpus)")
+    p.add_argument("--data", default=None,
+                   help="corpus dir from `moqe data build` (default $MOQE_DATA, work_data/corpus, data/corpus)")
     p.add_argument("--directions", default="all", help="'all' or e.g. en-de,de-en")
     p.add_argument("--samples", type=int, default=None, help="test sentences per direction")
     p.add_argument("--batch-size", type=int, default=32)
@@ -57,7 +57,7 @@ class Setup:
 def _default_tokenizer(args: argparse.Namespace) -> Path:
     if args.tokenizer:
         return Path(args.tokenizer)
-    for c in (Path(args.moe) / "tokenizer", ASSETS / "tokenizer", Path(args.data) / "tokenizer"):
+    for c in (Path(args.moe) / "tokenizer", ASSETS / "tokenizer", Path(args.data or ".") / "tokenizer"):
         if c.exists():
             return c
     return ASSETS / "tokenizer"
@@ -65,10 +65,15 @@ def _default_tokenizer(args: argparse.Namespace) -> Path:
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
     """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup)."""
-    from moqe_jax.evaluate import load_tokenizer
+    from moqe_jax.evaluate import default_data_dir, load_tokenizer
     from moqe_jax.model.api import load_model
 
     use_syn = args.synthetic or (args.quick and not Path(args.moe).exists())
+    if not use_syn and args.data is None:
+        args.data = default_data_dir()
+        if args.data is None:
+            raise MoqeError("no corpus found ($MOQE_DATA, work_data/corpus, data/corpus); build one with "
+                            "`moqe data build --out work_data/corpus` or pass --data")
     if use_syn:
         from eval.synthetic import synthetic_setup
 

@@ -31,7 +31,7 @@ from moqe_jax.errors import DataError
 
 __all__ = [
     "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
-    "parse_directions", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "load_eval_pairs",
+    "parse_directions", "default_data_dir", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "load_eval_pairs",
     "translate", "decode_speed", "teacher_forced_loss", "calibration_batches", "mlm_examples", "evaluate_model",
     "format_result",
 ]
@@ -158,6 +158,18 @@ def _encode(tok: Any, text: str) -> list[int]:
 
 def _decode(tok: Any, ids: Sequence[int]) -> str:
     return str(tok.decode([int(i) for i in ids]))
+
+
+DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
+
+
+def default_data_dir() -> str | None:
+    """The corpus to evaluate on when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and
+    ``data/corpus`` (relative to the working directory), the first that holds ``test.jsonl``."""
+    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES):
+        if d and (Path(d) / "test.jsonl").is_file():
+            return d
+    return None
 
 
 def load_eval_pairs(data: str | os.PathLike | Mapping[str, Sequence[Any]], directions: Sequence[str],

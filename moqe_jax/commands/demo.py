@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="quantize + compress + evaluate the bundled model; one summary table")
     p.add_argument("--model", default=str(ASSETS / "moe"), help="model dir (default: the bundled MoE model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: MODEL/tokenizer or the bundled one)")
-    p.add_argument("--data", default=None, help="corpus dir (default $MOQE_DATA, data/corpus, else built from "
-                                                "/usr/share/locale into ~/.cache/moqe/corpus)")
+    p.add_argument("--data", default=None, help="corpus dir (default $MOQE_DATA, work_data/corpus, data/corpus, "
+                                                "else built from /usr/share/locale into ~/.cache/moqe/corpus)")
     p.add_argument("--samples", type=int, default=5, help="test sentences per direction (default 5)")
     p.add_argument("--directions", default="all")
     p.add_argument("--calib", type=int, default=128, help="GPTQ calibration sentences (default 128)")
@@ -34,11 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_dir(arg: str | None) -> str:
-    for d in (arg, os.environ.get("MOQE_DATA"), "data/corpus"):
-        if d and (Path(d) / "test.jsonl").is_file():
-            return d
+    from moqe_jax.evaluate import default_data_dir
+
+    if arg and (Path(arg) / "test.jsonl").is_file():
+        return arg
     if arg:
         raise MoqeError(f"{arg}: no corpus here (test.jsonl missing); build it with `moqe data build --out {arg}`")
+    found = default_data_dir()
+    if found:
+        return found
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
     if not (cache / "test.jsonl").is_file():
         from moqe_jax.data.corpus import build_corpus

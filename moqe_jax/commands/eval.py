@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model dir saved by `moqe quantize/compress/train`, hf:DIR, t5x:DIR, or 'default' "
                                  "(the bundled MoE model)")
     p.add_argument("--data", default=None,
-                   help="corpus dir from `moqe data build` (default $MOQE_DATA, then data/corpus)")
+                   help="corpus dir from `moqe data build` (default $MOQE_DATA, work_data/corpus, data/corpus)")
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model/dir (default: MODEL/tokenizer, the bundled tokenizer, DATA/tokenizer)")
     p.add_argument("--config", default=None, help="preset name or config for t5x:DIR models")
@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_data(arg: str | None) -> str:
-    """``--data``, else ``$MOQE_DATA``, else ``data/corpus``; must hold ``test.jsonl``."""
-    d = arg or os.environ.get("MOQE_DATA") or "data/corpus"
+    """``--data``, else :func:`moqe_jax.evaluate.default_data_dir`; must hold ``test.jsonl``."""
+    from moqe_jax.evaluate import default_data_dir
+
+    d = arg or default_data_dir() or "work_data/corpus"
     if not (Path(d) / "test.jsonl").is_file():
         raise DataError(f"{d}: no corpus here (test.jsonl missing); build it with `moqe data build --out {d}`")
     return d
