@@ -22,7 +22,7 @@ from benchmarks.common import copy_bandwidth, device_info, n_sets_for, time_rota
 from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend
-from pallas_kernels.dequant_matmul import plan_blocks, quant_matmul
+from pallas_kernels.dequant_matmul import grouped_quant_matmul, plan_blocks, quant_matmul
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (2080, 6144), (4096, 10240)]
 BATCHES = [1, 16, 64]
@@ -84,20 +84,47 @@ def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[
                 nbytes = ws[0].nbytes + io_bytes
                 sets = list(zip(xs, ws, strict=False))
                 t_k = time_rotated(lambda x, w: quant_matmul(x, w, interpret=interpret), sets, quick=quick)
-                blk = plan_blocks(m, k, n, 1, ws[0].spec)
+                b = plan_blocks(m, k, n, 1, ws[0].spec)
                 rows.append([f"{k}x{n}", m, f"{fmt} kernel", t_k * 1e6, nbytes / t_k / 1e9, 100 * nbytes / t_k / bw,
-                             t_bf16 / t_k, f"bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits} w{blk.num_warps}"])
+                             t_bf16 / t_k, f"{b.mode} bm{b.bm} bn{b.bn} bkr{b.bkr} s{b.splits} w{b.num_warps}"])
                 print(rows[-1], flush=True)
                 if fmt in ("int4", "int2") and (m == batches[0] or fmt == "int4"):
                     t_d = time_rotated(lambda x, w: jnp.dot(x, w.dequantize(jnp.bfloat16)), sets, quick=quick)
                     rows.append([f"{k}x{n}", m, f"{fmt} XLA dequant+dot", t_d * 1e6, nbytes / t_d / 1e9,
                                  100 * nbytes / t_d / bw, t_bf16 / t_d, "-"])
                     print(rows[-1], flush=True)
+        if not quick and (k, n) == max(shapes, key=lambda kn: kn[0] * kn[1]):
+            rows += grouped_rows(k, n, batches[0], bw, interpret)
     header = ["K×N", "M", "method", "time µs", "GB/s", "% copy BW", "× vs bf16", "blocks"]
     notes = (f"Median of one matmul over rotated weight sets (≥3× L2 of bytes). GB/s counts the bytes that must "
              f"move (weights incl. scales/zeros + x + y). Copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s "
              f"(read+write).{' INTERPRET MODE (CPU smoke test): times are meaningless.' if interpret else ''}")
     write_results(out, "Dequant-matmul kernels vs XLA", header, rows, meta, notes)
+    return rows
+
+
+def grouped_rows(k: int, n: int, m: int, bw: float, interpret: bool, e: int = 8) -> list[list]:
+    """One launch over ``e`` weight matrices (the MoE grouped case) vs XLA's batched bf16 dot: per-matrix time
+    without per-launch overhead in either."""
+    rows = []
+    key = jax.random.key(99)
+    x = jax.random.normal(key, (e, m, k), jnp.bfloat16)
+    wb = jax.random.normal(key, (e, k, n), jnp.bfloat16) * 0.02
+    io = (e * m * k + e * m * n) * 2
+    t_b = time_rotated(lambda a, w: jnp.einsum("emk,ekn->emn", a, w), [(x, wb)]) / e
+    rows.append([f"{k}x{n}", m, f"bf16 XLA batched dot ×{e} (per matrix)", t_b * 1e6,
+                 (e * k * n * 2 + io) / e / t_b / 1e9, 100 * (e * k * n * 2 + io) / e / t_b / bw, 1.0, "-"])
+    print(rows[-1], flush=True)
+    del wb
+    for fmt in ("int4", "int2"):
+        spec = FORMATS[fmt]
+        w = jax.vmap(lambda kk, s=spec: random_qt(kk, s, k, n))(jax.random.split(key, e))
+        t = time_rotated(lambda a, ww: grouped_quant_matmul(a, ww, interpret=interpret), [(x, w)]) / e
+        nb = (w.nbytes + io) / e
+        blk = plan_blocks(m, k, n, e, spec)
+        rows.append([f"{k}x{n}", m, f"{fmt} grouped kernel ×{e} (per matrix)", t * 1e6, nb / t / 1e9,
+                     100 * nb / t / bw, t_b / t, f"{blk.mode} bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits}"])
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -71,11 +71,11 @@ def layer_active(x, router, wi, wo, *, impl: str):
     return o.astype(jnp.float32) * r.gate[0][:, None]
 
 
-def run(quick: bool, out: str) -> list[list]:
+def run(quick: bool, out: str, batches: list[int] | None = None) -> list[list]:
     gpu = backend.gpu_kernels_available()
     kmode = "pallas" if gpu else "interpret"
     e, d, f = (4, 64, 128) if quick else (128, 768, 3072)
-    batches = [1, 3] if quick else [1, 16, 64]
+    batches = batches or ([1, 3] if quick else [1, 16, 64])
     meta = device_info()
     bw = copy_bandwidth(quick=quick)
     meta.update(copy_bandwidth_GBps=bw / 1e9, experts=e, d_model=d, d_ff=f)
@@ -137,11 +137,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", default=None, help="comma list of decode token counts")
     a = ap.parse_args(argv)
     if not backend.gpu_kernels_available() and not a.quick:
         print("no GPU kernels: use --quick on CPU", file=sys.stderr)
     out = a.out or ("moe_decode_quick" if a.quick else "moe_decode_" + jax.devices()[0].platform)
-    run(a.quick, out)
+    run(a.quick, out, [int(v) for v in a.batches.split(",")] if a.batches else None)
     _ = dispatch  # the capacity path goes through moqe_jax.ops -> pallas_kernels.dispatch
     return 0
 

@@ -105,7 +105,8 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     mode                  ``fma`` (GEMV) for M ≤ 4, else ``dot``
     BM                    fma: M; dot: next pow2 ≥ M, at least 16 (Triton dot), ≤ 64
     BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32;
-                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N
+                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N,
+                          halved (≥ 32) while the grid has < 132 programs
     BKr (packed rows)     128 (int8 and 3-bit planes: 64), ≤ next pow2 of the packed
                           height, ≥ 16, ≤ the group's power-of-two part / p
     splits (split-K)      only when the N×M×E grid has < 132 programs (one extra XLA
@@ -131,6 +132,8 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
         bn = max(32, min(128, _pow2_ceil(n)))
         if m > 16 and bn > 64:
             bn = 64
+        while bn > 32 and -(-n // bn) * -(-m // bm) * e < 132:  # prefer narrower tiles to a split-K launch
+            bn //= 2
         warps = 8 if bm * bn >= 64 * 128 else 4
         stages, mode = 3, "dot"
     n_prog = -(-n // bn) * -(-m // bm) * e

@@ -251,7 +251,7 @@ def test_tiny_switch_model_interpret_equals_xla() -> None:
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU with the Pallas Triton backend")
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, symmetric=False), QuantSpec("ternary"),
                                   QuantSpec(2, granularity=128), QuantSpec(8)], ids=lambda s: s.describe())
-@pytest.mark.parametrize("m", [1, 16, 256])
+@pytest.mark.parametrize("m", [1, 64])
 def test_gpu_large_shapes(spec: QuantSpec, m: int) -> None:
     """Triton backend on a benchmark-sized shape, vs float64 NumPy (bf16 activations)."""
     k, n = 1024, 4096
