@@ -168,8 +168,9 @@ def main() -> None:
     lines += ["", "Reading touches only the zarr chunks of the requested parameters (one chunk decompressed at a "
               "time into a preallocated output), so peak memory tracks the bytes returned, not the checkpoint size. "
               f"With T5X's 64 MiB chunk rule the expert axis is not split ([128, 768, 3072] bf16 -> chunks "
-              f"{list(t5x_chunk_shape((128, 768, 3072), 2))}), so reading one expert still decompresses every "
-              "chunk of its tensor (time), but keeps only its slice (memory).", ""]
+              f"{list(t5x_chunk_shape((128, 768, 3072), 2))}); a region smaller than a chunk is stream-decompressed "
+              "only up to the end of its byte span and only that span is kept, so one expert costs its own bytes "
+              "(plus, on average, half of each chunk's decompression time).", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
