@@ -44,14 +44,20 @@ def _pow2_ceil(v: int) -> int:
     return 1 << max(0, int(v - 1).bit_length())
 
 
-def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int]:
-    """(rows per program BR, codewords per chunk CW) for ``mp`` padded tokens and row length ``k``."""
-    cw = max(2, min(32, _pow2_ceil(max(1, k // 48))))          # ≈ half the mean codewords of a row
+def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int, int]:
+    """(rows per program BR, codewords per chunk CW, num_warps) for ``mp`` padded tokens, row length ``k``.
+
+    M = 1 with short rows uses the best point of the H100 sweep in benchmarks/results/sub1_kernel.md;
+    otherwise CW ≈ half the mean codewords of a row and BR fills a ~4096-element tile.
+    """
+    if mp == 1 and k <= 1024:
+        return 8, 8, 2
+    cw = max(2, min(32, _pow2_ceil(max(1, k // 48))))
     cw = max(2, min(cw, _TILE_ELEMS // (NZ_SLOTS * mp)))
     br = max(1, min(64, _TILE_ELEMS // (NZ_SLOTS * mp * cw)))
     while br > 1 and num_rows // br < 1024:  # keep several programs per SM on big GPUs
         br //= 2
-    return br, cw
+    return br, cw, int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,7 +152,11 @@ def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
     mp = _pow2_ceil(m)
     if mp != m:
         xt = jnp.pad(xt, ((0, 0), (0, 0), (0, mp - m)))
-    br, cw = blocks or choose_blocks(r, mp, k)
+    br, cw, warps = choose_blocks(r, mp, k)
+    if blocks is not None:
+        br, cw = blocks
+        warps = int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
+    warps = num_warps or warps
     rp = -(-r // br) * br
     row_off = jnp.asarray(w.row_off, jnp.int32)
     smax = jnp.asarray(w.scales).reshape(-1)
@@ -159,8 +169,6 @@ def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
     total = int(stream.shape[0])
     sdec = jnp.asarray(sparse_dec_table())
     kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total)
-    tile = br * cw * NZ_SLOTS * mp
-    warps = num_warps or int(min(8, max(1, tile // 512)))
     out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
                        interpret=interpret, num_warps=warps,
                        out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
