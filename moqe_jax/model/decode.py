@@ -1,4 +1,5 @@
-"""Autoregressive decoding with a KV cache: greedy and beam search (jitted ``lax`` loops).
+"""Autoregressive decoding with a KV cache: greedy and beam search (jitted ``lax.while_loop``,
+stopping early once every sequence has emitted EOS).
 
 The encoder runs once; every decoder layer keeps a self-attention k/v cache ``[B, T_max, H, K]`` and
 precomputed cross-attention k/v. A step embeds one token per sequence, attends to cache positions
@@ -78,16 +79,20 @@ def greedy_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_tok
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
 
-    def body(i, state):
-        tok, cache, out, done = state
+    def cond(state):
+        i, _, _, _, done = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, cache, out, done = state
         logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid)
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         done = done | (nxt == cfg.eos_token_id)
-        return nxt, cache, out, done
+        return i + 1, nxt, cache, out, done
 
-    _, _, out, _ = jax.lax.fori_loop(0, max_new_tokens, body, (tok, cache, out, done))
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, cache, out, done))
     return out
 
 
@@ -113,8 +118,12 @@ def beam_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_token
     lengths = jnp.zeros((b, k), jnp.int32)
     neg = jnp.float32(-1e30)
 
-    def body(i, state):
-        tok, cache, seqs, scores, done, lengths = state
+    def cond(state):
+        i, *_, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, cache, seqs, scores, done, lengths = state
         logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid)
         v = logits.shape[-1]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, v)
@@ -131,10 +140,10 @@ def beam_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_token
         done = prev_done | (nxt == cfg.eos_token_id)
         flat = (beam + jnp.arange(b)[:, None] * k).reshape(-1)
         cache = jax.tree_util.tree_map(lambda a: a[flat], cache)
-        return nxt.reshape(-1), cache, seqs, top, done, lengths
+        return i + 1, nxt.reshape(-1), cache, seqs, top, done, lengths
 
-    _, _, seqs, scores, done, lengths = jax.lax.fori_loop(
-        0, max_new_tokens, body, (tok, cache, seqs, scores, done, lengths))
+    _, _, _, seqs, scores, done, lengths = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), tok, cache, seqs, scores, done, lengths))
     norm = scores / (((5.0 + lengths.astype(jnp.float32)) / 6.0) ** length_penalty)
     best = jnp.argmax(norm, axis=1)
     return jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
