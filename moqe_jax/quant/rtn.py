@@ -289,6 +289,8 @@ def quantize_tensor(w: Any, spec: Any, name: str | None = None, *, log_steps: in
         raise QuantizationError(f"{label}: cannot quantize a {len(shape)}-D tensor {list(shape)} (need [*batch, K, N])")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise QuantizationError(f"{label}: cannot quantize dtype {dtype} (need a float tensor)")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        dtype = jnp.dtype(jnp.float32)  # NumPy float64 input: JAX computes and returns float32
     k = shape[-2]
     gs = spec.group_size(k)
     if k % gs:
