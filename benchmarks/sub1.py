@@ -149,7 +149,7 @@ def _with_x(rng: np.random.Generator, wsets, e: int, k: int, m: int):
     return out
 
 
-def kernel_table(quick: bool, reps: int) -> tuple[str, list[str]]:
+def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple[str, list[str]]:
     from benchmarks.common import n_sets_for, time_rotated
     from pallas_kernels.sub1_matmul import grouped_sub1_matmul, sub1_matmul
 
@@ -165,7 +165,6 @@ def kernel_table(quick: bool, reps: int) -> tuple[str, list[str]]:
     cases = [("base wi", 1, 768, 3072), ("base wo", 1, 3072, 768), ("c2048 wi", 1, 2080, 6144),
              ("c2048 wo", 1, 6144, 2080), ("base wi, 128 experts", 128, 768, 3072),
              ("base wo, 128 experts", 128, 3072, 768)]
-    ms = (1, 4, 16, 64)
     if quick:
         cases, ms = [("tiny", 2, 96, 64)], (1, 4)
     for name, e, k, n in cases:
@@ -207,28 +206,29 @@ def kernel_table(quick: bool, reps: int) -> tuple[str, list[str]]:
 
 
 def block_sweep(reps: int) -> str:
-    """Rows-per-program × codewords-per-chunk × warps sweep for M = 1 (GPU only)."""
-    from benchmarks.common import n_sets_for, time_rotated
+    """Block / warps / prefetch / num_stages sweep for M = 1 on the 128-expert stacks (GPU only)."""
+    from benchmarks.common import time_rotated
     from pallas_kernels.sub1_matmul import choose_blocks, sub1_matmul_rows
 
     rng = np.random.default_rng(2)
-    lines = ["## Block sweep (M = 1, µs)", "", "| case | BR | CW | warps | µs |", "|---|---|---|---|---|"]
-    for name, e, k, n in (("base wi", 1, 768, 3072), ("base wi, 128 experts", 128, 768, 3072)):
-        wsets, _ = _make_weights(rng, e, k, n, n_sets_for(e * k * n * 2, hi=16))
+    lines = ["## Sweep (M = 1, µs): rows/program BR, codewords/chunk CW, warps, prefetch, num_stages", "",
+             "| case | BR | CW | warps | prefetch | stages | µs |", "|---|---|---|---|---|---|---|"]
+    for name, e, k, n in (("base wi, 128 experts", 128, 768, 3072), ("base wo, 128 experts", 128, 3072, 768)):
+        wsets, _ = _make_weights(rng, e, k, n, 2)
         xs = [(jnp.asarray(rng.normal(size=(e, k, 1)), jnp.bfloat16), st) for _, st in wsets]
-        auto = choose_blocks(e * n, 1, k)[:2]
-        for br, cw in sorted({auto, (8, 8), (32, 8), (8, 16), (16, 16), (32, 16), (64, 16), (16, 32)}):
-            for warps in (2, 4, 8):
-                if br * cw * 4 < 32 * warps:
-                    continue
-                try:
-                    t = time_rotated(lambda x, st, br=br, cw=cw, w=warps: sub1_matmul_rows(
-                        x, st, blocks=(br, cw), num_warps=w), xs, reps=reps)
-                    tag = " (auto)" if (br, cw) == auto else ""
-                    lines.append(f"| {name} | {br}{tag} | {cw} | {warps} | {t * 1e6:.1f} |")
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    lines.append(f"| {name} | {br} | {cw} | {warps} | failed: {type(exc).__name__} |")
-                print(lines[-1], flush=True)
+        auto = choose_blocks(e * n, 1, k)
+        configs = [(*auto, False, 1), (*auto, True, 1), (*auto, True, 3), (8, 8, 2, True, 1), (8, 8, 2, False, 3),
+                   (32, 8, 4, False, 1), (32, 8, 4, True, 1), (16, 16, 2, True, 1), (32, 16, 4, True, 1),
+                   (8, 32, 4, True, 1), (32, 32, 8, True, 1)]
+        for br, cw, warps, pre, stages in dict.fromkeys(configs):
+            try:
+                t = time_rotated(lambda x, st, br=br, cw=cw, w=warps, p=pre, s=stages: sub1_matmul_rows(
+                    x, st, blocks=(br, cw), num_warps=w, prefetch=p, num_stages=s), xs, reps=reps)
+                tag = " (auto)" if (br, cw, warps, pre, stages) == (*auto, False, 1) else ""
+                lines.append(f"| {name} | {br}{tag} | {cw} | {warps} | {pre} | {stages} | {t * 1e6:.1f} |")
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                lines.append(f"| {name} | {br} | {cw} | {warps} | {pre} | {stages} | failed: {type(exc).__name__} |")
+            print(lines[-1], flush=True)
         del wsets, xs
     return "\n".join(lines) + "\n"
 
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bits", action="store_true")
     ap.add_argument("--no-encode", action="store_true")
     ap.add_argument("--no-kernel", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="GPU: block-size sweep for M = 1")
+    ap.add_argument("--sweep", action="store_true", help="GPU: block/warps/prefetch sweep for M = 1")
+    ap.add_argument("--ms", default="1,16", help="token counts M for the kernel table (comma-separated)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_kernel:
         gpu = jax.default_backend() == "gpu"
         md = ["# Sub-1-bit decode-fused kernel", "", _header()]
-        md.append(kernel_table(quick=a.quick or not gpu, reps=a.reps if gpu else 1)[0])
+        ms = tuple(int(v) for v in a.ms.split(","))
+        md.append(kernel_table(quick=a.quick or not gpu, reps=a.reps if gpu else 1, ms=ms)[0])
         if a.sweep and gpu:
             md.append(block_sweep(a.reps))
         text = "\n".join(md)

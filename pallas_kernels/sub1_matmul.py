@@ -80,7 +80,7 @@ def sparse_dec_table() -> np.ndarray:
 
 
 def _kernel(row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
-            br: int, cw: int, mp: int, n: int, k: int, e: int, total: int):
+            br: int, cw: int, mp: int, n: int, k: int, e: int, total: int, prefetch: bool = False):
     i = pl_program_id()
     rows = i * br + jnp.arange(br, dtype=jnp.int32)
     lo = row_off_ref[rows]
@@ -95,12 +95,12 @@ def _kernel(row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref,
     xrow = ex * k  # [BR]
     nchunks = (jnp.max(lens) + (cw - 1)) // cw
 
-    def body(t, carry):
-        acc, pos = carry
+    def load(t):
         idx = t * cw + j[None, :]                                    # [BR, CW]
-        valid = idx < lens[:, None]
         code = stream_ref[jnp.minimum(lo[:, None] + idx, total - 1)].astype(jnp.int32)
-        word = jnp.where(valid, sdec_ref[code], 0)
+        return jnp.where(idx < lens[:, None], sdec_ref[code], 0)    # invalid slots: 0 pairs, no nonzeros
+
+    def chunk(word, acc, pos):
         step = 2 * (word & 15)
         start = pos[:, None] + jnp.cumsum(step, axis=1) - step      # exclusive prefix sum
         f = (word[:, :, None] >> shift[None, None, :]) & 127         # [BR, CW, NZ]
@@ -110,13 +110,23 @@ def _kernel(row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref,
         flat = (xrow[:, None, None] + kk) * mp
         xg = x_ref[flat[..., None] + tok[None, None, None, :]].astype(jnp.float32)  # [BR, CW, NZ, Mp]
         prod = jnp.where(present[..., None], val[..., None] * xg, 0.0)
-        acc = acc + jnp.sum(jnp.sum(prod, axis=2), axis=1)
-        pos = pos + jnp.sum(step, axis=1)
-        return acc, pos
+        return acc + jnp.sum(jnp.sum(prod, axis=2), axis=1), pos + jnp.sum(step, axis=1)
 
     acc0 = jnp.zeros((br, mp), jnp.float32)
     pos0 = jnp.zeros((br,), jnp.int32)
-    acc, _ = jax.lax.fori_loop(0, nchunks, body, (acc0, pos0))
+    if prefetch:  # software pipelining: chunk t+1's stream/table loads are issued before chunk t's compute
+        def body(t, carry):
+            acc, pos, word = carry
+            nxt = load(t + 1)
+            acc, pos = chunk(word, acc, pos)
+            return acc, pos, nxt
+
+        acc, _, _ = jax.lax.fori_loop(0, nchunks, body, (acc0, pos0, load(0)))
+    else:
+        def body(t, carry):
+            return chunk(load(t), *carry)
+
+        acc, _ = jax.lax.fori_loop(0, nchunks, body, (acc0, pos0))
     o_ref[...] = acc
 
 
@@ -126,12 +136,13 @@ def pl_program_id():
     return pl.program_id(0)
 
 
-def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs):
+def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs, num_stages=1):
     try:
         from pallas_kernels import backend
         if hasattr(backend, "pallas_call"):
             return backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-                                       num_warps=num_warps, num_stages=1, name="sub1_matmul", out_specs=out_specs)
+                                       num_warps=num_warps, num_stages=num_stages, name="sub1_matmul",
+                                       out_specs=out_specs)
     except ImportError:  # pragma: no cover
         pass
     from jax.experimental import pallas as pl  # pragma: no cover - before backend.py existed
@@ -140,10 +151,12 @@ def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs):
 
 
 def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
-                     blocks: tuple[int, int] | None = None, num_warps: int | None = None) -> jax.Array:
+                     blocks: tuple[int, int] | None = None, num_warps: int | None = None,
+                     prefetch: bool = False, num_stages: int = 1) -> jax.Array:
     """Core launch: ``xt [E, K, M]`` (E = prod(w.batch_shape), or 1) -> ``y [E·N, M]`` float32.
 
     Row ``r`` of ``w`` (output channel ``r % N`` of expert ``r // N``) is dotted with ``xt[r // N]``.
+    ``blocks``/``num_warps``/``prefetch``/``num_stages`` override the tuned defaults (benchmark sweeps).
     """
     from jax.experimental import pallas as pl
 
@@ -168,9 +181,9 @@ def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
     stream = jnp.asarray(w.stream)
     total = int(stream.shape[0])
     sdec = jnp.asarray(sparse_dec_table())
-    kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total)
+    kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total, prefetch=prefetch)
     out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
-                       interpret=interpret, num_warps=warps,
+                       interpret=interpret, num_warps=warps, num_stages=num_stages,
                        out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
         row_off, stream, sdec, smax, smin, xt.reshape(-1))
     return out[:r, :m]

@@ -39,8 +39,8 @@ def test_dense_2d_and_block_choices():
     y = sub1_matmul(jnp.asarray(x), st, interpret=True)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     xt = jnp.asarray(x.reshape(6, 77).T[None])
-    for blocks in [(1, 4), (4, 8), (8, 32)]:  # rows per program, codewords per chunk
-        yr = sub1_matmul_rows(xt, st, interpret=True, blocks=blocks)
+    for blocks, prefetch in [((1, 4), True), ((4, 8), False), ((8, 32), True)]:  # rows/program, codewords/chunk
+        yr = sub1_matmul_rows(xt, st, interpret=True, blocks=blocks, prefetch=prefetch)
         np.testing.assert_allclose(np.asarray(yr).T.reshape(2, 3, 40), ref, rtol=1e-5, atol=1e-5)
 
 
