@@ -156,7 +156,10 @@ def table2(run: Runner, bits: list[int], out: Path, qat_dir: str | None, speed: 
     if qat_dir and Path(qat_dir).exists():
         from moqe_jax.model.api import load_model
 
-        entries.append(("MoE experts 2-bit QAT", "moe-experts-int2-qat", load_model(qat_dir)))
+        qm = load_model(qat_dir)
+        if not _experts_quantized(qm):  # latent float QAT weights: export = RTN on the trained grid (ste.export_qat)
+            qm = quantize(qm, 2, ("experts",))
+        entries.append(("MoE experts 2-bit QAT", "moe-experts-int2-qat", qm))
     else:
         notes.append(f"2-bit QAT row skipped: no QAT model at {qat_dir!r} (train it with the QAT recipe in train/ "
                      "and pass --qat DIR).")
@@ -186,6 +189,16 @@ def table2(run: Runner, bits: list[int], out: Path, qat_dir: str | None, speed: 
             f"`{run.results['moe-bf16'].chrf_signature}`.")
     write_markdown(out / "moqe_table2.md", "MoQE Table 2: size, BLEU and speed", body, run.s, [f"> {n}" for n in notes])
     return out_rows
+
+
+def _experts_quantized(model: Any) -> bool:
+    import jax
+
+    from moqe_jax.model.components import component_of
+    from moqe_jax.quant.qtensor import is_quantized
+
+    flat = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_quantized)[0]
+    return any(is_quantized(leaf) for path, leaf in flat if component_of(path) == "experts")
 
 
 def claims(run: Runner, f2: dict, f3: dict | None, t2: list[dict], bits: list[int], out: Path,
