@@ -51,13 +51,14 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="row", disable=disable, leave=False)
 
 
-def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | None = None,
+                 dictionary: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode pair symbols ``[R, P]`` (uint8, values < 9) -> ``(stream uint16 [T], row_off int32 [R+1])``.
 
     Per row: descend the trie while the node has a child for the next pair; otherwise emit the node's
     codeword and restart from the root with that pair; emit the last node at the row end (QMoE
     ``Sub1PreparePack``). Rows advance in lockstep (one vectorised trie gather per pair position).
+    ``dictionary`` (default QMoE's fixed one) is only for experiments with fitted dictionaries.
     """
     pairs = np.asarray(pairs)
     if pairs.ndim != 2:
@@ -67,7 +68,7 @@ def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | N
         raise QuantizationError("sub1 encode: rows have no weights")
     if pairs.size and int(pairs.max()) > 8:
         raise QuantizationError("sub1 encode: pair symbols must be < 9 (ternary codes 0/1/2)")
-    d = get_dictionary()
+    d = dictionary or get_dictionary()
     trie = d.trie.reshape(-1)
     root_child = d.trie[TRIE_ROOT].astype(np.int32)
     chunk = max(1, chunk_elems // p)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Sub1Dictionary", "get_dictionary", "build_dictionary", "ZEROS", "NUM_CODES", "MAX_PAIRS",
+__all__ = ["Sub1Dictionary", "get_dictionary", "fitted_dictionary", "build_dictionary", "ZEROS", "NUM_CODES",
+           "MAX_PAIRS",
            "TRIE_ROOT", "DEC_SHA256", "TRIE_SHA256", "pair_probabilities"]
 
 ZEROS = 0.885          # QMoE's assumed P(weight == 0)
@@ -134,3 +135,15 @@ def get_dictionary() -> Sub1Dictionary:
     except OSError:
         pass
     return d
+
+
+@functools.lru_cache(maxsize=4)
+def fitted_dictionary(zeros: float) -> Sub1Dictionary:
+    """Same construction for another P(0) (e.g. a model's measured zero share); ≈1 s, memory-cached.
+
+    Experimental (benchmarks only): streams are always stored with QMoE's fixed dictionary
+    (:func:`get_dictionary`), whose identity ``DEC_SHA256`` is recorded in the tensor metadata.
+    """
+    if not 0.0 < zeros < 1.0:
+        raise ValueError(f"P(0) must be in (0, 1), got {zeros}")
+    return build_dictionary(zeros=round(float(zeros), 6))
