@@ -281,8 +281,10 @@ def maybe_init_distributed(coordinator: str | None = None, num_processes: int | 
         return False
     if jax.distributed.is_initialized():
         return True
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    try:  # CPU cross-process collectives (no effect on GPU/TPU clients); must not touch the backend yet
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):
+        pass
     if coordinator is None:
         jax.distributed.initialize()
     else:
@@ -292,6 +294,59 @@ def maybe_init_distributed(coordinator: str | None = None, num_processes: int | 
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
+_COMPILED: dict[Any, tuple] = {}
+_BATCH_KEYS = ("input_ids", "decoder_input_ids", "targets", "weights")
+
+
+def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
+    """``(optimizer, jitted step, jitted eval, param shardings)``, cached per (config, hyper-parameters, mesh)
+    so that repeated runs in one process (tests, resume) reuse the compiled step."""
+    key = (cfg, json.dumps({k: v for k, v in tc.to_dict().items()
+                            if k not in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep",
+                                         "async_save")}, sort_keys=True, default=str), mesh)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    from moqe_jax.model.switch import init_params as model_init
+
+    tx = make_optimizer(tc)
+    loss_fn = make_loss_fn(cfg, tc, train=True)
+    eval_loss_fn = make_loss_fn(cfg, tc, train=False)
+    abstract = jax.eval_shape(lambda: model_init(cfg, 0))
+    p_shard = shd.param_shardings(abstract, mesh)
+    rep = shd.replicated(mesh)
+    b_shard = shd.batch_sharding(mesh)
+    abs_opt = jax.eval_shape(tx.init, abstract)
+    # optimizer slots: the param's sharding where the shape matches (Adam moments, unfactored Adafactor v),
+    # replicated otherwise (factored Adafactor rows/cols, counts)
+    flat_p = {jax.tree_util.keystr(kp): (x.shape, s) for (kp, x), s in
+              zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(p_shard), strict=True)}
+
+    def opt_sharding(kp: Any, x: Any) -> Any:
+        ks = jax.tree_util.keystr(kp)
+        for pk, (shape, sh) in flat_p.items():
+            if ks.endswith(pk) and tuple(x.shape) == tuple(shape):
+                return sh
+        return rep
+
+    o_shard = jax.tree_util.tree_map_with_path(opt_sharding, abs_opt)
+    state_shard = {"step": rep, "params": p_shard, "opt_state": o_shard, "rng": rep}
+
+    def step_fn(st: dict, batch: Batch) -> tuple[dict, dict]:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
+        updates, opt = tx.update(grads, st["opt_state"], st["params"])
+        params = optax.apply_updates(st["params"], updates)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0])
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return {"step": st["step"] + 1, "params": params, "opt_state": opt, "rng": rng}, metrics
+
+    batch_in = dict.fromkeys(_BATCH_KEYS, b_shard)
+    jstep = jax.jit(step_fn, in_shardings=(state_shard, batch_in), out_shardings=(state_shard, rep),
+                    donate_argnums=(0,))
+    jeval = jax.jit(lambda p, b: eval_loss_fn(p, b)[1], in_shardings=(p_shard, batch_in), out_shardings=rep)
+    _COMPILED[key] = (tx, jstep, jeval, state_shard)
+    return _COMPILED[key]
+
+
 @dataclass
 class TrainResult:
     params: Any
@@ -334,42 +389,20 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     if tc.qat_bits is not None and init_params is None:
         raise ConfigError("QAT needs a trained model to start from (--init DIR)")
     mesh = shd.make_mesh(mesh_sizes)
-    tx = make_optimizer(tc)
-    loss_fn = make_loss_fn(cfg, tc, train=True)
-    eval_loss_fn = make_loss_fn(cfg, dataclasses.replace(tc), train=False)
+    tx, jstep, jeval, state_shard = _compiled(cfg, tc, mesh)
+    p_shard = state_shard["params"]
 
-    # -- state: params (sharded by the rules), optimizer state (sharding propagated), step, rng ---------
+    # -- state: params (sharded by the rules), optimizer state, step, rng --------------------------------
     from moqe_jax.model.switch import init_params as model_init
 
-    abstract = jax.eval_shape(lambda: model_init(cfg, 0))
-    p_shard = shd.param_shardings(abstract, mesh)
-    rep = shd.replicated(mesh)
     if init_params is None:
         params = jax.jit(lambda: model_init(cfg, tc.seed), out_shardings=p_shard)()
     else:
         params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
             np.shape(x), s, lambda idx, x=np.asarray(x, np.float32): x[idx]), init_params, p_shard)
-    opt_state = jax.jit(tx.init)(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
              "rng": jax.random.key_data(jax.random.PRNGKey(tc.seed))}
-    state["step"] = jax.device_put(state["step"], rep)
-    state["rng"] = jax.device_put(state["rng"], rep)
-    state_shard = jax.tree.map(lambda x: x.sharding, state)
-    b_shard = shd.batch_sharding(mesh)
-
-    def step_fn(st: dict, batch: Batch) -> tuple[dict, dict]:
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
-        updates, opt = tx.update(grads, st["opt_state"], st["params"])
-        params = optax.apply_updates(st["params"], updates)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0])
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return {"step": st["step"] + 1, "params": params, "opt_state": opt, "rng": rng}, metrics
-
-    batch_in = {k: b_shard for k in ("input_ids", "decoder_input_ids", "targets", "weights")}
-    jstep = jax.jit(step_fn, in_shardings=(state_shard, batch_in), out_shardings=(state_shard, rep),
-                    donate_argnums=(0,))
-    jeval = jax.jit(lambda p, b: eval_loss_fn(p, b)[1], in_shardings=(state_shard["params"], batch_in),
-                    out_shardings=rep)
+    state = jax.device_put(state, state_shard)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     mngr = None
