@@ -65,7 +65,7 @@ class Blocks:
     """Tiling of one launch. ``bkr`` counts packed (plane) rows, i.e. ``bkr·p`` K rows.
 
     ``mode="dot"``: ``[bm, bkr] @ [bkr, bn]`` tensor-core dots (bm, bn, bkr powers of two ≥ 16).
-    ``mode="fma"`` (GEMV, M ≤ 4): per activation row a ``[bkr, bn]`` float32 multiply-accumulate in registers,
+    ``mode="fma"`` (GEMV, M ≤ 2): per activation row a ``[bkr, bn]`` float32 multiply-accumulate in registers,
     reduced over K once at the end — no dot, no operand layout conversion; ``bm`` is then M itself.
     """
 
@@ -95,16 +95,18 @@ def unsupported_reason(spec: QuantSpec, k: int, x_dtype: object) -> str | None:
     return None
 
 
-FMA_MAX_M = 4
+FMA_MAX_M = 2  # GEMV form up to this many rows; more rows use the tensor-core dot (M padded to 16 by masks)
+_FMA_ACC_BUDGET = 4096  # m·bkr·bn f32 accumulators per program (= 32 registers/thread at 4 warps)
 
 
 def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     """Block-size heuristic (documented table; H100 measurements in benchmarks/results/KERNEL_NOTES.md).
 
     ====================  =========================================================
-    mode                  ``fma`` (GEMV) for M ≤ 4, else ``dot``
+    mode                  ``fma`` (GEMV) for M ≤ 2, else ``dot``
     BM                    fma: M; dot: next pow2 ≥ M, at least 16 (Triton dot), ≤ 64
-    BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32;
+    BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32, and
+                          M·BKr·BN ≤ 4096 accumulators (BN shrinks first, then BKr);
                           dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N,
                           halved (≥ 32) while the grid has < 132 programs
     BKr (packed rows)     128 (int8 and 3-bit planes: 64), ≤ next pow2 of the packed
@@ -120,12 +122,16 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(spec, k)))
     n_kt = -(-rv // bkr)
     if m <= FMA_MAX_M:
-        bn = 32
-        for cand in (128, 64):
-            if -(-n // cand) * e >= _TARGET_PROGRAMS:
-                bn = cand
-                break
-        bn = max(32, min(bn, _pow2_ceil(n)))
+        # register budget: the m accumulators [bkr, bn] f32 hold ≤ 32 values per thread (4 warps); the H100
+        # run of 09:46 showed bm=4 × [128, 128] spilling catastrophically (17 ms per MoE layer).
+        bn = max(32, min(128, _pow2_ceil(n)))
+        while bn > 32 and -(-n // bn) * e < _TARGET_PROGRAMS:
+            bn //= 2
+        while m * bkr * bn > _FMA_ACC_BUDGET and bn > 32:
+            bn //= 2
+        while m * bkr * bn > _FMA_ACC_BUDGET and bkr > 16:
+            bkr //= 2
+        n_kt = -(-rv // bkr)
         bm, warps, stages, mode = m, 4, 4, "fma"
     else:
         bm = min(64, max(16, _pow2_ceil(m)))
