@@ -253,3 +253,18 @@ def test_compress_params_tree():
     assert 0.8 < rep["zero_fraction"] < 0.95
     leaves = jax.tree_util.tree_leaves(new)  # Sub1Tensor is a pytree (4 leaves)
     assert any(getattr(x, "dtype", None) == np.uint16 for x in leaves)
+
+
+def test_gptq_ternary_roundtrip():
+    from moqe_jax.quant.gptq import gptq_quantize
+
+    rng = np.random.default_rng()
+    e, k, n = 2, 64, 24
+    w = rng.normal(size=(e, k, n)).astype(np.float32) * 0.05
+    x = rng.normal(size=(e, 256, k)).astype(np.float32)
+    h = np.einsum("etk,etl->ekl", x, x) * (2 / 256)
+    qt, _ = gptq_quantize(w, h, QuantSpec(bits="ternary"), name="gptq")
+    st = encode(qt, name="gptq")
+    back = st.decode()
+    np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(qt.packed))
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(qt.dequantize()))
