@@ -32,7 +32,8 @@ import numpy as np
 from moqe_jax.quant.sub1 import Sub1Tensor
 from moqe_jax.quant.sub1_dict import get_dictionary
 
-__all__ = ["sub1_matmul", "grouped_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS", "choose_blocks",
+__all__ = ["sub1_matmul", "grouped_sub1_matmul", "gathered_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS",
+           "choose_blocks",
            "sparse_dec_table"]
 
 MAX_TOKENS = 64      # larger batches: decode once + dense matmul (XLA) is the better plan
@@ -79,20 +80,21 @@ def sparse_dec_table() -> np.ndarray:
     return table.astype(np.int32)
 
 
-def _kernel(row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
-            br: int, cw: int, mp: int, n: int, k: int, e: int, total: int, prefetch: bool = False):
+def _kernel(ids_ref, row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
+            br: int, cw: int, mp: int, n: int, k: int, a: int, total: int, prefetch: bool = False):
     i = pl_program_id()
-    rows = i * br + jnp.arange(br, dtype=jnp.int32)
-    lo = row_off_ref[rows]
-    hi = row_off_ref[rows + 1]
-    lens = hi - lo
-    ex = jnp.minimum(rows // n, e - 1)
-    smax = smax_ref[rows].astype(jnp.float32)
-    smin = smin_ref[rows].astype(jnp.float32)
+    rows = i * br + jnp.arange(br, dtype=jnp.int32)                 # launch rows (slot-major)
+    in_range = rows < a * n
+    slot = jnp.minimum(rows // n, a - 1)                             # which x block / active expert
+    grow = ids_ref[slot] * n + rows % n                              # row of the Sub1Tensor
+    lo = row_off_ref[grow]
+    lens = jnp.where(in_range, row_off_ref[grow + 1] - lo, 0)        # padded launch rows are empty
+    smax = smax_ref[grow].astype(jnp.float32)
+    smin = smin_ref[grow].astype(jnp.float32)
     j = jnp.arange(cw, dtype=jnp.int32)
     shift = 4 + 7 * jnp.arange(NZ_SLOTS, dtype=jnp.int32)
     tok = jnp.arange(mp, dtype=jnp.int32)
-    xrow = ex * k  # [BR]
+    xrow = slot * k  # [BR]
     nchunks = (jnp.max(lens) + (cw - 1)) // cw
 
     def load(t):
@@ -150,42 +152,38 @@ def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs, nu
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, out_specs=out_specs)
 
 
-def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, *, interpret: bool = False,
+def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, expert_ids: Any = None, *, interpret: bool = False,
                      blocks: tuple[int, int] | None = None, num_warps: int | None = None,
                      prefetch: bool = False, num_stages: int = 1) -> jax.Array:
-    """Core launch: ``xt [E, K, M]`` (E = prod(w.batch_shape), or 1) -> ``y [E·N, M]`` float32.
+    """Core launch: ``xt [A, K, M]`` -> ``y [A·N, M]`` float32.
 
-    Row ``r`` of ``w`` (output channel ``r % N`` of expert ``r // N``) is dotted with ``xt[r // N]``.
+    Launch row ``s·N + n`` is output channel ``n`` of expert ``expert_ids[s]`` (default ``arange(A)``; a
+    2-D ``w`` is one expert) dotted with ``xt[s]``: only the listed experts are decoded.
     ``blocks``/``num_warps``/``prefetch``/``num_stages`` override the tuned defaults (benchmark sweeps).
     """
     from jax.experimental import pallas as pl
 
-    e, k, m = xt.shape
-    n, r = w.n, w.num_rows
+    a, k, m = xt.shape
+    n = w.n
+    ids = jnp.arange(a, dtype=jnp.int32) if expert_ids is None else jnp.asarray(expert_ids, jnp.int32).reshape(a)
     mp = _pow2_ceil(m)
     if mp != m:
         xt = jnp.pad(xt, ((0, 0), (0, 0), (0, mp - m)))
+    r = a * n
     br, cw, warps = choose_blocks(r, mp, k)
     if blocks is not None:
         br, cw = blocks
         warps = int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
     warps = num_warps or warps
     rp = -(-r // br) * br
-    row_off = jnp.asarray(w.row_off, jnp.int32)
-    smax = jnp.asarray(w.scales).reshape(-1)
-    smin = jnp.asarray(w.zeros).reshape(-1)
-    if rp != r:  # padded rows are empty (length 0)
-        row_off = jnp.concatenate([row_off, jnp.broadcast_to(row_off[-1:], (rp - r,))])
-        smax = jnp.pad(smax, (0, rp - r))
-        smin = jnp.pad(smin, (0, rp - r))
     stream = jnp.asarray(w.stream)
-    total = int(stream.shape[0])
-    sdec = jnp.asarray(sparse_dec_table())
-    kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, e=e, total=total, prefetch=prefetch)
+    kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, a=a, total=int(stream.shape[0]),
+                             prefetch=prefetch)
     out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
                        interpret=interpret, num_warps=warps, num_stages=num_stages,
                        out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
-        row_off, stream, sdec, smax, smin, xt.reshape(-1))
+        ids, jnp.asarray(w.row_off, jnp.int32), stream, jnp.asarray(sparse_dec_table()),
+        jnp.asarray(w.scales).reshape(-1), jnp.asarray(w.zeros).reshape(-1), xt.reshape(-1))
     return out[:r, :m]
 
 
@@ -206,7 +204,7 @@ def sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False) -> jax.
         if m == 0 or m > MAX_TOKENS:
             return None
         xt = x.reshape(m, w.k).T[None]
-        y = sub1_matmul_rows(xt, w, interpret=interpret)          # [N, M]
+        y = sub1_matmul_rows(xt, w, interpret=interpret)           # [N, M]
         return y.T.reshape(*lead, w.n).astype(x.dtype)
     if len(w.batch_shape) == 1 and x.ndim >= 2 and x.shape[0] == w.batch_shape[0]:
         lead = x.shape[1:-1]
@@ -226,3 +224,20 @@ def grouped_sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False)
     xt = jnp.swapaxes(x, 1, 2)                                       # [E, K, C]
     y = sub1_matmul_rows(xt, w, interpret=interpret)                 # [E·N, C]
     return jnp.swapaxes(y.reshape(e, w.n, c), 1, 2).astype(x.dtype)
+
+
+def gathered_sub1_matmul(x: jax.Array, w: Sub1Tensor, expert_ids: jax.Array, *,
+                         interpret: bool = False) -> jax.Array | None:
+    """Active experts only: ``x [A, C, K]``, ``expert_ids [A]`` -> ``x[a] @ W[expert_ids[a]]`` ``[A, C, N]``.
+
+    Decodes just the listed experts' rows (their offsets come from ``row_off``; nothing is gathered or
+    copied), e.g. the one expert a batch-1 decode step routes to. Ids must be in ``[0, E)`` (not checked
+    under jit). None when unsupported.
+    """
+    if not _supported(w) or len(w.batch_shape) != 1 or x.ndim != 3:
+        return None
+    a, c, k = x.shape
+    if k != w.k or c == 0 or c > MAX_TOKENS or a == 0 or tuple(jnp.shape(expert_ids)) != (a,):
+        return None
+    y = sub1_matmul_rows(jnp.swapaxes(x, 1, 2), w, expert_ids, interpret=interpret)
+    return jnp.swapaxes(y.reshape(a, w.n, c), 1, 2).astype(x.dtype)

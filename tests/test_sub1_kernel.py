@@ -102,3 +102,22 @@ def test_gpu_triton_matches_reference(m):
     yg = grouped_sub1_matmul(jnp.asarray(xg), jax.tree_util.tree_map(jnp.asarray, stg), interpret=False)
     refg = np.einsum("eck,ekn->ecn", xg.astype(np.float64), wg)
     np.testing.assert_allclose(np.asarray(yg), refg, rtol=1e-4, atol=1e-4 * np.abs(refg).max())
+    from pallas_kernels.sub1_matmul import gathered_sub1_matmul
+
+    ids = jnp.asarray([5, 2], jnp.int32)
+    ya = gathered_sub1_matmul(jnp.asarray(xg[:2]), jax.tree_util.tree_map(jnp.asarray, stg), ids, interpret=False)
+    refa = np.einsum("ack,akn->acn", xg[:2].astype(np.float64), wg[[5, 2]])
+    np.testing.assert_allclose(np.asarray(ya), refa, rtol=1e-4, atol=1e-4 * np.abs(refa).max())
+
+
+def test_gathered_active_experts():
+    from pallas_kernels.sub1_matmul import gathered_sub1_matmul
+
+    rng = np.random.default_rng()
+    st, wf = make(rng, (5, 72, 20))
+    ids = np.array([3, 0, 3])
+    x = rng.normal(size=(3, 2, 72)).astype(np.float32)
+    y = jax.jit(lambda a, w, i: gathered_sub1_matmul(a, w, i, interpret=True))(jnp.asarray(x), st, jnp.asarray(ids))
+    ref = np.einsum("ack,akn->acn", x.astype(np.float64), wf[ids])
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    assert gathered_sub1_matmul(jnp.asarray(x), st, jnp.asarray(ids[:2]), interpret=True) is None
