@@ -107,8 +107,8 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     BM                    fma: M; dot: next pow2 ≥ M, at least 16 (Triton dot), ≤ 64
     BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32, and
                           M·BKr·BN ≤ 4096 accumulators (BN shrinks first, then BKr);
-                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N,
-                          halved (≥ 32) while the grid has < 132 programs
+                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N (v2 tried
+                          halving BN instead of split-K: M=16 got slower, 52 vs 36 µs)
     BKr (packed rows)     128 (int8 and 3-bit planes: 64), ≤ next pow2 of the packed
                           height, ≥ 16, ≤ the group's power-of-two part / p
     splits (split-K)      only when the N×M×E grid has < 132 programs (one extra XLA
@@ -138,8 +138,6 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
         bn = max(32, min(128, _pow2_ceil(n)))
         if m > 16 and bn > 64:
             bn = 64
-        while bn > 32 and -(-n // bn) * -(-m // bm) * e < 132:  # prefer narrower tiles to a split-K launch
-            bn //= 2
         warps = 8 if bm * bn >= 64 * 128 else 4
         stages, mode = 3, "dot"
     n_prog = -(-n // bn) * -(-m // bm) * e
