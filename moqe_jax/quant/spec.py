@@ -29,8 +29,9 @@ class QuantSpec:
         (also accepted: the string ``"group:128"``).
       symmetric: linear only. True = absmax grid with a fixed mid-point zero (MoQE /
         FasterTransformer); False = min-max grid with a per-channel integer zero-point (GPTQ/QMoE).
-      mse: linear only. Grid-search the clipping range (GPTQ reference quantizer: shrink factors
-        1.00 → 0.21 in steps of 0.01, error ``Σ|q−w|^2.4``).
+      mse: linear: grid-search the clipping range (GPTQ reference quantizer: shrink factors
+        1.00 → 0.21 in steps of 0.01, error ``Σ|q−w|^2.4``); log: Marian's least-squares scale
+        refinement; ternary: the same shrink search on the {w_min, 0, w_max} grid (our extension).
     """
 
     bits: Bits = 4
