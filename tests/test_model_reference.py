@@ -47,9 +47,11 @@ def _attn(p, xq, xkv, mask, bias, h):
     q = (xq @ p["query"]["kernel"]).reshape(b, tq, h, -1)
     k = (xkv @ p["key"]["kernel"]).reshape(b, tk, h, -1)
     v = (xkv @ p["value"]["kernel"]).reshape(b, tk, h, -1)
-    lg = np.einsum("bqhd,bkhd->bhqk", q, k) + np.where(mask, 0.0, -1e10)[:, None]
+    lg = np.einsum("bqhd,bkhd->bhqk", q, k)
     if bias is not None:
         lg = lg + bias[None]
+    # −1e10 swamps qk and the relpos bias in f32/bf16 (ulp 1024), so a fully masked query row is uniform
+    lg = np.where(mask[:, None], lg, -1e10)
     w = np.exp(lg - lg.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     return np.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, tq, -1) @ p["out"]["kernel"]
@@ -129,11 +131,15 @@ def np_switch(cfg: SwitchConfig, p: dict, ids: np.ndarray, dec: np.ndarray):
     # decoder
     t = dec.shape[1]
     nxt = np.concatenate([dec[:, 1:], np.zeros((dec.shape[0], 1), int)], 1)
-    dvalid = (dec > 0) | (nxt > 0) | (np.arange(t)[None] == 0)
+    dvalid = (dec > 0) | (nxt > 0) | (np.arange(t)[None] == 0)  # get_decoder_logit_mask
     dlm = dvalid[..., None].astype(float)
+    # T5X attention masks come from decoder_target_tokens > 0; targets = inputs shifted left, the last one
+    # being EOS/next token (> 0) unless the last input is padding or EOS
+    targets = np.concatenate([dec[:, 1:], np.where((dec[:, -1:] > 0) & (dec[:, -1:] != 1), 5, 0)], 1)
+    tvalid = targets > 0
     causal = np.tril(np.ones((t, t), bool))[None]
-    smask = causal & dvalid[:, :, None] & dvalid[:, None, :]
-    cmask = dvalid[:, :, None] & valid[:, None, :]
+    smask = causal & tvalid[:, :, None] & tvalid[:, None, :]
+    cmask = tvalid[:, :, None] & valid[:, None, :]
     sbias = _relpos(p["decoder"]["relpos_bias"]["rel_embedding"], t, t, False)
     x = emb[dec]
     for i in range(cfg.num_decoder_layers):
@@ -177,6 +183,7 @@ def test_t5x_mode_model_vs_numpy_reference(variant):
     dec = rs.randint(2, cfg.vocab_size, (3, 7))
     dec[:, 0] = 0
     dec[0, 5:] = 0
+    dec[0, 4] = 1  # input EOS followed by padding: logit mask keeps it, the target mask does not
     logits, aux = m.apply(ids, dec)
     enc_ref, logits_ref, drops = np_switch(cfg, p64, ids, dec)
     assert drops > 0  # the capacity rule is exercised

@@ -5,10 +5,12 @@ decoder_attention_mask, train=False)`` -> ``(logits [B,T,V] f32, aux)``; ``aux``
 ``aux_loss``/``z_loss``/``dropped_fraction`` over sparse layers and per-layer MoE info under ``"moe"``.
 
 Masks (spec §4.4). ``routing_mode="t5x"``: encoder validity = ``attention_mask`` or ``ids > 0``;
-decoder validity = ``decoder_attention_mask`` or the T5X logit-mask rule
-``tok>0 | next_tok>0 | pos==0``; padded queries AND keys get −1e10; layer-norm outputs are multiplied
-by the validity ("logit mask"). ``"hf"``: masks on keys only (``attention_mask`` default all ones), no
-logit mask, f32 attention softmax, HF tied-logit scaling.
+decoder: with ``decoder_attention_mask`` it is used for both the attention masks and the logit mask;
+without it, the attention masks use T5X's ``decoder_target_tokens > 0`` reconstructed from the inputs
+(``decoder_target_valid_from_ids``) and the logit mask uses ``tok>0 | next_tok>0 | pos==0``; padded
+queries AND keys get −1e10; layer-norm outputs are multiplied by the logit mask.
+``"hf"``: masks on keys only (``attention_mask`` default all ones), no logit mask, f32 attention
+softmax, HF tied-logit scaling.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from moqe_jax.model.layers import (
 
 Array = Any
 
-__all__ = ["SwitchTransformer", "encoder_context", "decoder_context", "decoder_valid_from_ids", "output_logits",
-           "summarize_aux"]
+__all__ = ["SwitchTransformer", "encoder_context", "decoder_context", "decoder_valid_from_ids",
+           "decoder_target_valid_from_ids", "output_logits", "summarize_aux"]
 
 
 # ---- contexts shared by the module and the layer-wise API -----------------------------------------
@@ -44,6 +46,15 @@ def decoder_valid_from_ids(ids: Array) -> Array:
     nxt = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
     pos0 = jnp.arange(ids.shape[1])[None, :] == 0
     return (ids > 0) | (nxt > 0) | pos0
+
+
+def decoder_target_valid_from_ids(ids: Array, eos_token_id: int) -> Array:
+    """T5X decoder attention validity ``decoder_target_tokens > 0`` reconstructed from the inputs
+    (``inputs = shift_right(targets)``): ``target_t = input_{t+1}``; the last target is > 0 iff the last
+    input is neither padding nor EOS. Differs from the logit mask only at an input EOS followed by padding."""
+    nxt = ids[:, 1:] > 0
+    last = (ids[:, -1:] > 0) & (ids[:, -1:] != eos_token_id)
+    return jnp.concatenate([nxt, last], axis=1)
 
 
 def encoder_context(cfg: SwitchConfig, relpos_table: Array, input_ids: Array,
@@ -73,19 +84,20 @@ def decoder_context(cfg: SwitchConfig, relpos_table: Array, decoder_input_ids: A
     dt = cfg.jnp_dtype
     b, t = decoder_input_ids.shape
     if decoder_attention_mask is not None:
-        valid = jnp.asarray(decoder_attention_mask).astype(bool)
+        valid = tvalid = jnp.asarray(decoder_attention_mask).astype(bool)
     elif cfg.routing_mode == "hf":
-        valid = jnp.ones((b, t), bool)
+        valid = tvalid = jnp.ones((b, t), bool)
     else:
         valid = decoder_valid_from_ids(decoder_input_ids)
+        tvalid = decoder_target_valid_from_ids(decoder_input_ids, cfg.eos_token_id)
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
     if cfg.routing_mode == "hf":
         self_mask = causal & valid[:, None, None, :]
         cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :], (b, 1, t, enc_valid.shape[1]))
         logit_mask = None
     else:
-        self_mask = causal & valid[:, None, :, None] & valid[:, None, None, :]
-        cross_mask = valid[:, None, :, None] & enc_valid[:, None, None, :]
+        self_mask = causal & tvalid[:, None, :, None] & tvalid[:, None, None, :]
+        cross_mask = tvalid[:, None, :, None] & enc_valid[:, None, None, :]
         logit_mask = valid[..., None].astype(dt)
     self_bias = mask_bias(self_mask, dt) + relpos_bias(relpos_table, t, t, False, cfg)
     return {"valid": valid, "self_bias": self_bias, "cross_bias": mask_bias(cross_mask, dt),
