@@ -8,5 +8,6 @@ Modules:
     ``encoder_final``, ``decode_embed``, ``decoder_layer``, ``decoder_final``); see its docstring.
   * ``decode``     — greedy / beam search with a KV cache.
   * ``api``        — ``Model``, ``load_model``, ``param_counts``.
+  * ``partitioning`` — logical axis names per parameter, mesh rules, ``shard_params``.
   * ``components`` — parameter path -> paper component.
 """
