@@ -27,17 +27,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moqe_jax.quant.sub1 import Sub1Tensor
-from moqe_jax.quant.sub1_dict import get_dictionary
+from moqe_jax.quant.sub1_dict import NZ_SLOTS, sparse_dec_table
 
 __all__ = ["sub1_matmul", "grouped_sub1_matmul", "gathered_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS",
            "choose_blocks",
            "sparse_dec_table"]
 
 MAX_TOKENS = 64      # larger batches: decode once + dense matmul (XLA) is the better plan
-NZ_SLOTS = 4         # nonzero slots per codeword (the dictionary has at most 3 nonzeros per entry)
 _TILE_ELEMS = 4096   # target elements of the [BR, CW, NZ_SLOTS, Mp] product tile
 
 
@@ -59,25 +57,6 @@ def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int, int]:
     while br > 1 and num_rows // br < 1024:  # keep several programs per SM on big GPUs
         br //= 2
     return br, cw, int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
-
-
-@functools.lru_cache(maxsize=1)
-def sparse_dec_table() -> np.ndarray:
-    """int32 ``[65536]``: per codeword, bits 0–3 pair count, then for its j-th nonzero weight (j < 3) a
-    7-bit field at bit ``4 + 7j``: bit 6 = present, bit 5 = symbol is ``w_max`` (else ``w_min``), bits
-    0–4 = weight position in the entry (0–27). Derived from QMoE's dictionary (kernel-side only; the
-    stored stream is QMoE's). Every entry has at most 3 nonzero weights, so one word suffices.
-    """
-    d = get_dictionary()
-    w = d.weights.astype(np.int64)                               # [C, 28]
-    table = d.length.astype(np.int64).copy()
-    nz_rank = np.cumsum(w != 0, axis=1) - 1                      # rank of each nonzero within its entry
-    if int((w != 0).sum(1).max()) > NZ_SLOTS - 1:  # pragma: no cover - property of the fixed dictionary
-        raise AssertionError("dictionary entry with more than 3 nonzero weights")
-    rows, pos = np.nonzero(w)
-    field = 64 | ((w[rows, pos] == 2).astype(np.int64) << 5) | pos
-    np.add.at(table, rows, field << (4 + 7 * nz_rank[rows, pos]))
-    return table.astype(np.int32)
 
 
 def _kernel(ids_ref, row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,

@@ -13,6 +13,7 @@ from moqe_jax.quant.spec import QuantSpec
 from moqe_jax.quant.sub1 import (
     Sub1Tensor,
     compress_params,
+    decode_pairs,
     encode,
     encode_pairs,
     from_qmoe,
@@ -68,6 +69,7 @@ def test_encoder_matches_python_reference(p0):
         got = stream[row_off[r]:row_off[r + 1]].tolist()
         assert got == ref_encode_row(pairs[r])
         assert ref_decode_row(got) == pairs[r].tolist()
+    np.testing.assert_array_equal(np.asarray(decode_pairs(stream, *pairs.shape)), pairs)
 
 
 @pytest.mark.parametrize("p0,shape", [(0.5, (2, 40, 24)), (0.885, (3, 96, 40)), (0.97, (64, 17)),

@@ -29,10 +29,10 @@ import numpy as np
 from moqe_jax.errors import CheckpointError, QuantizationError
 from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
-from moqe_jax.quant.sub1_dict import DEC_SHA256, MAX_PAIRS, TRIE_ROOT, get_dictionary
+from moqe_jax.quant.sub1_dict import DEC_SHA256, NZ_SLOTS, TRIE_ROOT, get_dictionary, sparse_dec_table
 
-__all__ = ["Sub1Tensor", "encode", "encode_pairs", "decode_pairs", "pair_symbols", "from_qmoe", "to_qmoe",
-           "qmoe_layers_from_state_dict", "ternary_entropy_bits", "compress_model", "compress_params",
+__all__ = ["Sub1Tensor", "encode", "encode_pairs", "decode_pairs", "decode_codes", "pair_symbols", "from_qmoe",
+           "to_qmoe", "qmoe_layers_from_state_dict", "ternary_entropy_bits", "compress_model", "compress_params",
            "is_sub1"]
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -145,16 +145,27 @@ def encode(qt: QuantizedTensor, *, name: str = "tensor", scale_dtype: Any = np.f
 # ---------------------------------------------------------------------------------------------
 def decode_pairs(stream: Any, num_rows: int, pairs_per_row: int) -> jax.Array:
     """uint16 stream of ``num_rows`` rows with exactly ``pairs_per_row`` pairs each -> uint8 ``[R, P]``."""
-    d = get_dictionary()
+    c = decode_codes(stream, num_rows, 2 * pairs_per_row)
+    return c[:, 0::2] + 3 * c[:, 1::2]
+
+
+def decode_codes(stream: Any, num_rows: int, k: int) -> jax.Array:
+    """uint16 stream -> ternary codes uint8 ``[R, k]`` (rows of exactly ``ceil(k/2)`` pairs; traceable).
+
+    Only nonzero weights are scattered (≤ 3 per codeword, from :func:`sparse_dec_table`) into zeros;
+    a codeword's first weight index is the exclusive cumsum of ``2·pair_count``.
+    """
     stream = jnp.asarray(stream).astype(jnp.int32)
-    length = jnp.asarray(d.length, jnp.int32)[stream]
-    start = jnp.cumsum(length) - length
-    seq = jnp.asarray(d.seq)[stream]  # [T, 14]
-    total = num_rows * pairs_per_row
-    j = jnp.arange(MAX_PAIRS, dtype=jnp.int32)
-    idx = jnp.where(j[None, :] < length[:, None], start[:, None] + j[None, :], total)
-    out = jnp.zeros((total,), jnp.uint8).at[idx.reshape(-1)].set(seq.reshape(-1), mode="drop")
-    return out.reshape(num_rows, pairs_per_row)
+    word = jnp.asarray(sparse_dec_table())[stream]
+    step = 2 * (word & 15)
+    start = jnp.cumsum(step) - step                               # global weight index (rows are 2·P long)
+    kp = 2 * ((k + 1) // 2)
+    total = num_rows * kp
+    f = (word[:, None] >> (4 + 7 * jnp.arange(NZ_SLOTS - 1, dtype=jnp.int32))[None, :]) & 127   # [T, 3]
+    idx = jnp.where(f >= 64, start[:, None] + (f & 31), total)
+    val = jnp.where((f & 32) != 0, 2, 1).astype(jnp.uint8)
+    out = jnp.zeros((total,), jnp.uint8).at[idx.reshape(-1)].set(val.reshape(-1), mode="drop")
+    return out.reshape(num_rows, kp)[:, :k]
 
 
 def _is_concrete(*xs: Any) -> bool:
@@ -257,17 +268,24 @@ class Sub1Tensor:
     # ---- decode ------------------------------------------------------------------------------
     def decode(self) -> QuantizedTensor:
         """Bit-exact ternary :class:`QuantizedTensor` (traceable; validated first when concrete)."""
-        self.validate()
-        pairs = decode_pairs(self.stream, self.num_rows, self.pairs_per_row)
-        codes = jnp.stack([pairs % 3, pairs // 3], axis=-1).reshape(self.num_rows, 2 * self.pairs_per_row)
-        codes = codes[:, :self.k].reshape(*self.batch_shape, self.n, self.k)
-        codes = jnp.swapaxes(codes, -1, -2)
+        codes = self.codes()
         s = jnp.asarray(self.scales).astype(jnp.float32)[..., None, :]
         z = jnp.asarray(self.zeros).astype(jnp.float32)[..., None, :]
         return QuantizedTensor.from_codes(codes, s, z, self.spec, self.dtype)
 
+    def codes(self) -> jax.Array:
+        """Ternary codes uint8 ``[*batch, K, N]`` (validated first when concrete)."""
+        self.validate()
+        codes = decode_codes(self.stream, self.num_rows, self.k).reshape(*self.batch_shape, self.n, self.k)
+        return jnp.swapaxes(codes, -1, -2)
+
     def dequantize(self, dtype: Any = None) -> jax.Array:
-        return self.decode().dequantize(dtype)
+        """Float weight ``[*batch, K, N]`` straight from the codes (XLA reference; no repacking)."""
+        q = self.codes()
+        s = jnp.asarray(self.scales).astype(jnp.float32)[..., None, :]
+        z = jnp.asarray(self.zeros).astype(jnp.float32)[..., None, :]
+        w = jnp.where(q == 2, s, jnp.where(q == 1, z, 0.0))
+        return w.astype(dtype or self.dtype)
 
     def __getitem__(self, idx: Any) -> Sub1Tensor:
         """Eagerly select experts along the leading batch axis (int or unit-step slice)."""

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Sub1Dictionary", "get_dictionary", "fitted_dictionary", "build_dictionary", "ZEROS", "NUM_CODES",
-           "MAX_PAIRS",
+           "MAX_PAIRS", "NZ_SLOTS", "sparse_dec_table",
            "TRIE_ROOT", "DEC_SHA256", "TRIE_SHA256", "pair_probabilities"]
 
 ZEROS = 0.885          # QMoE's assumed P(weight == 0)
 NUM_CODES = 1 << 16    # dictionary size
 MAX_PAIRS = 14         # longest entry, in pairs (28 weights)
 TRIE_ROOT = NUM_CODES  # root row of the trie table
+NZ_SLOTS = 4           # nonzero slots per codeword in the sparse table (every entry has <= 3 nonzeros)
 DEC_SHA256 = "c09862c453fe122634070a475357ff81a679aff65829d84a56f806c02a54ed45"
 TRIE_SHA256 = "fc77a88c6c9c32a0a884b2736ac78c25239a162817d133dc8457c8f0770a8b0b"
 _CACHE_VERSION = 1
@@ -147,3 +148,24 @@ def fitted_dictionary(zeros: float) -> Sub1Dictionary:
     if not 0.0 < zeros < 1.0:
         raise ValueError(f"P(0) must be in (0, 1), got {zeros}")
     return build_dictionary(zeros=round(float(zeros), 6))
+
+
+@functools.lru_cache(maxsize=1)
+def sparse_dec_table() -> np.ndarray:
+    """int32 ``[65536]`` one-word nonzero table of QMoE's dictionary (docs/FORMATS.md §2).
+
+    Per codeword: bits 0–3 pair count; for its j-th nonzero weight (j < 3, weight order) a 7-bit field at
+    bit ``4 + 7j``: bit 6 = present, bit 5 = value is ``w_max`` (symbol 2; else ``w_min``), bits 0–4 =
+    weight position in the entry (0–27). Derived (never stored); used by the decode-fused kernel and
+    the XLA decoder. Every entry of the fixed dictionary has at most 3 nonzero weights.
+    """
+    d = get_dictionary()
+    w = d.weights.astype(np.int64)                               # [C, 28]
+    if int((w != 0).sum(1).max()) > NZ_SLOTS - 1:  # pragma: no cover - property of the fixed dictionary
+        raise AssertionError("dictionary entry with more than 3 nonzero weights")
+    table = d.length.astype(np.int64).copy()
+    nz_rank = np.cumsum(w != 0, axis=1) - 1                      # rank of each nonzero within its entry
+    rows, pos = np.nonzero(w)
+    field = 64 | ((w[rows, pos] == 2).astype(np.int64) << 5) | pos
+    np.add.at(table, rows, field << (4 + 7 * nz_rank[rows, pos]))
+    return table.astype(np.int32)
