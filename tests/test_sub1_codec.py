@@ -17,6 +17,7 @@ from moqe_jax.quant.sub1 import (
     encode,
     encode_pairs,
     from_qmoe,
+    load_qmoe_experts,
     qmoe_layers_from_state_dict,
     ternary_entropy_bits,
     to_qmoe,
@@ -197,7 +198,7 @@ def _qmoe_reference_layout(codes_e, smin, smax):
             "ter_minmax": mm}
 
 
-def test_qmoe_import_export():
+def test_qmoe_import_export(tmp_path):
     rng = np.random.default_rng()
     e, k, n = 3, 48, 12
     codes = rng.choice(3, size=(e, k, n), p=[0.88, 0.06, 0.06]).astype(np.uint8)
@@ -234,6 +235,13 @@ def test_qmoe_import_export():
     layers = qmoe_layers_from_state_dict(sd)
     assert list(layers) == ["encoder.block.1.layer.1.mlp.wi"]
     np.testing.assert_array_equal(np.asarray(layers["encoder.block.1.layer.1.mlp.wi"].decode().codes()), codes)
+    torch.save(sd, tmp_path / "exp00.pt")
+    loaded = load_qmoe_experts([tmp_path / "exp00.pt"])
+    assert list(loaded) == ["encoder/layers_1/mlp/expert/wi/kernel"]
+    np.testing.assert_array_equal(np.asarray(loaded["encoder/layers_1/mlp/expert/wi/kernel"].codes()), codes)
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError):
+        load_qmoe_experts([tmp_path / "bad.pt"])
     bad = dict(experts[0])
     bad["row_off"] = bad["row_off"][:-1].copy()
     with pytest.raises(CheckpointError):

@@ -32,7 +32,8 @@ from moqe_jax.quant.spec import QuantSpec
 from moqe_jax.quant.sub1_dict import DEC_SHA256, NZ_SLOTS, TRIE_ROOT, get_dictionary, sparse_dec_table
 
 __all__ = ["Sub1Tensor", "encode", "encode_pairs", "decode_pairs", "decode_codes", "pair_symbols", "from_qmoe",
-           "to_qmoe", "qmoe_layers_from_state_dict", "ternary_entropy_bits", "compress_model", "compress_params",
+           "to_qmoe", "qmoe_layers_from_state_dict", "qmoe_t5x_path", "load_qmoe_experts", "ternary_entropy_bits",
+           "compress_model", "compress_params",
            "is_sub1"]
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -487,6 +488,39 @@ def qmoe_layers_from_state_dict(sd: Mapping[str, Any], k_of: Mapping[str, int] |
         if idx != list(range(len(idx))):
             raise CheckpointError(f"QMoE state dict {g}: experts {idx[:3]}… are not 0..{len(idx) - 1}")
         out[g] = from_qmoe([ex[i] for i in idx], (k_of or {}).get(g), name=g)
+    return out
+
+
+def qmoe_t5x_path(hf_prefix: str) -> str:
+    """``encoder.block.1.layer.1.mlp.wi`` (QMoE/HF) -> ``encoder/layers_1/mlp/expert/wi/kernel`` (our tree)."""
+    import re
+
+    m = re.match(r"^(?:.*\.)?(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.(wi|wo)$", hf_prefix)
+    if not m:
+        raise CheckpointError(f"QMoE expert group {hf_prefix!r} is not "
+                              "'<encoder|decoder>.block.<i>.layer.<j>.mlp.wi|wo'")
+    return f"{m.group(1)}/layers_{m.group(2)}/mlp/expert/{m.group(3)}/kernel"
+
+
+def load_qmoe_experts(files: Sequence[Any]) -> dict[str, Sub1Tensor]:
+    """Read QMoE ``expNN.pt`` files (torch state dicts, specs/QMOE.md §1.6) -> ``{t5x path: Sub1Tensor}``.
+
+    The result can be merged into a model's ``params`` (whose non-expert weights come from ``noexp.pt``
+    through the HF importer) in place of the expert kernels.
+    """
+    import torch
+
+    out: dict[str, Sub1Tensor] = {}
+    for f in files:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise CheckpointError(f"{f}: cannot read QMoE expert file ({type(e).__name__}: {e})".splitlines()[0]) \
+                from None
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
+        for prefix, st in qmoe_layers_from_state_dict(sd).items():
+            out[qmoe_t5x_path(prefix)] = st
     return out
 
 
