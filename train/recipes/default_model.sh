@@ -5,7 +5,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-python}
 CORPUS=${CORPUS:-work_data/corpus}
 RUNS=${RUNS:-runs}
-STEPS=${STEPS:-1000}
+STEPS=${STEPS:-1500}
 COMMON=(--data "$CORPUS" --steps "$STEPS" --tokens-per-batch 2048 --batch-size 64 --max-len 32
         --optimizer adafactor --lr 0.01 --warmup 1000 --schedule rsqrt
         --set d_ff=384 --set num_layers=2 --set num_decoder_layers=2 --set num_heads=4 --set d_kv=64
