@@ -151,13 +151,17 @@ def train_tokenizer(sentences: Sequence[str], out_dir: str | os.PathLike, vocab_
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     prefix = str(out / "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample), model_prefix=prefix, model_type="unigram",
-        vocab_size=vocab_size - num_extra_ids, character_coverage=character_coverage, byte_fallback=True,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, user_defined_symbols=list(LANG_TAGS),
-        normalization_rule_name="identity", split_digits=True, num_threads=1, shuffle_input_sentence=False,
-        input_sentence_size=0, remove_extra_whitespaces=False, max_sentence_length=4096, minloglevel=2,
-        train_extremely_large_corpus=False)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_prefix=prefix, model_type="unigram",
+            vocab_size=vocab_size - num_extra_ids, character_coverage=character_coverage, byte_fallback=True,
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, user_defined_symbols=list(LANG_TAGS),
+            normalization_rule_name="identity", split_digits=True, num_threads=1, shuffle_input_sentence=False,
+            input_sentence_size=0, remove_extra_whitespaces=False, max_sentence_length=4096, minloglevel=2,
+            train_extremely_large_corpus=False)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DataError(f"SentencePiece training failed for vocab_size={vocab_size}: {msg}") from None
     (out / "spm.vocab").unlink(missing_ok=True)
     _strip_paths(out / MODEL_FILE)
     return Tokenizer(out / MODEL_FILE, num_extra_ids)
