@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from moqe_jax.model.api import load_model
 
+        if args.path.startswith("t5x:") and not args.preset:
+            raise ConfigError(f"{args.path}: T5X checkpoints carry no config; add --preset NAME (e.g. switch-base-8)")
         model = load_model(args.path, config=args.preset)
         d = info_dict(model.config, model, args.path)
     if args.json:
