@@ -82,7 +82,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
                 f"{args.moe}); the numbers are meaningless, only the pipeline is exercised.")
         return Setup(s["moe"], s["dense"], load_tokenizer(s["tokenizer"]), s["data"], True, [note])
     if not Path(args.moe).exists():
-        raise MoqeError(f"{args.moe}: MoE model not found (train it with `python -m train.bundled` or pass --moe)")
+        raise MoqeError(f"{args.moe}: MoE model not found (train it: train/recipes/default_model.md, or pass --moe)")
     moe = load_model(args.moe)
     dense = load_model(args.dense) if args.dense and Path(args.dense).exists() else None
     notes = [] if dense is not None else [f"dense twin not found at {args.dense}: dense rows skipped"]

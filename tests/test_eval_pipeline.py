@@ -98,4 +98,4 @@ def test_cli_eval_and_demo(syn, tmp_path, capsys):
     rc = main(["demo", "--model", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert str(tmp_path / "missing") in err and "moqe train" in err
+    assert str(tmp_path / "missing") in err and "default_model" in err

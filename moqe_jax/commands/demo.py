@@ -16,7 +16,8 @@ from typing import Any
 from moqe_jax.errors import MoqeError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "default"
-TRAIN_HINT = "moqe train --config small-mt --data DIR --steps N --out RUN (see train/README.md)"
+TRAIN_HINT = ("moqe data build --out work_data/corpus && STEPS=1500 train/recipes/default_model.sh && "
+              "python -m train.export_default (train/recipes/default_model.md)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
