@@ -59,7 +59,8 @@ class Runner:
             with Timer() as t:
                 r = evaluate_model(model, tokenizer=self.s.tokenizer, data=self.s.data, directions=self.directions,
                                    samples=self.samples, batch_size=self.args.batch_size, seed=self.args.seed,
-                                   max_src_len=self.args.max_src_len)
+                                   max_src_len=self.args.max_src_len,
+                                   buckets=[int(b) for b in self.args.buckets.split(",")])
             print(f"  {name:<34} BLEU {r.bleu:6.2f}  chrF {r.chrf:6.2f}  {r.tokens_per_s:8.1f} tok/s  "
                   f"({t.wall:.0f} s)", flush=True)
             self.results[name] = r

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         def ev(m: Any) -> Any:
             return evaluate_model(m, tokenizer=s.tokenizer, data=s.data, directions=directions, samples=samples,
                                   bleu=bleu, mt_loss=True, mlm=True, mlm_samples=mlm_samples,
-                                  batch_size=args.batch_size, seed=args.seed)
+                                  batch_size=args.batch_size, seed=args.seed,
+                                  buckets=[int(b) for b in args.buckets.split(",")])
 
         rows: list[dict[str, Any]] = []
 
