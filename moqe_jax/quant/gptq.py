@@ -83,13 +83,43 @@ def _hinv_upper(h: jax.Array, percdamp: float) -> jax.Array:
     return jnp.triu(lax.linalg.cholesky(hinv).T)
 
 
+def actorder_perm(h: Any) -> np.ndarray:
+    """Act-order permutation(s) of Hessian(s) ``h [..., K, K]`` on the host: stable argsort of ``−diag H``
+    after the non-finite (H → I) and dead-input (``H_ii = 1``) fixes (reference steps 2–4)."""
+    h = np.asarray(h, np.float32)
+    d = np.diagonal(h, axis1=-2, axis2=-1).copy()
+    bad = ~np.isfinite(h).reshape(*h.shape[:-2], -1).all(axis=-1)
+    d[bad] = 1.0
+    d[d == 0] = 1.0
+    return np.argsort(-d, axis=-1, kind="stable").astype(np.int32)
+
+
+def _fix_hessian(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Non-finite H → I; dead inputs (``diag H == 0``) → ``H_ii = 1`` (reference step 2)."""
+    eye = jnp.eye(h.shape[-1], dtype=jnp.float32)
+    nan_h = ~jnp.all(jnp.isfinite(h))
+    h = jnp.where(nan_h, eye, h)
+    dead = jnp.diagonal(h) == 0
+    return h + jnp.diag(dead.astype(jnp.float32)), nan_h, dead
+
+
+def _factor(h: jax.Array, perm: jax.Array, percdamp: float, actorder: bool) -> jax.Array:
+    """``U`` of the fixed, permuted, damped Hessian (steps 2–6, before the Cholesky-failure fallback)."""
+    h, _, _ = _fix_hessian(jnp.asarray(h, jnp.float32))
+    return _hinv_upper(h[perm][:, perm] if actorder else h, percdamp)
+
+
 def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: float = 0.1, blocksize: int = 128,
-                   actorder: bool = False, unroll: int = 1) -> dict[str, jax.Array]:
+                   actorder: bool = False, unroll: int = 1, perm: jax.Array | None = None,
+                   u: jax.Array | None = None) -> dict[str, jax.Array]:
     """GPTQ for one weight ``w [K, N]`` with Hessian ``h [K, K]`` (traceable; vmap it over experts).
 
     Returns a dict: ``codes`` uint8 ``[K, N]``, ``scales``/``zeros`` ``[G, N]`` (zeros absent for specs
     without them), ``loss`` ``[N]`` (Σ_k (w−q)²/U_kk²/2 per output channel, the reference's ``Losses``),
     ``fallback`` (Cholesky failed → RTN), ``nan_hessian`` (non-finite H → RTN), ``dead`` (number of dead inputs).
+    ``perm``/``u``: the act-order permutation and the factor ``_factor(h, perm)`` when precomputed by a batched
+    caller (the factorizations then run one expert at a time: XLA:CPU's batched LAPACK kernels share one
+    thread pool between the devices of a host mesh and can deadlock).
     """
     find_params, _ = _rtn_api()
     w = jnp.asarray(w, jnp.float32)
@@ -100,15 +130,14 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     zeros = None if (zeros is None or not spec.has_zeros) else zeros.astype(jnp.float32)
     eye = jnp.eye(k, dtype=jnp.float32)
 
-    nan_h = ~jnp.all(jnp.isfinite(h))
-    h = jnp.where(nan_h, eye, h)
-    dead = jnp.diagonal(h) == 0  # (2) dead inputs
-    h = h + jnp.diag(dead.astype(jnp.float32))
+    h, nan_h, dead = _fix_hessian(h)  # (2) dead inputs
     w_live = jnp.where(dead[:, None], 0.0, w)
     ar = jnp.arange(k)
-    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if actorder else ar  # (3) act-order
-    hp = h[perm][:, perm] if actorder else h
-    u = _hinv_upper(hp, percdamp)  # (4, 5)
+    if actorder and perm is None:  # (3) act-order
+        perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+    perm = jnp.asarray(perm, jnp.int32) if actorder else ar
+    if u is None:
+        u = _hinv_upper(h[perm][:, perm] if actorder else h, percdamp)  # (4, 5)
     ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diagonal(u) > 0)
     # Cholesky failure -> H = I (QMoE "skip due to singularity"): no dead inputs, identity order,
     # U = I/sqrt(1 + damp) diagonal, i.e. plain RTN on the same grid.
@@ -167,7 +196,7 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
 
     init = (wp, jnp.zeros((kp, n), jnp.uint8), jnp.zeros((n,), jnp.float32))
     _, codes_p, loss = lax.fori_loop(0, nb, block, init)
-    codes = codes_p[:k][jnp.argsort(perm)] if actorder else codes_p[:k]
+    codes = jnp.zeros((k, n), jnp.uint8).at[perm].set(codes_p[:k]) if actorder else codes_p[:k]
     out = {"codes": codes, "scales": scales, "loss": loss, "fallback": ~ok, "nan_hessian": nan_h,
            "dead": jnp.sum(dead & ok).astype(jnp.int32)}
     if zeros is not None:
@@ -195,9 +224,13 @@ def _batched_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool
                 mesh: Mesh | None, axis: str) -> Callable:
     one = functools.partial(gptq_solve_one, spec=spec, percdamp=percdamp, blocksize=blocksize, actorder=actorder,
                             unroll=unroll)
-    fn = jax.vmap(one)
+    def solve(w: jax.Array, h: jax.Array, perm: jax.Array) -> dict[str, jax.Array]:
+        u = lax.map(lambda a: _factor(a[0], a[1], percdamp, actorder), (h, perm))  # one expert at a time
+        return jax.vmap(lambda a, b, c, d: one(a, b, perm=c, u=d))(w, h, perm, u)
+
+    fn = solve
     if mesh is not None:
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(axis),) * 3,
                            out_specs=PartitionSpec(axis), check_vma=False)  # no collectives: per-expert
     return jax.jit(fn)
 
@@ -255,11 +288,12 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
         if m < grp:  # dummy experts (H = I, W = 0) keep one compiled shape and fill every device
             wg = np.concatenate([wg, np.zeros((grp - m, k, n), np.float32)])
             hg = np.concatenate([hg, np.broadcast_to(eye, (grp - m, k, k))])
+        pg = actorder_perm(hg) if actorder else np.zeros((grp, k), np.int32)
         if mesh is not None:
             sh = jax.sharding.NamedSharding(mesh, PartitionSpec(axis))
-            wg, hg = jax.device_put(wg, sh), jax.device_put(hg, sh)
+            wg, hg, pg = jax.device_put(wg, sh), jax.device_put(hg, sh), jax.device_put(pg, sh)
         with jax.default_matmul_precision("highest"):
-            res = fn(wg, hg)
+            res = fn(wg, hg, pg)
         outs.append({key: np.asarray(v)[:m] for key, v in res.items()})
     cat = {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
     if squeeze:
