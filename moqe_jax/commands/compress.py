@@ -189,15 +189,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"GPTQ {spec.describe()} of {', '.join(comps)}, {sum(len(b['input_ids']) for b in calib)} "
               f"calibration samples")
         print(rep.table())
-        if args.json:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "compress_report.json"), "w") as f:
-                json.dump(rep.to_dict(), f, indent=1)
     if args.format == "sub1":
         from moqe_jax.pipeline import compress_sub1
 
         out = compress_sub1(out)
     out.save(args.out)
+    if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
+        with open(os.path.join(args.out, "compress_report.json"), "w") as f:
+            json.dump(rep.to_dict(), f, indent=1)
     shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: progress no longer needed
     print(f"saved {args.out} ({time.time() - t0:.1f} s total)")
     return 0
