@@ -54,15 +54,19 @@ def jax_to_host(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
 
 
-def _table(results: dict[str, Any]) -> str:
+def _table(results: dict[str, dict]) -> str:
     names = list(results)
-    dirs = list(next(iter(results.values())).directions)
+    dirs = list(next(iter(results.values()))["per_direction"])
     lines = ["| direction | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for d in dirs:
-        lines.append(f"| {d} | " + " | ".join(f"{results[n].directions[d].bleu:.2f}" for n in names) + " |")
-    lines.append("| **avg BLEU** | " + " | ".join(f"**{results[n].bleu:.2f}**" for n in names) + " |")
-    lines.append("| avg chrF | " + " | ".join(f"{results[n].chrf:.2f}" for n in names) + " |")
+        lines.append(f"| {d} | " + " | ".join(f"{results[n]['per_direction'][d]:.2f}" for n in names) + " |")
+    lines.append("| **avg BLEU** | " + " | ".join(f"**{results[n]['bleu']:.2f}**" for n in names) + " |")
+    lines.append("| avg chrF | " + " | ".join(f"{results[n]['chrf']:.2f}" for n in names) + " |")
+    lines.append("| teacher-forced CE | " + " | ".join(f"{results[n]['mt_ce']:.4f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+RUNS = ("float", "rtn", "qat", "ft", "ft-rtn")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,54 +79,87 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--samples", type=int, default=50, help="test sentences per direction for BLEU")
     p.add_argument("--max-len", type=int, default=32)
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help="float, rtn, qat, ft (float fine-tune control: same data/steps/lr without quantization), "
+                        "ft-rtn (RTN of the fine-tuned float model); results merge into <out>/qat_report.json")
     p.add_argument("--out", default="runs/qat2")
     a = p.parse_args(argv)
 
     from moqe_jax.evaluate import evaluate_model
-    from moqe_jax.model.api import load_model
+    from moqe_jax.model.api import Model, load_model
     from moqe_jax.pipeline import quantize
     from moqe_jax.quant.spec import QuantSpec
-    from train.train import TrainConfig, load_mt_data
+    from train.train import TrainConfig, load_mt_data, train
 
+    runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    bad = [r for r in runs if r not in RUNS]
+    if bad:
+        raise SystemExit(f"unknown --runs {bad}; choose from {', '.join(RUNS)}")
     bits: int | str = a.bits if a.bits == "ternary" else int(a.bits)
+    spec = QuantSpec(bits=bits)
     tok = a.tokenizer or str(Path(a.model).parent / "tokenizer")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    rep_path = out / "qat_report.json"
+    report: dict[str, Any] = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
+    report.update({"bits": bits, "steps": a.steps, "lr": a.lr, "samples_per_direction": a.samples})
+    results: dict[str, dict] = report.setdefault("results", {})
     model = load_model(a.model)
     model = model.replace(params=jax_to_host(model.params))
+    names = {"float": "float", "rtn": f"RTN-{bits}bit", "qat": f"QAT-{bits}bit", "ft": "float+FT",
+             "ft-rtn": f"float+FT RTN-{bits}bit"}
 
-    def ev(m: Any, name: str) -> Any:
+    def ev(m: Any, key: str) -> None:
         t = time.time()
         r = evaluate_model(m, tokenizer=tok, data=a.data, directions="all", samples=a.samples, mt_loss=True,
                            buckets=(16, 32, 64), max_new_tokens=None)
-        print(f"{name}: BLEU {r.bleu:.2f} chrF {r.chrf:.2f} CE {r.mt_ce:.4f} ({time.time() - t:.0f}s)", flush=True)
-        return r
+        print(f"{names[key]}: BLEU {r.bleu:.2f} chrF {r.chrf:.2f} CE {r.mt_ce:.4f} ({time.time() - t:.0f}s)",
+              flush=True)
+        results[names[key]] = {"bleu": r.bleu, "chrf": r.chrf, "mt_ce": r.mt_ce,
+                               "per_direction": {d: x.bleu for d, x in r.directions.items()}}
 
-    results = {"float": ev(model, "float")}
-    rtn = quantize(model, QuantSpec(bits=bits), components=("experts",), method="rtn")
-    results[f"RTN-{bits}bit"] = ev(rtn, "rtn")
-    data = load_mt_data(a.data, TrainConfig(batch_size=32, tokens_per_batch=2048, seed=1), max_len=a.max_len)
-    qat_model, tr = qat_finetune(model, data, bits=bits, steps=a.steps, lr=a.lr, out_dir=out / "run", seed=1)
-    results[f"QAT-{bits}bit"] = ev(qat_model, "qat")
-    qat_model.save(out / "model")
-    import jax
+    data = None
+    if {"qat", "ft", "ft-rtn"} & set(runs):
+        data = load_mt_data(a.data, TrainConfig(batch_size=32, tokens_per_batch=2048, seed=1), max_len=a.max_len)
+    if "float" in runs:
+        ev(model, "float")
+    if "rtn" in runs:
+        ev(quantize(model, spec, components=("experts",), method="rtn"), "rtn")
+    if "qat" in runs:
+        qat_model, tr = qat_finetune(model, data, bits=bits, steps=a.steps, lr=a.lr, out_dir=out / "run", seed=1)
+        ev(qat_model, "qat")
+        qat_model.save(out / "model")
+        import jax
 
-    from moqe_jax.quant.qtensor import QuantizedTensor
+        from moqe_jax.quant.qtensor import QuantizedTensor
 
-    n_packed = sum(isinstance(x, QuantizedTensor) for x in
-                   jax.tree.leaves(qat_model.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
-    fl, rt, qa = (results[k].bleu for k in results)
-    rec = (qa - rt) / (fl - rt) if fl > rt else float("nan")
-    report = {"bits": bits, "steps": a.steps, "lr": a.lr, "samples_per_direction": a.samples,
-              "bleu": {k: v.bleu for k, v in results.items()}, "chrf": {k: v.chrf for k, v in results.items()},
-              "mt_ce": {k: v.mt_ce for k, v in results.items()},
-              "per_direction": {k: {d: r.bleu for d, r in v.directions.items()} for k, v in results.items()},
-              "recovered_fraction_of_rtn_bleu_loss": rec, "packed_quantized_tensors": n_packed,
-              "qat_train_loss_first_last": [tr.history[0]["loss"], tr.history[-1]["loss"]] if tr.history else None}
-    (out / "qat_report.json").write_text(json.dumps(report, indent=1))
-    md = (f"# {bits}-bit expert QAT vs RTN ({a.steps} QAT steps, {a.samples} test sentences/direction)\n\n"
-          + _table(results) + f"\n\nQAT recovers {rec:.0%} of the BLEU lost by RTN; exported model: "
-          f"{n_packed} packed QuantizedTensor leaves in {out / 'model'}.\n")
+        report["packed_quantized_tensors"] = sum(
+            isinstance(x, QuantizedTensor)
+            for x in jax.tree.leaves(qat_model.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
+        report["qat_train_loss_first_last"] = [tr.history[0]["loss"], tr.history[-1]["loss"]]
+    if "ft" in runs or "ft-rtn" in runs:  # the control: identical fine-tune (data, steps, lr, seed), no quantization
+        tc = TrainConfig(steps=a.steps, batch_size=32, tokens_per_batch=2048, optimizer="adafactor",
+                         learning_rate=a.lr, schedule="constant", warmup_steps=0, seed=1, log_every=25,
+                         eval_every=a.steps, eval_batches=4, save_every=max(a.steps // 2, 1))
+        ft = Model(model.config, jax_to_host(train(model.config, tc, data, out / "run-ft",
+                                                   init_params=model.params).params))
+        if "ft" in runs:
+            ev(ft, "ft")
+        if "ft-rtn" in runs:
+            ev(quantize(ft, spec, components=("experts",), method="rtn"), "ft-rtn")
+    order = [names[k] for k in RUNS if names[k] in results]
+    results = {k: results[k] for k in order}
+    report["results"] = results
+    b = {k: v["bleu"] for k, v in results.items()}
+    q, fl, rt = b.get(names["qat"]), b.get(names["ft"]), b.get(names["ft-rtn"])
+    if None not in (q, fl, rt) and fl > rt:
+        report["qat_recovered_fraction_vs_same_budget_rtn"] = (q - rt) / (fl - rt)
+    (rep_path).write_text(json.dumps(report, indent=1))
+    md = (f"# {bits}-bit expert-only QAT vs RTN ({a.steps} steps, lr {a.lr}, {a.samples} test sentences per "
+          f"direction, greedy)\n\n" + _table(results) + "\n\n"
+          "`float` = the bundled model; `float+FT` = the same fine-tune as QAT (data, steps, lr, seed) without "
+          "quantization, the fair reference for QAT; RTN columns quantize the experts of the column's float "
+          "model with round-to-nearest (channel-wise, symmetric).\n")
     (out / "qat_report.md").write_text(md)
     print(md)
     return 0
