@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="ternary")
     ap.add_argument("--actorder", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--note", default="", help="extra note for the results file (e.g. host load)")
     args = ap.parse_args(argv)
     spec = QuantSpec(bits="ternary") if args.bits == "ternary" else QuantSpec(bits=int(args.bits), symmetric=False)
     e = args.experts or {"small": 16, "small-mt": 8, "base128": 128}[args.shape]
@@ -103,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     tot_l = sum(r[5] for r in rows)
     rows.append(["total (wi + wo)", e, rows[0][2], rows[0][3], tot_b, tot_l, tot_l / tot_b, 1e3 * tot_b / e, ""])
     name = f"gptq_solver_{meta['platform']}" + ("" if args.shape == "small" else f"_{args.shape}")
+    note = "Median of --reps runs, compile excluded. Same jitted single-expert solver in both; the batched call " \
+        "vmaps it over `group` experts (QMoE Table 1: |E|=16 is 6x faster than 1)."
+    note += (" " + args.note) if args.note else ""
     write_results(name, f"GPTQ solver: batched vmap+jit vs per-expert loop ({spec.describe()}, shape {args.shape})",
                   ["matrix", "E", "group", "devices", "batched s", "loop s", "speed-up", "ms/expert batched",
                    "codes identical"], rows, meta,
-                  notes="Median of --reps runs, compile excluded. Same jitted single-expert solver in both; the "
-                        "batched call vmaps it over `group` experts (QMoE Table 1: |E|=16 is 6x faster than 1).")
+                  notes=note)
     return 0
 
 
