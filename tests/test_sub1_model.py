@@ -26,3 +26,21 @@ def test_compress_model_logits_and_store(tmp_path):
     c.save(tmp_path / "m")
     r = load_model(tmp_path / "m")
     np.testing.assert_array_equal(r.logits(ids, dids), a)
+
+
+def test_compress_cli_format_sub1(tmp_path, capsys, monkeypatch):
+    from moqe_jax.cli import main
+
+    monkeypatch.setenv("MOQE_NO_PROGRESS", "1")
+    out = tmp_path / "s1"
+    rc = main(["compress", "init:tiny", "--bits", "ternary", "--method", "rtn", "--format", "sub1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "bits/param" in text and "vs bf16" in text
+    m = load_model(str(out))
+    leaf = m.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"]
+    assert isinstance(leaf, Sub1Tensor) and leaf.spec.is_ternary
+    ref = moqe_jax.quantize(Model.init("tiny", seed=0), QuantSpec(bits="ternary"), method="rtn")
+    np.testing.assert_array_equal(np.asarray(leaf.codes()),
+                                  np.asarray(ref.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"].codes()))
+    assert main(["compress", "init:tiny", "--bits", "2", "--method", "rtn", "--format", "sub1",
+                 "--out", str(tmp_path / "x")]) == 2
