@@ -28,7 +28,7 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-def export(src: str | Path, dst: Path) -> None:
+def export(src: str | Path, dst: Path, name: str | None = None) -> None:
     import jax
     import ml_dtypes
     import numpy as np
@@ -40,7 +40,8 @@ def export(src: str | Path, dst: Path) -> None:
     host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), m.params)
     if dst.exists():
         shutil.rmtree(dst)
-    save_params(host, dst, config=m.config.to_dict(), format="safetensors")
+    cfg = m.config.replace(name=name) if name else m.config
+    save_params(host, dst, config=cfg.to_dict(), format="safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:
