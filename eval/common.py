@@ -33,8 +33,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", default="all", help="'all' or e.g. en-de,de-en")
     p.add_argument("--samples", type=int, default=None, help="test sentences per direction")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--buckets", default="32,128",
-                   help="source-length buckets of the decoder batches (one compilation each per model)")
+    p.add_argument("--buckets", default="16,32,64,128,256",
+                   help="source-length buckets of the decoder batches (one compilation each per model; Switch "
+                        "routes padding tokens like T5X, so BLEU depends slightly on the padding)")
     p.add_argument("--out", default=str(RESULTS), help="where tables (.md/.json) and plots (.png) go")
     p.add_argument("--quick", action="store_true", help="CI mode: few sentences, fewer bit widths")
     p.add_argument("--synthetic", action="store_true",
