@@ -401,6 +401,7 @@ def _compress_ffn(cfg: Any, mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: n
     rep.zero_token = int(np.sum(counts == 0))
     x_sorted = x_tok[keep]
     wts = {n: np.asarray(sub[n]["kernel"], np.float32) for n in names}
+    dtypes = {n: jnp.dtype(sub[n]["kernel"].dtype) for n in names}
     if not sparse:
         wts = {n: w[None] for n, w in wts.items()}
     for n, w in wts.items():
@@ -417,7 +418,8 @@ def _compress_ffn(cfg: Any, mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: n
         wi_names = [n for n in names if n != "wo"]
         for n in wi_names:
             qt, st = gptq_quantize(wts[n][idx], h_in, spec, percdamp=opts["percdamp"], actorder=opts["actorder"],
-                                   blocksize=opts["blocksize"], group=None, mesh=mesh, name=f"{name}/{n}")
+                                   blocksize=opts["blocksize"], group=None, mesh=mesh, name=f"{name}/{n}",
+                                   dtype=dtypes[n])
             parts[n].append(qt)
             fallback[idx] |= st.fallback | st.nan_hessian
             _acc_err(errs, wts[n][idx], qt, h_in, counts[idx], spec)
@@ -437,7 +439,7 @@ def _compress_ffn(cfg: Any, mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: n
                 h_out[j] = np.asarray(_gram(_hidden(cfg, seg, wi, wi1)))
             qt, st = gptq_quantize(wts["wo"][idx], h_out, spec, percdamp=opts["percdamp"],
                                    actorder=opts["actorder"], blocksize=opts["blocksize"], group=None, mesh=mesh,
-                                   name=f"{name}/wo")
+                                   name=f"{name}/wo", dtype=dtypes["wo"])
             parts["wo"].append(qt)
             fallback[idx] |= st.fallback | st.nan_hessian
             _acc_err(errs, wts["wo"][idx], qt, h_out, counts[idx], spec)

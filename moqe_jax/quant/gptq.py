@@ -146,7 +146,7 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     perm = jnp.where(ok, perm, ar)
     wp = jnp.where(ok, w_live, w)[perm]
 
-    bs = int(blocksize)
+    bs = min(int(blocksize), k)  # blocking is exact; no padding beyond K for small K
     nb = -(-k // bs)
     kp = nb * bs
     g = scales.shape[-2]
@@ -257,7 +257,7 @@ def _check_finite_weights(w: np.ndarray, name: str) -> None:
 
 def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blocksize: int = 128,
                   actorder: bool = False, group: int | None = 16, mesh: Mesh | None = None, axis: str = "expert",
-                  unroll: int = 1, name: str = "weight") -> tuple[QuantizedTensor, GPTQStats]:
+                  unroll: int = 1, name: str = "weight", dtype: Any = None) -> tuple[QuantizedTensor, GPTQStats]:
     """GPTQ-quantize a stack of experts ``w [E, K, N]`` with Hessians ``h [E, K, K]`` (QMoE ``batch_gptq``).
 
     A 2-D ``w [K, N]`` / ``h [K, K]`` is treated as one expert (the result keeps no batch axis).
@@ -265,6 +265,7 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     ``vmap``; with ``mesh`` the group is sharded over its ``axis`` via ``jax.shard_map`` and padded with
     dummy experts (H = I, W = 0). Returns the ``QuantizedTensor`` and per-expert :class:`GPTQStats`.
     """
+    dtype = jnp.dtype(dtype or getattr(w, "dtype", np.float32))  # logical dtype of the QuantizedTensor
     w_np = np.asarray(w, np.float32)
     h_np = np.asarray(h, np.float32)
     squeeze = w_np.ndim == 2
@@ -298,7 +299,7 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     cat = {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
     if squeeze:
         cat = {key: v[0] for key, v in cat.items()}
-    qt = QuantizedTensor.from_codes(cat["codes"], cat["scales"], cat.get("zeros"), spec)
+    qt = QuantizedTensor.from_codes(cat["codes"], cat["scales"], cat.get("zeros"), spec, dtype=dtype)
     loss = np.sum(cat["loss"].astype(np.float64), axis=-1)  # host sum: independent of the batching
     stats = GPTQStats(loss=np.atleast_1d(loss), fallback=np.atleast_1d(cat["fallback"]),
                       nan_hessian=np.atleast_1d(cat["nan_hessian"]), dead=np.atleast_1d(cat["dead"]))
