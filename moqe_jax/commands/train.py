@@ -109,6 +109,16 @@ def _train(args: argparse.Namespace) -> int:
     else:
         data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
     res = train(cfg, tc, data, args.out, init_params=init_params)
+    if tc.qat_bits is not None:  # QAT: float master weights + the packed QuantizedTensor export (MoQE deployable)
+        from moqe_jax.model.api import Model
+        from moqe_jax.quant.ste import export_qat
+        from train.train import _to_host
+
+        save_final_model(cfg, res.params, Path(args.out) / "model-float", dtype=args.save_dtype)
+        out = Model(cfg, export_qat(_to_host(res.params), tc.qat_spec(), tc.qat_components)).save(
+            Path(args.out) / "model")
+        print(f"QAT {res.step} steps; packed {tc.qat_bits}-bit model saved to {out} (float masters: model-float)")
+        return 0
     out = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
     print(f"trained {res.step} steps; model saved to {out}")
     return 0
