@@ -92,7 +92,7 @@ def test_kill_and_resume_reaches_same_params(tmp_path: Path) -> None:
     data = SyntheticData(cfg.vocab_size, 8, 16, seed=1)
     ref = train(cfg, _tc(steps=5), data)
     # "killed" after the checkpoint at step 3 (a fresh manager and a fresh train() call resume it)
-    part = train(cfg, _tc(steps=5, save_every=3), data, out_dir=tmp_path, stop_after=3)
+    part = train(cfg, _tc(steps=5, save_every=3, async_save=True), data, out_dir=tmp_path, stop_after=3)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert part.step == 3 and steps == [3]
     res = train(cfg, _tc(steps=5, save_every=3), data, out_dir=tmp_path)
