@@ -179,6 +179,14 @@ def _gram(x: jax.Array) -> jax.Array:
     return 2.0 * jnp.matmul(x.T, x, precision=_HI)
 
 
+def _pad_pow2(x: np.ndarray) -> np.ndarray:
+    """Zero rows up to a power of two (≥ 16): zero tokens add nothing to XᵀX (nor to the FFN hidden state,
+    act(0) = 0), and the jitted Gram sees O(log T) distinct shapes instead of one per expert."""
+    n = len(x)
+    m = max(16, 1 << max(0, (n - 1).bit_length()))
+    return x if m == n else np.concatenate([x, np.zeros((m - n, x.shape[1]), x.dtype)])
+
+
 def expert_hessians(x_sorted: np.ndarray, counts: np.ndarray, experts: Sequence[int]) -> np.ndarray:
     """``H[e] = 2·X_eᵀX_e`` for the given experts from tokens sorted by expert (segments ``counts``).
 
@@ -188,19 +196,24 @@ def expert_hessians(x_sorted: np.ndarray, counts: np.ndarray, experts: Sequence[
     out = np.empty((len(experts), d, d), np.float32)
     for j, e in enumerate(experts):
         seg = x_sorted[offs[e]:offs[e + 1]]
-        out[j] = np.asarray(_gram(seg)) if len(seg) else np.eye(d, dtype=np.float32)
+        out[j] = np.asarray(_gram(_pad_pow2(seg))) if len(seg) else np.eye(d, dtype=np.float32)
     return out
 
 
-def _hidden(cfg: Any, x: np.ndarray, wi: Any, wi_1: Any | None) -> np.ndarray:
+def _hidden(cfg: Any, x: np.ndarray, wi: Any, wi_1: Any | None) -> jax.Array:
     """FFN hidden activations of tokens ``x [T, D]`` (ReLU, or gated GELU × linear), f32."""
-    def lin(w: Any) -> jax.Array:
-        w = w.dequantize(jnp.float32) if is_quantized(w) else jnp.asarray(w, jnp.float32)
-        return jnp.matmul(jnp.asarray(x, jnp.float32), w, precision=_HI)
+    def f32(w: Any) -> jax.Array:
+        return w.dequantize(jnp.float32) if is_quantized(w) else jnp.asarray(w, jnp.float32)
 
+    return _hidden_jit(jnp.asarray(x, jnp.float32), f32(wi), None if wi_1 is None else f32(wi_1))
+
+
+@jax.jit
+def _hidden_jit(x: jax.Array, wi: jax.Array, wi_1: jax.Array | None) -> jax.Array:
+    h = jnp.matmul(x, wi, precision=_HI)
     if wi_1 is None:
-        return np.asarray(jax.nn.relu(lin(wi)))
-    return np.asarray(jax.nn.gelu(lin(wi), approximate=True) * lin(wi_1))
+        return jax.nn.relu(h)
+    return jax.nn.gelu(h, approximate=True) * jnp.matmul(x, wi_1, precision=_HI)
 
 
 # ---- layer execution ----------------------------------------------------------------------------------
@@ -436,7 +449,7 @@ def _compress_ffn(cfg: Any, mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: n
                 wi1 = None
                 if len(wi_names) > 1:
                     wi1 = src[wi_names[1]][-1][j] if src else wts[wi_names[1]][ex]
-                h_out[j] = np.asarray(_gram(_hidden(cfg, seg, wi, wi1)))
+                h_out[j] = np.asarray(_gram(_hidden(cfg, _pad_pow2(seg), wi, wi1)))
             qt, st = gptq_quantize(wts["wo"][idx], h_out, spec, percdamp=opts["percdamp"],
                                    actorder=opts["actorder"], blocksize=opts["blocksize"], group=None, mesh=mesh,
                                    name=f"{name}/wo", dtype=dtypes["wo"])
