@@ -36,8 +36,9 @@ from moqe_jax import sharding as shd
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import ConfigError, DataError
 
-__all__ = ["TrainConfig", "TrainData", "MTData", "SyntheticData", "cross_entropy_with_z_loss", "make_optimizer",
-           "train", "TrainResult", "maybe_init_distributed", "load_mt_data"]
+__all__ = ["TrainConfig", "TrainData", "MTData", "MLMData", "load_mlm_data", "SyntheticData",
+           "cross_entropy_with_z_loss", "make_optimizer", "train", "TrainResult", "maybe_init_distributed",
+           "load_mt_data"]
 
 Batch = dict[str, np.ndarray]
 
@@ -195,6 +196,52 @@ def load_mt_data(corpus_dir: str | os.PathLike, tc: TrainConfig, max_len: int = 
     sel = list(range(0, len(vsrc), 7))
     valid = list(eval_batches([vsrc[i] for i in sel], [vtgt[i] for i in sel], eval_rows, buckets))
     return MTData(batcher, valid)
+
+
+@dataclass
+class MLMData:
+    """T5 span corruption (noise 0.15, mean span 3) of an English token stream (QMoE-style MLM objective).
+
+    Batch ``i`` depends only on ``(seed, i)`` (`moqe_jax.data.span_corruption.mlm_batches`), so the data
+    position is the step, as for `MTData`."""
+
+    token_lists: list[list[int]]
+    eval_token_lists: list[list[int]]
+    vocab_size: int
+    batch_size: int = 32
+    inputs_length: int = 32
+    seed: int = 0
+
+    def batch(self, index: int) -> Batch:
+        from moqe_jax.data.span_corruption import mlm_batches
+
+        return next(mlm_batches(self.token_lists, self.vocab_size, self.batch_size, self.inputs_length,
+                                seed=self.seed, start=int(index)))
+
+    def batch_rows(self) -> list[int]:
+        return [self.batch_size]
+
+    def eval_batches(self, n: int) -> list[Batch]:
+        from moqe_jax.data.span_corruption import mlm_batches
+
+        it = mlm_batches(self.eval_token_lists, self.vocab_size, self.batch_size, self.inputs_length,
+                         seed=self.seed + 1)
+        return [next(it) for _ in range(n)]
+
+
+def load_mlm_data(corpus_dir: str | os.PathLike, tc: TrainConfig, inputs_length: int = 32,
+                  tokenizer_dir: str | os.PathLike | None = None) -> MLMData:
+    """Span-corruption data: the training-split English side (``english.txt``) for training, the English side
+    of the validation split for eval (specs/DATA.md: the English sentences of valid/test never occur in train)."""
+    from moqe_jax.data.corpus import english_sentences, read_jsonl
+    from moqe_jax.data.tokenizer import Tokenizer
+
+    d = Path(corpus_dir)
+    tok = Tokenizer(tokenizer_dir or d / "tokenizer")
+    train_en = english_sentences(d)
+    valid_en = sorted({r["en"] for r in read_jsonl(d / "valid.jsonl")})
+    return MLMData(tok.encode_batch(train_en), tok.encode_batch(valid_en), tok.vocab_size, tc.batch_size,
+                   inputs_length, tc.seed)
 
 
 # ---- loss / optimizer ---------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, model/)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tokens-per-batch", type=int, default=None, help="rows per bucket = tokens // bucket length")
-    p.add_argument("--max-len", type=int, default=96)
+    p.add_argument("--max-len", type=int, default=96, help="MT: longest example kept; MLM: corrupted input length")
+    p.add_argument("--objective", choices=("mt", "mlm"), default="mt",
+                   help="mt: translation (20 directions); mlm: T5 span corruption of the English side")
     p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default 0.01 adafactor, 1e-3 adamw)")
     p.add_argument("--warmup", type=int, default=1000)
@@ -106,6 +108,10 @@ def _train(args: argparse.Namespace) -> int:
     shd.check_fits(cfg, tc.mesh, [tc.batch_size] if tc.tokens_per_batch is None else [])
     if args.data == "synthetic":
         data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
+    elif args.objective == "mlm":
+        from train.train import load_mlm_data
+
+        data = load_mlm_data(args.data, tc, inputs_length=args.max_len, tokenizer_dir=args.tokenizer)
     else:
         data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
     res = train(cfg, tc, data, args.out, init_params=init_params)
