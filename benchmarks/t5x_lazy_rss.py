@@ -135,7 +135,8 @@ def main() -> None:
         return
     ck = os.path.join(args.dir, "checkpoint_1")
     t0 = time.perf_counter()
-    if not os.path.exists(os.path.join(ck, "checkpoint")):
+    reused = os.path.exists(os.path.join(ck, "checkpoint"))
+    if not reused:
         make_fixture(args.dir, args.layers)
     write_s = time.perf_counter() - t0
     disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck) for f in fs)
@@ -157,7 +158,8 @@ def main() -> None:
         f"Fixture: base-128 shapes (E=128, D=768, F=3072, V=32128, H=12), {args.layers} encoder + "
         f"{args.layers} decoder layers (odd layers sparse), bf16 on disk, gzip level 1, T5X chunk rule; "
         f"{disk / 2**30:.2f} GiB on disk "
-        f"(written in {write_s:.0f} s{' - reused' if write_s < 5 else ''}). Each row is a fresh subprocess; "
+        f"({'reused from an earlier run' if reused else f'written in {write_s:.0f} s'}). "
+        "Each row is a fresh subprocess; "
         "`peak` = VmHWM (high-water RSS of the child), `imports` = RSS after importing numpy + the reader.", "",
         "| read | peak RSS (MB) | after imports (MB) | peak - imports (MB) | data returned (MB) | time (s) |",
         "|---|---:|---:|---:|---:|---:|",
