@@ -326,17 +326,23 @@ def translate(model: Any, tok: Any, sources: Sequence[str], *, batch_size: int =
 
 
 def decode_speed(model: Any, *, batch_size: int = 8, src_len: int = 32, new_tokens: int = 64, reps: int = 3,
-                 seed: int = 0) -> float:
-    """Steady-state greedy decode throughput (generated tokens/s) on random source ids, after one warm-up call."""
-    rng = np.random.default_rng(seed)
-    v = int(model.config.vocab_size)
-    x = rng.integers(3, max(4, v - 100), (batch_size, src_len)).astype(np.int32)
-    x[:, -1] = int(model.config.eos_token_id)
-    np.asarray(model.generate(x, max_new_tokens=new_tokens))
+                 seed: int = 0, input_ids: Any = None) -> float:
+    """Steady-state greedy decode throughput (generated tokens/s, counted up to and including EOS), after one
+    warm-up call. ``input_ids`` ``[B, L]`` (e.g. real test sentences); default random ids ``[batch_size, src_len]``."""
+    cfg = model.config
+    if input_ids is None:
+        rng = np.random.default_rng(seed)
+        x = rng.integers(3, max(4, int(cfg.vocab_size) - 100), (batch_size, src_len)).astype(np.int32)
+        x[:, -1] = int(cfg.eos_token_id)
+    else:
+        x = np.asarray(input_ids, np.int32)
+    out = np.asarray(model.generate(x, max_new_tokens=new_tokens))
+    eos, pad = int(cfg.eos_token_id), int(cfg.pad_token_id)
+    ntok = sum(min(len(_strip_generated(r, eos, pad, -1)) + 1, new_tokens) for r in out)
     t0 = time.perf_counter()
     for _ in range(reps):
         np.asarray(model.generate(x, max_new_tokens=new_tokens))
-    return reps * batch_size * new_tokens / (time.perf_counter() - t0)
+    return reps * ntok / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
