@@ -59,7 +59,7 @@ def dequantize_weight(w: Any, dtype: Any) -> jax.Array:
     if isinstance(w, QuantizedTensor):
         return w.dequantize(dtype)
     if _is_codec(w):
-        return w.decode().dequantize(dtype)
+        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.decode().dequantize(dtype)
     return jnp.asarray(w).astype(dtype)
 
 

@@ -74,7 +74,10 @@ def partition_specs(params: dict, mesh: Any = None, rules: Sequence[tuple[str, s
     def one(path: Any, leaf: Any) -> Any:
         names = logical_axes(path)
         if _is_packed(leaf):
-            lead = names[:1] if names[0] == "expert" else ()
+            # QuantizedTensor leaves keep the expert axis leading on every array; codec streams
+            # (Sub1Tensor's flat codeword stream) have no expert axis and stay replicated.
+            stacked = type(leaf).__name__ == "QuantizedTensor"
+            lead = names[:1] if names[0] == "expert" and stacked else ()
             return jax.tree_util.tree_map(lambda a: spec_for(lead, a.shape[:len(lead)]), leaf)
         return spec_for(names, leaf.shape)
 
