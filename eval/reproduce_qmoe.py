@@ -162,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
             f"\n\nRun time: {total.wall:.0f} s wall, {total.cpu:.0f} s process CPU ({machine_note()}).")
     write_markdown(out / "qmoe_table.md", "QMoE: RTN vs GPTQ (2-bit, ternary) and sub-1-bit compression", body, s)
     fig, ax = new_figure(7, 4)
-    labels = [r["model"].replace(" → ", "\n→ ") for r in rows]
-    xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["mlm_loss"] for r in rows], 0.4, label="MLM loss (held-out English)")
-    ax.bar(xs + 0.2, [r["mt_ce"] for r in rows], 0.4, label="MT token CE (test)")
+    q = rows[1:]
+    labels = [r["model"].replace(" → ", "\n→ ") for r in q]
+    xs = np.arange(len(q))
+    ax.bar(xs - 0.2, [r["mt_ce"] - base["mt_ce"] for r in q], 0.4, label="Δ MT token CE (test)")
+    ax.bar(xs + 0.2, [r["mlm_loss"] - base["mlm_loss"] for r in q], 0.4, alpha=1.0 if mlm_ok else 0.35,
+           label="Δ MLM loss (held-out English)" + ("" if mlm_ok else " — model not MLM-trained"))
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(xs, labels, fontsize=7, rotation=20)
-    ax.set_ylabel("nats / token")
+    ax.set_ylabel("loss increase vs bf16 (nats/token)")
     ax.legend(fontsize=8)
-    ax.set_title("expert-only quantization: RTN vs GPTQ", fontsize=10)
+    ax.set_title("expert-only quantization: RTN vs GPTQ (lower is better)", fontsize=10)
     save_figure(fig, out / "qmoe_losses.png", f"regenerate: {command_line()}")
     write_json(out / "qmoe_table.json", {"rows": rows, "sub1_identical_loss": same, "wall_s": total.wall,
                                          "cpu_s": total.cpu, "machine": machine_note(), "command": command_line(),
