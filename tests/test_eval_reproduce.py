@@ -14,15 +14,32 @@ def _png_ok(path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, path
 
 
+def _kurtosis_raw_moments(x):
+    """Excess kurtosis from raw moments (an algebraically different route than central moments)."""
+    import numpy as np
+
+    m1, m2, m3, m4 = (np.mean(x ** k) for k in (1, 2, 3, 4))
+    mu4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
+    var = m2 - m1 ** 2
+    return mu4 / var ** 2 - 3.0
+
+
 def test_weight_stats_kurtosis_outliers_vs_reference():
+    import numpy as np
+
     from eval.weight_stats import matrix_stats
 
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = pytest.importorskip("numpy").random.default_rng(7)
-    w = rng.standard_t(4, size=(64, 48)).astype("float32")
+    rng = np.random.default_rng(7)
+    w = (rng.standard_t(4, size=(64, 48)) * 0.05 + 0.01).astype("float32")
     st = matrix_stats(w)
     x = w.astype("float64").ravel()
-    assert st["kurtosis"] == pytest.approx(scipy_stats.kurtosis(x, fisher=True, bias=True), rel=1e-9)
+    assert st["kurtosis"] == pytest.approx(_kurtosis_raw_moments(x), rel=1e-6)
+    try:
+        import scipy.stats
+
+        assert st["kurtosis"] == pytest.approx(scipy.stats.kurtosis(x, fisher=True, bias=True), rel=1e-9)
+    except ImportError:
+        pass
     assert st["outlier_frac"] == pytest.approx(((abs(x - x.mean()) > 3 * x.std())).mean())
     assert st["absmax_over_std"] == pytest.approx(abs(x).max() / x.std())
     assert st["range"] == pytest.approx(x.max() - x.min())
