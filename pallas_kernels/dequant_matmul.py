@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes
+from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend
 
@@ -149,12 +149,65 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     return Blocks(bm=bm, bn=bn, bkr=bkr, splits=splits, num_warps=warps, num_stages=stages, mode=mode)
 
 
+_MAGIC_BITS = 0x4B000000  # f32 bits of 2^23: OR-ing an integer c < 2^23 into the mantissa gives 2^23 + c exactly
+_MAGIC = 8388608.0
+
+
+def code_consts(scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, shift: int = 0) -> tuple:
+    """Per-column constants of :func:`code_values` for codes stored ``shift`` bits up (computed once per K tile
+    or once per launch, never per weight)."""
+    if spec.is_ternary:  # value(q) = q·(A + B·q): 0 → 0, 1 → A + B = w_min, 2 → 2A + 4B = w_max
+        return ((2.0 * zero - 0.5 * scale) * 2.0 ** -shift, (0.5 * scale - zero) * 2.0 ** (-2 * shift))
+    if spec.scheme == "log":
+        return ()
+    z = float(1 << (int(spec.bits) - 1)) if zero is None else zero
+    return (_MAGIC + z * float(1 << shift),)
+
+
+def value_shift(spec: QuantSpec) -> bool:
+    """Whether :func:`code_values` takes codes in place (``Q = q·2^shift``, no shift per weight): linear and
+    ternary 2/4/8-bit codes; log and 3-bit (bit planes) take ``q`` itself."""
+    return spec.scheme != "log" and spec.code_bits != 3
+
+
+def code_values(q: jax.Array, consts: tuple, spec: QuantSpec, shift: int = 0) -> jax.Array:
+    """Float32 values of uint32 codes using only full-rate ALU ops (no int→float convert, no ``exp2``, no
+    selects), so that the scale can be applied after the K reduction (v3, KERNEL_NOTES.md). ``q`` holds the
+    code ``shift`` bits up (``Q = c·2^shift``, i.e. masked in place inside the packed byte, which saves the
+    per-weight shift); ``consts = code_consts(s, z, spec, shift)``. With code ``c``:
+
+    * linear: ``bitcast(Q | 0x4B000000) − (2^23 + z·2^shift)`` = ``2^shift·(c − z)`` exactly (``z``
+      integer-valued, FORMATS §1); ``dequant_codes = s·2^−shift·v``;
+    * log (``shift = 0``): the f32 bits of ``(−1)^sign · 2^(−e)`` built directly, ``(127 − e) << 23 | sign << 31``
+      (exact; ``e = 127`` of 8-bit log gives ±0 instead of the subnormal 2^−127); ``dequant_codes = s·v``;
+    * ternary: ``Q·(A' + B'·Q)`` = ``dequant_codes(c, s, z)`` itself (up to an ulp at c = 1, 2).
+    """
+    if spec.scheme == "log" and not spec.is_ternary:
+        if shift:
+            raise ValueError("log codes are decoded unshifted")
+        b = int(spec.bits)
+        e = q & jnp.uint32((1 << (b - 1)) - 1)
+        bits = (jnp.uint32(127 << 23) - (e << jnp.uint32(23))) | ((q >> jnp.uint32(b - 1)) << jnp.uint32(31))
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    f = jax.lax.bitcast_convert_type(q | jnp.uint32(_MAGIC_BITS), jnp.float32)
+    if spec.is_ternary:
+        qf = f - _MAGIC
+        return qf * (consts[0] + consts[1] * qf)
+    return f - consts[0]
+
+
 def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs: int, blocks: Blocks,
                  n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool, cdt: jnp.dtype,
                  interpret: bool, xprep: bool):
     b = spec.code_bits
     code_mask = (1 << b) - 1
     channel = spec.granularity == "channel"
+    post_scale = not spec.is_ternary  # linear / log: y = s · Σ x·v (ternary values carry their scales)
+    in_place = value_shift(spec)
+    shifts = [j * b if in_place else 0 for j in range(p)]
+    # linear in-place codes are worth 2^shift·(c − z): the residue's activation (fma) or dot (dot mode) is
+    # scaled back by the exact power of two 2^−shift (per K element or per output, never per weight)
+    xscale = [2.0 ** -sh if (in_place and not spec.is_ternary and sh) else None for sh in shifts]
     bm, bn, bkr, fma = blocks.bm, blocks.bn, blocks.bkr, blocks.mode == "fma"
     split_out = blocks.splits > 1
     pl = backend.pl
@@ -204,51 +257,81 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         t1 = jnp.minimum(t0 + per_split, n_kt)
         nsl = pl.ds(n0, bn)
 
-        def weights(r0):
-            """Dequantized residue tiles ``[bkr, bn]`` (float32) of packed rows ``r0 … r0+bkr``."""
-            rmask = (r0 + jnp.arange(bkr)) < rv
-            mask2 = rmask[:, None] & cmask[None, :]
-            if b == 3:
-                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, jnp.uint8(0)) for c in range(3)]
-            else:
-                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, jnp.uint8(0))
-            g = jnp.int32(0) if channel else (r0 * p) // gs
+        def group_params(g):
+            """``([1, BN] scale, [code_consts per residue])`` of scale group ``g``."""
             s = load(s_ref.at[e, g, nsl], cmask, 0.0)[None, :]
             z = load(z_ref.at[e, g, nsl], cmask, 0.0)[None, :] if has_zeros else None
+            return s, [code_consts(s, z, spec, shifts[j]) for j in range(p)]
+
+        s_ch, consts_ch = group_params(jnp.int32(0)) if channel else (None, None)
+
+        def tile_values(r0):
+            """``(residue, [bkr, bn] float32 code values)`` of packed rows ``r0 … r0+bkr`` and the tile's scale
+            (None when it is applied once after the loop or carried by the values)."""
+            rmask = (r0 + jnp.arange(bkr)) < rv
+            mask2 = rmask[:, None] & cmask[None, :]
+            if channel:
+                s, consts = s_ch, consts_ch
+            else:
+                s, consts = group_params((r0 * p) // gs)
+            if b == 3:
+                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, jnp.uint8(0)).astype(jnp.uint32)
+                          for c in range(3)]
+            else:  # widened once per byte, not once per code
+                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, jnp.uint8(0)).astype(jnp.uint32)
+            one = jnp.uint32(1)
+            vals = []
             for j in range(p):
                 if b == 3:
-                    q = ((planes[0] >> j) & 1) | (((planes[1] >> j) & 1) << 1) | (((planes[2] >> j) & 1) << 2)
+                    sh = jnp.uint32(j)
+                    q = ((planes[0] >> sh) & one) | (((planes[1] >> sh) & one) << one) | \
+                        (((planes[2] >> sh) & one) << jnp.uint32(2))
                 elif b == 8:
                     q = pk
+                elif in_place:  # code j masked in place: 2^(j·b)·c, one LOP3 with the OR of code_values
+                    q = pk & jnp.uint32(code_mask << (j * b))
                 else:
-                    q = (pk >> jnp.uint8(j * b)) & jnp.uint8(code_mask)
-                yield j, dequant_codes(q, s, z, spec)
+                    q = (pk >> jnp.uint32(j * b)) & jnp.uint32(code_mask)
+                vals.append((j, code_values(q, consts[j], spec, shifts[j])))
+            return vals, (s if post_scale and not channel else None)
 
         if fma:
             def body(t, accs):
                 r0 = t * bkr
-                accs = list(accs)
-                for j, w in weights(r0):
-                    for i in range(bm):
+                vals, s_t = tile_values(r0)
+                new = []
+                for i in range(bm):
+                    part = accs[i] if s_t is None else None
+                    for j, v in vals:
                         xv = load_x(x_ref, a, j, i, r0).astype(jnp.float32)
-                        accs[i] = accs[i] + xv[:, None] * w
-                return tuple(accs)
+                        xv = (xv if xscale[j] is None else xv * xscale[j])[:, None]
+                        part = xv * v if part is None else part + xv * v
+                    new.append(part if s_t is None else accs[i] + part * s_t)
+                return tuple(new)
 
             accs = jax.lax.fori_loop(t0, t1, body, tuple(jnp.zeros((bkr, bn), jnp.float32) for _ in range(bm)))
             for i in range(bm):
-                row = jnp.sum(accs[i], axis=0).astype(o_ref.dtype)
+                row = jnp.sum(accs[i], axis=0)
+                if post_scale and channel:
+                    row = row * s_ch[0]
                 idx = (split, a, i) if split_out else (a, i)
-                plgpu.store(o_ref.at[(*[jnp.int32(v) if isinstance(v, int) else v for v in idx], nsl)], row,
-                            mask=cmask)
+                plgpu.store(o_ref.at[(*[jnp.int32(v) if isinstance(v, int) else v for v in idx], nsl)],
+                            row.astype(o_ref.dtype), mask=cmask)
             return
 
         def body(t, acc):
             r0 = t * bkr
-            for j, w in weights(r0):
-                acc = acc + dot(load_x(x_ref, a, j, m0, r0), w.astype(cdt))
-            return acc
+            vals, s_t = tile_values(r0)
+            part = acc if s_t is None else None
+            for j, v in vals:
+                d = dot(load_x(x_ref, a, j, m0, r0), v.astype(cdt))
+                d = d if xscale[j] is None else d * xscale[j]
+                part = d if part is None else part + d
+            return part if s_t is None else acc + part * s_t
 
         acc = jax.lax.fori_loop(t0, t1, body, jnp.zeros((bm, bn), jnp.float32))
+        if post_scale and channel:
+            acc = acc * s_ch
         rows = pl.ds(m0, bm)
         out = o_ref.at[split, a, rows, nsl] if split_out else o_ref.at[a, rows, nsl]
         omask = ((m0 + jnp.arange(bm)) < m)[:, None] & cmask[None, :]

@@ -19,10 +19,14 @@ from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend, dispatch
 from pallas_kernels.dequant_matmul import (
     Blocks,
+    code_consts,
+    code_values,
+    codes_per_row,
     grouped_quant_matmul,
     indexed_quant_matmul,
     plan_blocks,
     quant_matmul,
+    value_shift,
 )
 
 ON_GPU = backend.gpu_kernels_available()
@@ -126,6 +130,43 @@ def test_quant_matmul_matches_numpy_and_xla(i: int, spec: QuantSpec) -> None:
     assert rel_err(y, ref) < tol(dtype), (spec.describe(), m, k, n, dtype)
     xla = ops.qmatmul(x, qt, mode="xla")
     assert rel_err(y, np.asarray(xla, np.float64)) < tol(dtype)
+
+
+CODE_SPECS = [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(8, "log"), QuantSpec(4), QuantSpec(4, "log"),
+              QuantSpec(4, symmetric=False), QuantSpec(3), QuantSpec(3, symmetric=False), QuantSpec(3, "log"),
+              QuantSpec(2), QuantSpec(2, symmetric=False), QuantSpec(2, "log"), QuantSpec("ternary")]
+
+
+@pytest.mark.parametrize("spec", CODE_SPECS, ids=lambda s: s.describe())
+def test_code_values_every_code_matches_value_table(spec: QuantSpec) -> None:
+    """v3 inner-loop algebra (magic-number floats, in-place codes, scale after the reduction) on every code at
+    every in-byte position vs the FORMATS.md §1 value table in float64."""
+    n = 7
+    codes = np.arange(spec.maxq + 1)[:, None] * np.ones((1, n), np.int64)
+    s = RNG.uniform(0.2, 1.5, (1, n)) * (1e-2 if spec.scheme == "log" else 1.0)
+    z = None
+    if spec.is_ternary:
+        z = -RNG.uniform(0.2, 1.5, (1, n))
+    elif spec.has_zeros:
+        z = RNG.integers(0, spec.maxq + 1, (1, n)).astype(np.float64)
+    b = int(spec.bits) if not spec.is_ternary else 2
+    if spec.is_ternary:
+        ref = np.where(codes == 2, s, np.where(codes == 1, z, 0.0))
+    elif spec.scheme == "log":
+        half = 2 ** (b - 1)
+        ref = np.where(codes >= half, -1.0, 1.0) * s * 2.0 ** -np.where(codes >= half, codes - half, codes)
+    else:
+        ref = s * (codes - (2.0 ** (b - 1) if z is None else z))
+    p = codes_per_row(spec)
+    shifts = [j * spec.code_bits for j in range(p)] if value_shift(spec) else [0]
+    for sh in shifts:
+        q = jnp.asarray(codes << sh, jnp.uint32)
+        s32 = jnp.asarray(s, jnp.float32)
+        z32 = None if z is None else jnp.asarray(z, jnp.float32)
+        v = np.asarray(code_values(q, code_consts(s32, z32, spec, sh), spec, sh), np.float64)
+        got = v if spec.is_ternary else np.asarray(s32, np.float64) * v * 2.0 ** -sh
+        # 8-bit log code e=127 (2^-127, subnormal) decodes to 0: allowed by the absolute floor
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max() if spec.is_ternary else 1e-36)
 
 
 def test_explicit_blocks_split_k_and_m_tiles() -> None:
