@@ -26,10 +26,12 @@ from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels.dequant_matmul import quant_matmul
 rng = np.random.default_rng()
-for m, spec in ((1, QuantSpec(4)), (3, QuantSpec(3, symmetric=False)), (20, QuantSpec(2))):
-    k, n = 1000, 777
-    qt = QuantizedTensor.from_codes(rng.integers(0, spec.maxq + 1, (k, n)), rng.uniform(.5, 1, (1, n)),
-                                    rng.integers(0, spec.maxq + 1, (1, n)) if spec.has_zeros else None, spec)
+for m, spec in ((1, QuantSpec(4)), (3, QuantSpec(3, symmetric=False)), (20, QuantSpec(2)), (1, QuantSpec("ternary")),
+                (1, QuantSpec(8, "log")), (16, QuantSpec(4, symmetric=False, granularity=128))):
+    k, n = (1000, 777) if spec.granularity == "channel" else (1024, 777)
+    g = spec.num_groups(k)
+    z = (-rng.uniform(.5, 1, (g, n)) if spec.is_ternary else rng.integers(0, spec.maxq + 1, (g, n))) if spec.has_zeros else None
+    qt = QuantizedTensor.from_codes(rng.integers(0, spec.maxq + 1, (k, n)), rng.uniform(.5, 1, (g, n)), z, spec)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = np.asarray(quant_matmul(x, qt, poison=True), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(qt.dequantize(), np.float64)
@@ -41,8 +43,13 @@ PYEOF
            fi ;;
     tests) timeout 300 $PY -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" \
              tests/test_kernels_dequant.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee -a "$LOG" || rc=1 ;;
-    kernels) timeout 420 $PY benchmarks/kernels.py --out kernels_gpu $KERNELS_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;
-    moe) timeout 300 $PY benchmarks/moe_decode.py --out moe_decode_gpu $MOE_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;
+    kernels) timeout 420 $PY benchmarks/kernels.py --out kernels_gpu --sweep $KERNELS_ARGS 2>&1 | tee -a "$LOG" || rc=1
+             # this run vs the stored v2 run (same table rows, v2 µs beside the new µs)
+             $PY benchmarks/kernels.py --compare "$OUT/kernels_gpu.json" benchmarks/results/kernels_gpu_v2.json \
+               --out kernels_gpu_vs_v2 2>&1 | tee -a "$LOG" || rc=1 ;;
+    moe) timeout 300 $PY benchmarks/moe_decode.py --out moe_decode_gpu $MOE_ARGS 2>&1 | tee -a "$LOG" || rc=1
+         $PY benchmarks/kernels.py --compare "$OUT/moe_decode_gpu.json" benchmarks/results/moe_decode_gpu_v2.json \
+           --out moe_decode_gpu_vs_v2 2>&1 | tee -a "$LOG" || rc=1 ;;
     sub1) if [ -f benchmarks/sub1.py ]; then  # sub-1-bit: Triton tests + kernel vs bf16 (+ $SUB1_ARGS, e.g. --sweep)
             timeout 120 $PY -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" -m gpu \
               tests/test_sub1_kernel.py 2>&1 | tee -a "$LOG" || rc=1

@@ -5,12 +5,18 @@ matmul (weight sets rotated so L2 does not hold them, see benchmarks/common.py),
 that must move (packed + scales + zeros + x + y; bf16: the bf16 weight), % of the measured copy bandwidth and
 the speedup over XLA bf16. ``--quick`` runs tiny shapes (interpret mode on CPU) as a smoke test.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--quick] [--out kernels_h100]
+    PYTHONPATH=. python benchmarks/kernels.py [--quick] [--out kernels_h100] [--sweep]
+    PYTHONPATH=. python benchmarks/kernels.py --compare NEW.json BASE.json --out kernels_v3_vs_v2
+
+``--sweep`` adds GEMV (fma) tilings of the largest shape at M=1 (int4, int2) beside the planned one;
+``--compare`` joins two result files of this or any benchmark (rows keyed by the columns before ``time µs``)
+and writes ``base µs``, ``new µs`` and the speedup new vs base (e.g. kernels v3 vs the stored v2 run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -22,13 +28,14 @@ from benchmarks.common import copy_bandwidth, device_info, n_sets_for, time_rota
 from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.spec import QuantSpec
 from pallas_kernels import backend
-from pallas_kernels.dequant_matmul import grouped_quant_matmul, plan_blocks, quant_matmul
+from pallas_kernels.dequant_matmul import Blocks, grouped_quant_matmul, plan_blocks, quant_matmul
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (2080, 6144), (4096, 10240)]
 BATCHES = [1, 16, 64]
 FORMATS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int3": QuantSpec(3), "int2": QuantSpec(2),
            "ternary": QuantSpec("ternary"), "int4-g128": QuantSpec(4, symmetric=False, granularity=128)}
 ALL_M_FORMATS = ("int4", "int2", "ternary")  # formats timed at every batch; the others at M=1 only
+SWEEP_FMA = [(32, 64), (64, 64), (64, 128), (128, 32), (128, 64), (256, 32)]  # (BN, BKr) tried by --sweep
 
 
 def random_qt(key: jax.Array, spec: QuantSpec, k: int, n: int) -> QuantizedTensor:
@@ -44,7 +51,7 @@ def random_qt(key: jax.Array, spec: QuantSpec, k: int, n: int) -> QuantizedTenso
     return QuantizedTensor.from_codes(codes, scales, zeros, spec, jnp.bfloat16)
 
 
-def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[list]:
+def run(quick: bool, out: str, shapes=None, batches=None, formats=None, sweep: bool = False) -> list[list]:
     interpret = not backend.gpu_kernels_available()
     if interpret and not quick:
         print("no GPU kernels available: running in interpret mode (numbers are not meaningful)", file=sys.stderr)
@@ -93,6 +100,16 @@ def run(quick: bool, out: str, shapes=None, batches=None, formats=None) -> list[
                     rows.append([f"{k}x{n}", m, f"{fmt} XLA dequant+dot", t_d * 1e6, nbytes / t_d / 1e9,
                                  100 * nbytes / t_d / bw, t_bf16 / t_d, "-"])
                     print(rows[-1], flush=True)
+                if sweep and m == 1 and fmt in ("int4", "int2") and (k, n) == max(shapes, key=lambda kn: kn[0] * kn[1]):
+                    for bn, bkr in SWEEP_FMA:
+                        blk = Blocks(1, bn, bkr, 1, 4, 4, "fma")
+                        if (bn, bkr) == (b.bn, b.bkr) or bn > n:
+                            continue
+                        t_s = time_rotated(lambda x, w, blk=blk: quant_matmul(x, w, interpret=interpret, blocks=blk),
+                                           sets, quick=quick)
+                        rows.append([f"{k}x{n}", m, f"{fmt} kernel (sweep)", t_s * 1e6, nbytes / t_s / 1e9,
+                                     100 * nbytes / t_s / bw, t_bf16 / t_s, f"fma bm1 bn{bn} bkr{bkr} s1 w4"])
+                        print(rows[-1], flush=True)
         if not quick and (k, n) == max(shapes, key=lambda kn: kn[0] * kn[1]):
             rows += grouped_rows(k, n, batches[0], bw, interpret)
     header = ["K×N", "M", "method", "time µs", "GB/s", "% copy BW", "× vs bf16", "blocks"]
@@ -144,6 +161,23 @@ def check_correct(quick: bool) -> None:
             raise SystemExit(f"kernel {fmt} wrong: rel err {err}")
 
 
+def compare(new_path: str, base_path: str, out: str) -> list[list]:
+    """Join two result JSONs (``write_results`` format) on the columns before ``time µs``: base vs new time."""
+    new, base = (json.loads(open(pth, encoding="utf-8").read()) for pth in (new_path, base_path))
+    ti = new["header"].index("time µs")
+    if base["header"][:ti + 1] != new["header"][:ti + 1]:
+        raise SystemExit(f"{new_path} and {base_path} have different key columns")
+    old = {tuple(r[:ti]): r[ti] for r in base["rows"]}
+    rows = [[*r[:ti], old.get(tuple(r[:ti]), float("nan")), r[ti], old.get(tuple(r[:ti]), float("nan")) / r[ti],
+             *(r[-1:] if new["header"][-1] == "blocks" else [])] for r in new["rows"]]
+    header = [*new["header"][:ti], "base µs", "new µs", "× new vs base"] + (["blocks"] if new["header"][-1] == "blocks"
+                                                                          else [])
+    notes = (f"new: {new_path} ({new['meta'].get('date')}, {new['meta'].get('device')}); base: {base_path} "
+             f"({base['meta'].get('date')}, {base['meta'].get('device')}). nan = row absent from the base run.")
+    write_results(out, "New vs base run", header, rows, new["meta"], notes)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -151,13 +185,18 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=None, help="comma list of " + ",".join(FORMATS))
     ap.add_argument("--shapes", default=None, help="comma list of KxN")
     ap.add_argument("--batches", default=None, help="comma list of M")
+    ap.add_argument("--sweep", action="store_true", help="also time fma tilings (largest shape, M=1, int4/int2)")
+    ap.add_argument("--compare", nargs=2, metavar=("NEW_JSON", "BASE_JSON"), help="only join two result files")
     a = ap.parse_args(argv)
+    if a.compare:
+        compare(*a.compare, a.out or "compare")
+        return 0
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
     batches = [int(v) for v in a.batches.split(",")] if a.batches else None
     formats = a.formats.split(",") if a.formats else None
     out = a.out or ("kernels_quick" if a.quick else "kernels_" + jax.devices()[0].platform)
     check_correct(a.quick)
-    run(a.quick, out, shapes, batches, formats)
+    run(a.quick, out, shapes, batches, formats, a.sweep)
     return 0
 
 

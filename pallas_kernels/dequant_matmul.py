@@ -2,14 +2,16 @@
 
 MoQE (Kim et al. 2023, §3/§5: weight-only int8/4/3/2 experts, decode is memory-bound) and QMoE
 (Frantar & Alistarh 2023, §3.2: 2-bit / ternary experts). The float weight is never written to HBM: each
-program loads a ``[BKr, BN]`` tile of ``packed`` (docs/FORMATS.md §1), extracts the codes of one residue
-``j`` at a time with shifts and masks, turns them into values with :func:`moqe_jax.quant.qtensor.dequant_codes`
-(the single definition of a code's value) and accumulates ``x_j @ w_j`` in float32.
+program loads a ``[BKr, BN]`` tile of ``packed`` (docs/FORMATS.md §1), widens each byte once to uint32 and
+turns the codes of one residue ``j`` at a time into floats with :func:`code_values` (v3: magic-number
+floats, codes masked in place, no int→float convert; checked code by code against the value table of
+``dequant_codes``, the single definition of a code's value), accumulates ``x_j · v_j`` in float32 and applies
+the scale after the K reduction (channel-wise: once per output; per group: once per K tile).
 
 Residue split (no in-kernel interleave): with ``p`` codes per packed row (p = 8/b; 3-bit: p = 8, one bit
 per plane), packed row ``i`` residue ``j`` holds K-row ``k = i·p + j``, so ``x @ W = Σ_j x[:, j::p] @ W_j``
-where ``W_j`` are the residue-``j`` codes of all packed rows. ``x[:, j::p]`` is built outside the kernel
-(a cheap reshape/transpose of the small activation).
+where ``W_j`` are the residue-``j`` codes of all packed rows. ``x[:, j::p]`` is read in-kernel with strided
+loads (interpret mode: a residue-split copy made by XLA).
 
 One kernel serves dense and grouped (per-expert) matmuls: operands carry a leading expert axis ``E``
 (``E = 1`` for a 2-D weight) and the grid is ``(N blocks, K splits × M blocks, E)``. Split-K programs write
