@@ -198,6 +198,11 @@ def code_values(q: jax.Array, consts: tuple, spec: QuantSpec, shift: int = 0) ->
     return f - consts[0]
 
 
+def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """Conjunction of optional (broadcastable) masks; None = no mask."""
+    return b if a is None else a if b is None else a & b
+
+
 def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs: int, blocks: Blocks,
                  n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool, cdt: jnp.dtype,
                  interpret: bool, xprep: bool):
@@ -212,6 +217,11 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
     xscale = [2.0 ** -sh if (in_place and not spec.is_ternary and sh) else None for sh in shifts]
     bm, bn, bkr, fma = blocks.bm, blocks.bn, blocks.bkr, blocks.mode == "fma"
     split_out = blocks.splits > 1
+    # static raggedness: full tiles need no masks (a mask costs a compare/and per loaded element)
+    ragged_r = n_kt * bkr != rv  # last K tile runs past the packed rows
+    ragged_k = n_kt * bkr * p != k  # ... or past K in the activation
+    ragged_n = n % bn != 0
+    ragged_m = m % bm != 0
     pl = backend.pl
     plgpu = backend.plgpu
 
@@ -234,12 +244,15 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         if isinstance(rows, int):  # one row (fma)
             if xprep:
                 return load(x_ref.at[a, jnp.int32(j), jnp.int32(rows), pl.ds(r0, bkr)])
-            return load(x_ref.at[a, jnp.int32(rows), pl.ds(r0 * p + j, bkr, stride=p)], kidx < k, 0.0)
+            src = x_ref.at[a, jnp.int32(rows), pl.ds(r0 * p + j, bkr, stride=p)]
+            return load(src, kidx < k, 0.0) if ragged_k else load(src)
         m0 = rows
         if xprep:
             return load(x_ref.at[a, jnp.int32(j), pl.ds(m0, bm), pl.ds(r0, bkr)])
-        mask = ((m0 + jnp.arange(bm)) < m)[:, None] & (kidx < k)[None, :]
-        return load(x_ref.at[a, pl.ds(m0, bm), pl.ds(r0 * p + j, bkr, stride=p)], mask, 0.0)
+        mask = _and(((m0 + jnp.arange(bm)) < m)[:, None] if ragged_m else None,
+                    (kidx < k)[None, :] if ragged_k else None)
+        src = x_ref.at[a, pl.ds(m0, bm), pl.ds(r0 * p + j, bkr, stride=p)]
+        return load(src) if mask is None else load(src, mask, 0.0)
 
     def kernel(*refs):
         if has_ids:
@@ -254,15 +267,15 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         split = sm // n_mblocks
         m0 = (sm % n_mblocks) * bm
         n0 = nb * bn
-        cmask = (n0 + jnp.arange(bn)) < n
+        cmask = (n0 + jnp.arange(bn)) < n if ragged_n else None
         t0 = split * per_split
         t1 = jnp.minimum(t0 + per_split, n_kt)
         nsl = pl.ds(n0, bn)
 
         def group_params(g):
             """``([1, BN] scale, [code_consts per residue])`` of scale group ``g``."""
-            s = load(s_ref.at[e, g, nsl], cmask, 0.0)[None, :]
-            z = load(z_ref.at[e, g, nsl], cmask, 0.0)[None, :] if has_zeros else None
+            s = load(s_ref.at[e, g, nsl], cmask, None if cmask is None else 0.0)[None, :]
+            z = load(z_ref.at[e, g, nsl], cmask, None if cmask is None else 0.0)[None, :] if has_zeros else None
             return s, [code_consts(s, z, spec, shifts[j]) for j in range(p)]
 
         s_ch, consts_ch = group_params(jnp.int32(0)) if channel else (None, None)
@@ -270,17 +283,18 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         def tile_values(r0):
             """``(residue, [bkr, bn] float32 code values)`` of packed rows ``r0 … r0+bkr`` and the tile's scale
             (None when it is applied once after the loop or carried by the values)."""
-            rmask = (r0 + jnp.arange(bkr)) < rv
-            mask2 = rmask[:, None] & cmask[None, :]
+            mask2 = _and(((r0 + jnp.arange(bkr)) < rv)[:, None] if ragged_r else None,
+                         None if cmask is None else cmask[None, :])
+            zero8 = None if mask2 is None else jnp.uint8(0)
             if channel:
                 s, consts = s_ch, consts_ch
             else:
                 s, consts = group_params((r0 * p) // gs)
             if b == 3:
-                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, jnp.uint8(0)).astype(jnp.uint32)
+                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, zero8).astype(jnp.uint32)
                           for c in range(3)]
             else:  # widened once per byte, not once per code
-                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, jnp.uint8(0)).astype(jnp.uint32)
+                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, zero8).astype(jnp.uint32)
             one = jnp.uint32(1)
             vals = []
             for j in range(p):
@@ -336,7 +350,8 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
             acc = acc * s_ch
         rows = pl.ds(m0, bm)
         out = o_ref.at[split, a, rows, nsl] if split_out else o_ref.at[a, rows, nsl]
-        omask = ((m0 + jnp.arange(bm)) < m)[:, None] & cmask[None, :]
+        omask = _and(((m0 + jnp.arange(bm)) < m)[:, None] if ragged_m else None,
+                     None if cmask is None else cmask[None, :])
         plgpu.store(out, acc.astype(o_ref.dtype), mask=omask)
 
     return kernel

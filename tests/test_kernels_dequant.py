@@ -186,6 +186,20 @@ def test_explicit_blocks_split_k_and_m_tiles() -> None:
     assert y.shape == (3, n) and rel_err(y, ref[0, :3]) < 1e-5
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(2, symmetric=False, granularity=128), QuantSpec("ternary"),
+                                  QuantSpec(3)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("m", [1, 16])
+def test_full_tiles_without_masks(spec: QuantSpec, m: int) -> None:
+    """Shapes that fill every tile exactly (the kernel then drops all load/store masks), split-K included."""
+    k, n = 512, 64
+    qt = random_qt(spec, (k, n))
+    x = jnp.asarray(RNG.standard_normal((m, k)), jnp.float32)
+    ref = np.asarray(x, np.float64) @ np_dequant(qt)
+    for blocks in (None, Blocks(bm=m, bn=32, bkr=16, splits=2, mode="fma" if m == 1 else "dot")):
+        y = quant_matmul(x, qt, interpret=INTERPRET, poison=True, blocks=blocks)
+        assert y.shape == (m, n) and rel_err(y, ref) < tol(jnp.float32), blocks
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, symmetric=False), QuantSpec("ternary"),
                                   QuantSpec(2, granularity=64), QuantSpec(8, "log")],
                          ids=lambda s: s.describe())
