@@ -219,6 +219,9 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
     split_out = blocks.splits > 1
     # static raggedness: full tiles need no masks (a mask costs a compare/and per loaded element)
     ragged_r = n_kt * bkr != rv  # last K tile runs past the packed rows
+    # full K tiles: packed arrives as [E, (3,) n_kt, bkr, N] (a free XLA reshape) and tile t is a scalar index, so the
+    # per-element pointer offsets are loop-invariant (the lowering multiplies every index by its stride per element)
+    tiled = not ragged_r
     ragged_k = n_kt * bkr * p != k  # ... or past K in the activation
     ragged_n = n % bn != 0
     ragged_m = m % bm != 0
@@ -280,9 +283,10 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
 
         s_ch, consts_ch = group_params(jnp.int32(0)) if channel else (None, None)
 
-        def tile_values(r0):
-            """``(residue, [bkr, bn] float32 code values)`` of packed rows ``r0 … r0+bkr`` and the tile's scale
-            (None when it is applied once after the loop or carried by the values)."""
+        def tile_values(t):
+            """``(residue, [bkr, bn] float32 code values)`` of K tile ``t`` (packed rows ``r0 … r0+bkr``) and
+            the tile's scale (None when it is applied once after the loop or carried by the values)."""
+            r0 = t * bkr
             mask2 = _and(((r0 + jnp.arange(bkr)) < rv)[:, None] if ragged_r else None,
                          None if cmask is None else cmask[None, :])
             zero8 = None if mask2 is None else jnp.uint8(0)
@@ -291,10 +295,12 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
             else:
                 s, consts = group_params((r0 * p) // gs)
             if b == 3:
-                planes = [load(p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, zero8).astype(jnp.uint32)
+                planes = [load(p_ref.at[e, jnp.int32(c), t, pl.ds(0, bkr), nsl] if tiled else
+                               p_ref.at[e, pl.ds(c * rv + r0, bkr), nsl], mask2, zero8).astype(jnp.uint32)
                           for c in range(3)]
             else:  # widened once per byte, not once per code
-                pk = load(p_ref.at[e, pl.ds(r0, bkr), nsl], mask2, zero8).astype(jnp.uint32)
+                pk = load(p_ref.at[e, t, pl.ds(0, bkr), nsl] if tiled else p_ref.at[e, pl.ds(r0, bkr), nsl],
+                          mask2, zero8).astype(jnp.uint32)
             one = jnp.uint32(1)
             vals = []
             for j in range(p):
@@ -314,7 +320,7 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         if fma:
             def body(t, accs):
                 r0 = t * bkr
-                vals, s_t = tile_values(r0)
+                vals, s_t = tile_values(t)
                 new = []
                 for i in range(bm):
                     part = accs[i] if s_t is None else None
@@ -337,7 +343,7 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
 
         def body(t, acc):
             r0 = t * bkr
-            vals, s_t = tile_values(r0)
+            vals, s_t = tile_values(t)
             part = acc if s_t is None else None
             for j, v in vals:
                 d = dot(load_x(x_ref, a, j, m0, r0), v.astype(cdt))
@@ -404,6 +410,9 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
     kernel = _make_kernel(spec, p=p, rv=rv, m=m, k=k, n=n, gs=spec.group_size(k), blocks=blocks, n_kt=n_kt,
                           per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, has_ids=has_ids,
                           cdt=jnp.dtype(cdt), interpret=interpret, xprep=xprep)
+    if n_kt * bkr == rv:  # see _make_kernel: tiled packed operand
+        pshape = (packed.shape[0], *((3,) if spec.code_bits == 3 else ()), n_kt, bkr, n)
+        packed = packed.reshape(pshape)
     args = ([expert_ids.astype(jnp.int32)] if has_ids else []) + [xin, packed, scales] + ([zeros] if has_zeros else [])
     kwargs = {}
     if poison:
