@@ -320,11 +320,12 @@ def test_gpu_large_shapes(spec: QuantSpec, m: int) -> None:
 @pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=False), QuantSpec(2)], ids=lambda s: s.describe())
 def test_indexed_active_experts_matches_numpy(spec: QuantSpec) -> None:
     """Decode launch over active experts only: slot a uses W[ids[a]] (repeats allowed, unused experts skipped)."""
-    e, k, n, a = 5, 96, 52, 4
-    qt = random_qt(spec, (e, k, n))
-    ids = jnp.asarray(RNG.integers(0, e, a), jnp.int32)
-    x = jnp.asarray(RNG.standard_normal((a, 1, k)), jnp.float32)
-    y = indexed_quant_matmul(x, qt, ids, interpret=INTERPRET, poison=True)
-    w = np_dequant(qt)[np.asarray(ids)]
-    ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), w)
-    assert y.shape == (a, 1, n) and rel_err(y, ref) < 1e-5
+    for k in (96, 128):  # ragged last K tile / full K tiles (tiled packed operand)
+        e, n, a = 5, 52, 4
+        qt = random_qt(spec, (e, k, n))
+        ids = jnp.asarray(RNG.integers(0, e, a), jnp.int32)
+        x = jnp.asarray(RNG.standard_normal((a, 1, k)), jnp.float32)
+        y = indexed_quant_matmul(x, qt, ids, interpret=INTERPRET, poison=True)
+        w = np_dequant(qt)[np.asarray(ids)]
+        ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), w)
+        assert y.shape == (a, 1, n) and rel_err(y, ref) < 1e-5, k
