@@ -29,6 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from moqe_jax.checkpoint.t5x import unflatten
 from moqe_jax.errors import CheckpointError
 
 __all__ = ["save_model", "load_model", "save_params", "load_params", "read_manifest", "disk_size",
@@ -88,17 +89,6 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten_params(v, f"{prefix}/{k}" if prefix else k))
         return out
     return {prefix: params}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return tree
 
 
 def _dtype_name(dt: Any) -> str:
@@ -176,7 +166,7 @@ def _rebuild(tensors: dict[str, Any], leaves: dict[str, dict], where: str) -> di
                 raise CheckpointError(msg.splitlines()[0]) from e
         else:
             raise CheckpointError(f"{where}: {path}: unknown manifest leaf kind {kind!r}")
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 # ---- safetensors (own codec: bf16 without torch, explicit validation) ------------------------------
@@ -336,7 +326,7 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
 
 def _orbax_tree(tensors: dict[str, Any]) -> dict:
     """``{'a/b::f': x}`` -> nested dict (packed fields become a sub-dict of the leaf)."""
-    return _unflatten({k.replace("::", "/"): v for k, v in tensors.items()})
+    return unflatten({k.replace("::", "/"): v for k, v in tensors.items()})
 
 
 def _orbax_save(path: str, tensors: dict[str, np.ndarray]) -> None:
