@@ -74,34 +74,37 @@ def _resolve(mode: str | None) -> str:
     return mode
 
 
+def _kernel(kind: str, x: jax.Array, w: Any, mode: str | None, preferred_element_type: Any) -> jax.Array | None:
+    """Run the Pallas kernel ``dispatch.<kind>`` when the mode asks for one and it handles the case."""
+    if not _quantized(w):
+        return None
+    m = _resolve(mode)
+    if m == "xla":
+        return None
+    from pallas_kernels import dispatch
+
+    y = getattr(dispatch, kind)(x, w, interpret=(m == "interpret"))
+    if y is None or preferred_element_type is None:
+        return y
+    return y.astype(preferred_element_type)
+
+
 def qmatmul(x: jax.Array, w: Any, *, mode: str | None = None,
             preferred_element_type: Any = None) -> jax.Array:
     """``x [..., K] @ W [K, N] -> [..., N]`` for float or quantized ``W``."""
-    if _quantized(w):
-        m = _resolve(mode)
-        if m != "xla":
-            from pallas_kernels import dispatch
-
-            y = dispatch.matmul(x, w, interpret=(m == "interpret"))
-            if y is not None:
-                return y if preferred_element_type is None else y.astype(preferred_element_type)
-    wf = dequantize_weight(w, x.dtype)
-    return jnp.dot(x, wf, preferred_element_type=preferred_element_type)
+    y = _kernel("matmul", x, w, mode, preferred_element_type)
+    if y is not None:
+        return y
+    return jnp.dot(x, dequantize_weight(w, x.dtype), preferred_element_type=preferred_element_type)
 
 
 def grouped_qmatmul(x: jax.Array, w: Any, *, mode: str | None = None,
                     preferred_element_type: Any = None) -> jax.Array:
     """Per-expert matmul ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` (capacity-dispatched layout)."""
-    if _quantized(w):
-        m = _resolve(mode)
-        if m != "xla":
-            from pallas_kernels import dispatch
-
-            y = dispatch.grouped_matmul(x, w, interpret=(m == "interpret"))
-            if y is not None:
-                return y if preferred_element_type is None else y.astype(preferred_element_type)
-    wf = dequantize_weight(w, x.dtype)
-    return jnp.einsum("eck,ekn->ecn", x, wf, preferred_element_type=preferred_element_type)
+    y = _kernel("grouped_matmul", x, w, mode, preferred_element_type)
+    if y is not None:
+        return y
+    return jnp.einsum("eck,ekn->ecn", x, dequantize_weight(w, x.dtype), preferred_element_type=preferred_element_type)
 
 
 def _quantized(w: Any) -> bool:
