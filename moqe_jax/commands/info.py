@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 from collections import Counter
 from typing import Any
 
@@ -47,18 +46,6 @@ def _leaf_kind(leaf: Any) -> str:
     return str(dt)
 
 
-def _dir_bytes(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            fp = os.path.join(root, f)
-            if not os.path.islink(fp):
-                total += os.path.getsize(fp)
-    return total
-
-
 def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[str, Any]:
     """The report as a JSON-serialisable dict."""
     from moqe_jax.model.api import param_counts
@@ -76,6 +63,7 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
     if model is not None:
         import jax
 
+        from moqe_jax.checkpoint.store import disk_size
         from moqe_jax.quant.qtensor import QuantizedTensor
 
         def is_leaf(x: Any) -> bool:
@@ -85,7 +73,7 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
         out["dtypes"] = dict(Counter(_leaf_kind(x) for x in leaves))
         if source is not None:
             p = source.split(":", 1)[1] if source.startswith(("hf:", "t5x:")) else source
-            out["disk_bytes"] = _dir_bytes(p)
+            out["disk_bytes"] = disk_size(p)
         quantized = any(is_leaf(x) for x in leaves)
         if quantized and importlib.util.find_spec("moqe_jax.quant.report") is not None:
             rep = model.size_report()
