@@ -15,6 +15,8 @@ from moqe_jax.quant.rtn import quantize_tensor
 from moqe_jax.quant.spec import QuantSpec
 
 api = pytest.importorskip("moqe_jax.model.api")
+from _helpers import random_tiny_model  # noqa: E402
+
 from moqe_jax.config import SwitchConfig  # noqa: E402
 from moqe_jax.model.switch import init_params  # noqa: E402
 
@@ -22,21 +24,6 @@ from moqe_jax.model.switch import init_params  # noqa: E402
 def shapes(name="tiny", **kw):
     cfg = SwitchConfig.preset(name, **kw)
     return jax.eval_shape(lambda: init_params(cfg, 0))
-
-
-def random_model(seed=None, **kw):
-    """`tiny` preset with random weights from ``param_shapes`` (cheaper than a Flax init)."""
-    cfg = SwitchConfig.preset("tiny", **kw)
-    rng = np.random.default_rng(seed)
-    params: dict = {}
-    for path, shape in api.param_shapes(cfg).items():
-        node = params
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-        node[leaf] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
-    return api.Model(cfg, params)
 
 
 def test_default_is_experts_only_and_components_select_exactly():
@@ -88,7 +75,7 @@ def test_policy_fails_loudly():
 
 
 def test_quantize_model_rtn_on_tiny_switch():
-    model = random_model()
+    model = random_tiny_model()
     spec = QuantSpec(8, symmetric=False)
     q = quantize_model_rtn(model, spec, ("experts", "dense"))
     assert isinstance(q, api.Model) and q.config == model.config

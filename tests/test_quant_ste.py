@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import random_tiny_model
 
 from moqe_jax import ops
 from moqe_jax.quant.qtensor import QuantizedTensor
@@ -112,27 +113,10 @@ def test_qat_recovers_2bit_loss_and_export_is_identical():
     np.testing.assert_array_equal(out_ex, out_fq)  # export after QAT: identical forward
 
 
-def tiny_model(api, seed=None):
-    """The `tiny` preset with random weights built from ``param_shapes`` (cheaper than a Flax init)."""
-    from moqe_jax.config import SwitchConfig
-
-    cfg = SwitchConfig.preset("tiny")
-    rng = np.random.default_rng(seed)
-    params: dict = {}
-    for path, shape in api.param_shapes(cfg).items():
-        node = params
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-        node[leaf] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
-    return api.Model(cfg, params)
-
-
 def test_fake_quant_params_policy_and_tiny_switch_export():
     """On the `tiny` Switch preset: fake-quant model and exported model give identical logits."""
     api = pytest.importorskip("moqe_jax.model.api")
-    model = tiny_model(api)
+    model = random_tiny_model()
     spec = QuantSpec(2, symmetric=False)
     comps = ("experts", "dense")
     fq = api.Model(model.config, fake_quant_params(model.params, spec, comps))

@@ -1,0 +1,23 @@
+"""Shared test helpers (tests/ is on sys.path under pytest's default import mode)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from moqe_jax.checkpoint.t5x import unflatten
+
+
+def random_tiny_model(seed: int | None = None, **overrides):
+    """`tiny` preset with random weights from ``param_shapes`` (cheaper than a Flax init)."""
+    from moqe_jax.config import SwitchConfig
+    from moqe_jax.model import api
+
+    cfg = SwitchConfig.preset("tiny", **overrides)
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in api.param_shapes(cfg).items():
+        leaf = path.rsplit("/", 1)[-1]
+        std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+        flat[path] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
+    return api.Model(cfg, unflatten(flat))
