@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_info, write_results  # noqa: E402
+from moqe_jax.packed.spec import QuantSpec  # noqa: E402
 from moqe_jax.quant.gptq import _batched_fn, actorder_perm, solve_one_jit  # noqa: E402
-from moqe_jax.quant.spec import QuantSpec  # noqa: E402
 
 SHAPES = {
     "small": [("wi 64x256", 64, 256), ("wo 256x64", 256, 64)],

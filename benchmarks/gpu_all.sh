@@ -22,8 +22,8 @@ for s in "${stages[@]}"; do
            $PY -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG" ;;
     probe) if ! timeout 120 $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"; then
 import numpy as np, jax, jax.numpy as jnp
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels.dequant_matmul import quant_matmul
 rng = np.random.default_rng()
 for m, spec in ((1, QuantSpec(4)), (3, QuantSpec(3, symmetric=False)), (20, QuantSpec(2)), (1, QuantSpec("ternary")),

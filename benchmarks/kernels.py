@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import copy_bandwidth, device_info, n_sets_for, time_rotated, write_results
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
 from pallas_kernels.dequant_matmul import Blocks, grouped_quant_matmul, plan_blocks, quant_matmul
 

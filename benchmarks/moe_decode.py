@@ -27,7 +27,7 @@ from benchmarks.common import copy_bandwidth, device_info, time_rotated, write_r
 from benchmarks.kernels import random_qt
 from moqe_jax import ops
 from moqe_jax.model import routing
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend, dispatch
 from pallas_kernels.dequant_matmul import indexed_quant_matmul
 

@@ -4,7 +4,7 @@
     python -m benchmarks.sub1                  # full: + switch-base-128 stack encode, GPU kernel timings
 
 Writes ``benchmarks/results/sub1_bits.md`` (always) and ``benchmarks/results/sub1_kernel.md`` (GPU) with
-device, jax version and date. Reference numbers: specs/QMOE.md §1.7 (i.i.d. P(0)=0.885 ratios incl.
+device, jax version and date. Reference numbers: docs/QMOE.md §1.7 (i.i.d. P(0)=0.885 ratios incl.
 row metadata, entropy bound 0.6298 bits = 25.40×) and §A/§D (c2048 achieved 20.07×).
 """
 
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.sub1_dict import fitted_dictionary
 from moqe_jax.quant.sub1 import encode, encode_pairs, ternary_entropy_bits
-from moqe_jax.quant.sub1_dict import fitted_dictionary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (name, QMoE rows = out features = our N, cols = in features = our K, QMoE's i.i.d. ideal ratio, §1.7)
@@ -49,7 +49,7 @@ def bits_table(rows_sample: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     lines = ["## i.i.d. ternary, P(0) = 0.885, QMoE's matrix shapes (rows sampled per shape)", "",
              f"Rows encoded per shape: {rows_sample or 'all'}. QMoE accounting = `16·rows·cols / (16·#codewords + "
-             "64·(rows+1))` (int32 offset + bf16 min/max per row, specs/QMOE.md §1.7); ours = `Sub1Tensor.nbytes` "
+             "64·(rows+1))` (int32 offset + bf16 min/max per row, docs/QMOE.md §1.7); ours = `Sub1Tensor.nbytes` "
              "with float32 min/max (96 bits/row).", "",
              "| shape (rows × cols) | weights/codeword | QMoE-acct ratio vs bf16 | QMoE published i.i.d. ratio "
              "| ours bits/param (f32 meta) | ours ratio | entropy bits/weight | entropy ratio |",

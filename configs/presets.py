@@ -1,4 +1,4 @@
-"""Named `SwitchConfig` presets (specs/T5X_SWITCH.md §3 tables) plus small models for tests / MT.
+"""Named `SwitchConfig` presets (docs/T5X_SWITCH.md §3 tables) plus small models for tests / MT.
 
 ``get_preset(name, **overrides)`` returns a fresh config; every field is tweakable by override.
 """

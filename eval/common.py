@@ -98,8 +98,8 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
 def quantize(model: Any, bits: Any, components: Sequence[str], method: str = "rtn", calib: Any = None,
              overrides: dict | None = None, **spec_kw: Any) -> Any:
     """``moqe_jax.pipeline.quantize`` with ``QuantSpec(bits, **spec_kw)`` (MoQE default: linear absmax, channel)."""
+    from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import quantize as pq
-    from moqe_jax.quant.spec import QuantSpec
 
     kw = {"overrides": overrides} if overrides else {}
     return pq(model, QuantSpec(bits=bits, **spec_kw), components=tuple(components), method=method, calib=calib, **kw)
@@ -107,7 +107,7 @@ def quantize(model: Any, bits: Any, components: Sequence[str], method: str = "rt
 
 def other_layers_overrides(model: Any, keep: dict[str, set[int]], component_path: str = "mlp/") -> dict:
     """Policy overrides that keep ``component_path`` float in every layer NOT in ``keep`` (per stack) — MoQE's
-    dense baseline quantizes the FFN of selected layers only (specs/MOQE.md §4)."""
+    dense baseline quantizes the FFN of selected layers only (docs/MOQE.md §4)."""
     cfg = model.config
     out: dict[str, None] = {}
     for stack in ("encoder", "decoder"):

@@ -254,7 +254,7 @@ def _experts_quantized(model: Any) -> bool:
     import jax
 
     from moqe_jax.model.components import component_of
-    from moqe_jax.quant.qtensor import is_quantized
+    from moqe_jax.packed.qtensor import is_quantized
 
     flat = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_quantized)[0]
     return any(is_quantized(leaf) for path, leaf in flat if component_of(path) == "experts")

@@ -1,7 +1,7 @@
 """Weight-distribution statistics of expert vs dense FFN weights (MoQE's outlier analysis, "Fig. 1").
 
 MoQE argues that expert FFN weights have a smaller range and fewer outliers than dense FFN
-weights, which makes them robust to low-bit quantization (specs/MOQE.md §4, [R]). For every FFN
+weights, which makes them robust to low-bit quantization (docs/MOQE.md §4, [R]). For every FFN
 matrix (each expert's ``wi``/``wo`` separately) we measure, in float64:
 
 * ``absmax/std`` — the absmax grid step relative to the bulk (what channel-wise absmax RTN pays for);

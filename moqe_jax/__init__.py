@@ -1,6 +1,6 @@
 """moqe-jax: MoQE low-bit expert quantization and QMoE sub-1-bit compression for Switch MoE in JAX.
 
-Public API (shared/DESIGN.md): ``SwitchConfig``, ``load_model``, ``Model``, ``QuantSpec``,
+Public API (docs/ARCHITECTURE.md): ``SwitchConfig``, ``load_model``, ``Model``, ``QuantSpec``,
 ``QuantizedTensor``, ``quantize``, ``compress_sub1``. Imported lazily so that ``import moqe_jax``
 stays cheap.
 """
@@ -16,8 +16,8 @@ _EXPORTS = {
     "SwitchConfig": "moqe_jax.config",
     "load_model": "moqe_jax.model.api",
     "Model": "moqe_jax.model.api",
-    "QuantSpec": "moqe_jax.quant.spec",
-    "QuantizedTensor": "moqe_jax.quant.qtensor",
+    "QuantSpec": "moqe_jax.packed.spec",
+    "QuantizedTensor": "moqe_jax.packed.qtensor",
     "Sub1Tensor": "moqe_jax.quant.sub1",
     "quantize": "moqe_jax.pipeline",
     "compress_sub1": "moqe_jax.pipeline",

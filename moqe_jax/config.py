@@ -1,4 +1,4 @@
-"""`SwitchConfig`: the frozen description of a Switch Transformer (specs/T5X_SWITCH.md §2–§3).
+"""`SwitchConfig`: the frozen description of a Switch Transformer (docs/T5X_SWITCH.md §2–§3).
 
 Field names follow Hugging Face's ``SwitchTransformersConfig`` where HF has the concept; the rest
 (sparse-layer rule, gated activation, grouping / capacity, routing mode, dtype) are ours because

@@ -4,9 +4,9 @@
   jitted ``Model.generate`` (the CLI's path), SentencePiece-decoded (detokenized) hypotheses, sacrebleu
   corpus BLEU and chrF per direction on the test split, and the plain average over directions (MoQE
   reports per-direction scores and their average). Tokens/s of the decoding is measured.
-* Loss (QMoE §4 evaluates span-corruption loss on held-out C4; specs/QMOE.md §C): the MLM
+* Loss (QMoE §4 evaluates span-corruption loss on held-out C4; docs/QMOE.md §C): the MLM
   (span-corruption, noise 0.15, mean span 3) cross-entropy on held-out English text of our corpus
-  (the English side of the test split, specs/DATA.md) and the teacher-forced token-level CE of the
+  (the English side of the test split, docs/DATA.md) and the teacher-forced token-level CE of the
   reference translations.
 
 Only the parameters differ between a float and a quantized model; everything here calls

@@ -1,6 +1,6 @@
-"""`qmatmul`: the one matmul entry point for (possibly quantized) weights (shared/DESIGN.md, "ops").
+"""`qmatmul`: the one matmul entry point for (possibly quantized) weights (docs/ARCHITECTURE.md, "ops").
 
-``y = x @ W`` where ``W`` is a float array, a :class:`~moqe_jax.quant.qtensor.QuantizedTensor` or a
+``y = x @ W`` where ``W`` is a float array, a :class:`~moqe_jax.packed.qtensor.QuantizedTensor` or a
 codec (``Sub1Tensor``, anything with ``decode()``). Dispatch:
 
 * ``mode="xla"``: reference — dequantize with XLA, then ``jnp.dot`` (float W is cast to ``x.dtype``
@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.packed.qtensor import QuantizedTensor
 
 _MODES = ("auto", "xla", "pallas", "interpret")
 _mode: str = os.environ.get("MOQE_KERNELS", "auto")

@@ -1,4 +1,4 @@
-"""The main jobs as functions (shared/DESIGN.md): the CLI, train/ and eval/ call these.
+"""The main jobs as functions (docs/ARCHITECTURE.md): the CLI, train/ and eval/ call these.
 
 Thin dispatch to the modules that implement each paper concept.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.spec import QuantSpec
 
 
 def quantize(model: Any, spec: QuantSpec, components: Sequence[str] = ("experts",),

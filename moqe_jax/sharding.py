@@ -1,6 +1,6 @@
-"""Logical-axis sharding rules: the ONE place that maps parameter axes onto a device mesh (shared/DESIGN.md).
+"""Logical-axis sharding rules: the ONE place that maps parameter axes onto a device mesh (docs/ARCHITECTURE.md).
 
-Parameters carry logical axis names derived from their T5X path (specs/T5X_SWITCH.md §2):
+Parameters carry logical axis names derived from their T5X path (docs/T5X_SWITCH.md §2):
 ``embed`` (D), ``mlp`` (F), ``heads`` (the joined H·K axis of q/k/v/o and the H axis of the relative
 bias), ``kv``, ``vocab`` (V) and ``expert`` (E). ``LOGICAL_RULES`` maps them onto the mesh axes
 ``data``, ``expert``, ``model`` (T5X / Flaxformer MoE partitioning):

@@ -1,4 +1,4 @@
-"""The ONE place that decides how a Pallas kernel runs (shared/DESIGN.md, "Kernels"; specs/JAX_NOTES.md §4).
+"""The ONE place that decides how a Pallas kernel runs (docs/ARCHITECTURE.md, "Kernels"; docs/JAX_NOTES.md §4).
 
 * NVIDIA GPU: the Pallas **Triton** lowering, selected by passing
   ``compiler_params=plgpu.CompilerParams(num_warps=, num_stages=)`` (jax >= 0.9.1 has no ``backend=``
@@ -21,7 +21,7 @@ import jax
 
 from moqe_jax.errors import MoqeError
 
-try:  # feature-detect the Triton lowering (removed from some future jax; see JAX_NOTES §4.3)
+try:  # feature-detect the Triton lowering (removed from some future jax; see docs/JAX_NOTES.md §4.3)
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -89,7 +89,7 @@ def pallas_call(kernel: Callable[..., None], *, out_shape: Any, grid: tuple[int,
     @functools.wraps(call)
     def run(*args: Any) -> Any:
         # jax >= 0.11 marks the Triton backend deprecated (DeprecationWarning 'jax-pallas-triton'). We use it
-        # deliberately (Mosaic GPU has no sub-byte/mixed-input path we can use; JAX_NOTES §4.2), so that one
+        # deliberately (Mosaic GPU has no sub-byte/mixed-input path we can use; docs/JAX_NOTES.md §4.2), so that one
         # warning is silenced here and nowhere else.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"(?is).*triton.*")

@@ -17,7 +17,7 @@ One kernel serves dense and grouped (per-expert) matmuls: operands carry a leadi
 (``E = 1`` for a 2-D weight) and the grid is ``(N blocks, K splits × M blocks, E)``. Split-K programs write
 float32 partials that are summed by XLA; with one split the output is written directly.
 
-Triton-lowering constraints respected (specs/JAX_NOTES.md §4.5): power-of-two blocks, every dot dim ≥ 16
+Triton-lowering constraints respected (docs/JAX_NOTES.md §4.5): power-of-two blocks, every dot dim ≥ 16
 (M is padded to ≥ 16), same-dtype dot operands, no value gathers (tiles never straddle a scale group, so
 one ``[BN]`` scale row per tile), masked loads/stores for ragged K (packed rows) and N.
 """
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
 
 __all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul", "grouped_quant_matmul",

@@ -1,4 +1,4 @@
-"""Kernel dispatch for ``moqe_jax.ops`` (shared/DESIGN.md, "Kernels").
+"""Kernel dispatch for ``moqe_jax.ops`` (docs/ARCHITECTURE.md, "Kernels").
 
 ``matmul(x, w)`` / ``grouped_matmul(x, w)`` pick the Pallas kernel for a packed weight and return None
 when no kernel handles the case, so that the caller falls back to the XLA reference:
@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.packed.qtensor import QuantizedTensor
 from pallas_kernels import dequant_matmul as dq
 
 __all__ = ["matmul", "grouped_matmul", "explain"]

@@ -1,7 +1,7 @@
 """Decode-fused matmul ``y = x @ dequant(decode(W))`` for QMoE's sub-1-bit :class:`Sub1Tensor`.
 
 Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU). Port of QMoE's ``Sub1MatVec``
-(specs/QMOE.md §2) to the constraints of the Pallas Triton backend (specs/JAX_NOTES.md §4.5: no
+(docs/QMOE.md §2) to the constraints of the Pallas Triton backend (docs/JAX_NOTES.md §4.5: no
 scratch memory, no value gathers, power-of-two blocks):
 
 * one program handles ``BR`` output channels ("rows") and all ``M ≤ 64`` tokens of the batch; rows are
@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moqe_jax.packed.sub1_dict import NZ_SLOTS, sparse_dec_table
 from moqe_jax.quant.sub1 import Sub1Tensor
-from moqe_jax.quant.sub1_dict import NZ_SLOTS, sparse_dec_table
 
 __all__ = ["sub1_matmul", "grouped_sub1_matmul", "gathered_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS",
            "choose_blocks",

@@ -15,8 +15,8 @@ import pytest
 from moqe_jax.checkpoint import store
 from moqe_jax.checkpoint.t5x_writer import write_t5x_checkpoint
 from moqe_jax.errors import CheckpointError
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 
 api = pytest.importorskip("moqe_jax.model.api")
 

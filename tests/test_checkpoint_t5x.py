@@ -120,7 +120,7 @@ def test_lazy_slices_read_only_needed_chunks(tmp_path, tree):
 
 
 def test_t5x_chunk_rule():
-    assert t5x_chunk_shape((128, 768, 3072), 4) == (128, 256, 384)  # specs/T5X_SWITCH.md §1.6
+    assert t5x_chunk_shape((128, 768, 3072), 4) == (128, 256, 384)  # docs/T5X_SWITCH.md §1.6
     assert t5x_chunk_shape((8, 768, 3072), 4) == (8, 768, 1536)
     assert t5x_chunk_shape((32128, 768), 4) == (16064, 768)
 

@@ -88,8 +88,8 @@ def test_info_dict_quantized_model():
 
     from moqe_jax.commands.info import info_dict
     from moqe_jax.model.api import Model
-    from moqe_jax.quant.qtensor import QuantizedTensor
-    from moqe_jax.quant.spec import QuantSpec
+    from moqe_jax.packed.qtensor import QuantizedTensor
+    from moqe_jax.packed.spec import QuantSpec
 
     m = Model.init("tiny", 0)
     m.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"] = QuantizedTensor.from_codes(

@@ -7,6 +7,8 @@ import pytest
 
 from moqe_jax.errors import CheckpointError, DataError, QuantizationError
 from moqe_jax.model.api import Model
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.calibrate import (
     CalibrationReport,
     _cap_and_sort,
@@ -16,8 +18,6 @@ from moqe_jax.quant.calibrate import (
     token_mask,
 )
 from moqe_jax.quant.policy import quantize_model_rtn
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
 
 TERN = QuantSpec(bits="ternary")
 

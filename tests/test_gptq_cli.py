@@ -8,7 +8,7 @@ import numpy as np
 
 from moqe_jax.cli import main
 from moqe_jax.model.api import load_model
-from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.packed.qtensor import QuantizedTensor
 
 
 def test_compress_cli_gptq_and_rtn(tmp_path, capsys, monkeypatch):

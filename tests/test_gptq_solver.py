@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from moqe_jax.errors import QuantizationError
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.gptq import gptq_quantize, layer_error, rtn_codes, solve_one_jit
-from moqe_jax.quant.spec import QuantSpec
 
 
 def find_params(x: np.ndarray, bits: int | str, sym: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +276,7 @@ _SHARDED = textwrap.dedent('''
     import os
     import numpy as np, jax
     from moqe_jax.quant.gptq import gptq_quantize, solve_one_jit
-    from moqe_jax.quant.spec import QuantSpec
+    from moqe_jax.packed.spec import QuantSpec
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.make_mesh((4,), ("expert",))
     rng = np.random.default_rng(0)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from moqe_jax import ops
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend, dispatch
 from pallas_kernels.dequant_matmul import (
     Blocks,

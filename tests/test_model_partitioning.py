@@ -8,8 +8,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from moqe_jax.model.api import Model, param_shapes
 from moqe_jax.model.partitioning import logical_axes, partition_specs, shard_params
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 
 
 def test_logical_axes_cover_every_param_with_matching_rank():

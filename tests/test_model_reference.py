@@ -1,5 +1,5 @@
 """Whole-model check (t5x mode, f32) against an independent float64 NumPy implementation of the
-Flaxformer Switch forward pass (specs/T5X_SWITCH.md §4.2–§4.10): masks on queries and keys, the
+Flaxformer Switch forward pass (docs/T5X_SWITCH.md §4.2–§4.10): masks on queries and keys, the
 encoder/decoder logit masks, shared relative-position biases, RMSNorm, dense and MoE layers with
 grouping / capacity / dropping, tied or separate output logits."""
 

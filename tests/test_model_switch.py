@@ -1,4 +1,4 @@
-"""Switch model math vs independent NumPy references (specs/T5X_SWITCH.md §4)."""
+"""Switch model math vs independent NumPy references (docs/T5X_SWITCH.md §4)."""
 
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ def test_bf16_dtype_policy():
 
 
 def test_quantized_expert_leaf_passes_through(f32_model):
-    from moqe_jax.quant.qtensor import QuantizedTensor
-    from moqe_jax.quant.spec import QuantSpec
+    from moqe_jax.packed.qtensor import QuantizedTensor
+    from moqe_jax.packed.spec import QuantSpec
 
     m = f32_model
     cfg = m.config

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes, pack_codes, unpack_codes
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor, dequant_codes, pack_codes, unpack_codes
+from moqe_jax.packed.spec import QuantSpec
 
 
 def np_pack(codes: np.ndarray, b: int) -> np.ndarray:

@@ -7,9 +7,9 @@ import pytest
 
 from moqe_jax.cli import main
 from moqe_jax.config import SwitchConfig
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
 
 api = pytest.importorskip("moqe_jax.model.api")
 

@@ -9,10 +9,10 @@ import pytest
 
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import component_of
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, parse_components, plan_quantization, quantize_model_rtn
-from moqe_jax.quant.qtensor import QuantizedTensor
 from moqe_jax.quant.rtn import quantize_tensor
-from moqe_jax.quant.spec import QuantSpec
 
 api = pytest.importorskip("moqe_jax.model.api")
 from _helpers import random_tiny_model  # noqa: E402

@@ -10,9 +10,9 @@ import pytest
 
 from moqe_jax.config import SwitchConfig
 from moqe_jax.model.components import component_of
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
 from moqe_jax.quant.report import moqe_5p3b_config, projected_report, size_report
-from moqe_jax.quant.spec import QuantSpec
 
 api = pytest.importorskip("moqe_jax.model.api")
 
@@ -33,7 +33,7 @@ def test_projected_switch_base_128_2bit_experts_without_allocation():
                 for p, s in shapes.items() if component_of(p) == "experts")
     n_all = sum(math.prod(s) for s in shapes.values())
     assert rep["experts"].params == n_exp and rep.total.params == n_all
-    assert abs(n_all / 1e9 - 7.415) < 1e-3  # specs/T5X_SWITCH.md §2 count
+    assert abs(n_all / 1e9 - 7.415) < 1e-3  # docs/T5X_SWITCH.md §2 count
     assert rep["experts"].bytes_after == b_exp
     assert rep["experts"].quantized_params == n_exp and rep["dense"].quantized_params == 0
     assert rep.total.bytes_after == b_exp + 2 * (n_all - n_exp)
@@ -44,7 +44,7 @@ def test_projected_switch_base_128_2bit_experts_without_allocation():
 
 
 def test_moqe_5p3b_headline_79_6_percent():
-    """specs/MOQE.md §3: 5.31B params, 91.0 % experts; % of the fp16 MoE = 54.5 / 31.8 / 26.1 / 20.4 at 8/4/3/2 bits."""
+    """docs/MOQE.md §3: 5.31B params, 91.0 % experts; % of the fp16 MoE = 54.5 / 31.8 / 26.1 / 20.4 at 8/4/3/2 bits."""
     cfg = moqe_5p3b_config()
     base = projected_report(cfg, None)
     assert base.total.params / 1e9 == pytest.approx(5.31, abs=0.01)

@@ -1,7 +1,7 @@
 """RTN quantizers (moqe_jax.quant.rtn) against an independent float64 NumPy reference.
 
-The reference is written from the rules in specs/MOQE.md §4 (FasterTransformer absmax, Marian log) and
-specs/QMOE.md §1.1/§5 (GPTQ min-max, MSE grid, ternary), one (group, channel) vector at a time.
+The reference is written from the rules in docs/MOQE.md §4 (FasterTransformer absmax, Marian log) and
+docs/QMOE.md §1.1/§5 (GPTQ min-max, MSE grid, ternary), one (group, channel) vector at a time.
 
 Ties: JAX computes in float32, the reference in float64, so an element whose pre-rounding value lies
 within ~1e-5 (relative) of a decision boundary may legitimately round differently; the reference flags
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from moqe_jax.errors import MoqeError, QuantizationError
-from moqe_jax.quant.qtensor import QuantizedTensor, unpack_codes
+from moqe_jax.packed.qtensor import QuantizedTensor, unpack_codes
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.rtn import (
     LOG_MSE_STEPS,
     fake_quantize,
@@ -28,7 +29,6 @@ from moqe_jax.quant.rtn import (
     quantize_codes,
     quantize_tensor,
 )
-from moqe_jax.quant.spec import QuantSpec
 
 TIE = 1e-5
 

@@ -10,9 +10,9 @@ import pytest
 from _helpers import random_tiny_model
 
 from moqe_jax import ops
-from moqe_jax.quant.qtensor import QuantizedTensor
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.rtn import quantize_tensor
-from moqe_jax.quant.spec import QuantSpec
 from moqe_jax.quant.ste import export_qat, fake_quant, fake_quant_params
 
 SPECS = [QuantSpec(2), QuantSpec(3, symmetric=False, granularity=8), QuantSpec(4, "log", mse=True),

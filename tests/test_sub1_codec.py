@@ -1,5 +1,5 @@
 """Sub1Tensor codec: bit-exact round trips, an independent pure-Python greedy encoder, storage
-validation on corrupt streams, QMoE's w_comp/row_off/ter_minmax layout (specs/QMOE.md §1.5–1.7)."""
+validation on corrupt streams, QMoE's w_comp/row_off/ter_minmax layout (docs/QMOE.md §1.5–1.7)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from moqe_jax.errors import CheckpointError, QuantizationError
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.sub1_dict import get_dictionary
 from moqe_jax.quant.sub1 import (
     Sub1Tensor,
     compress_params,
@@ -22,7 +23,6 @@ from moqe_jax.quant.sub1 import (
     ternary_entropy_bits,
     to_qmoe,
 )
-from moqe_jax.quant.sub1_dict import get_dictionary
 
 TERN = QuantSpec(bits="ternary")
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -1,10 +1,10 @@
-"""QMoE sub-1-bit dictionary: bit-identical to QMoE's setup() (specs/QMOE.md §1.3–1.5 checksums)."""
+"""QMoE sub-1-bit dictionary: bit-identical to QMoE's setup() (docs/QMOE.md §1.3–1.5 checksums)."""
 
 import hashlib
 
 import numpy as np
 
-from moqe_jax.quant.sub1_dict import (
+from moqe_jax.packed.sub1_dict import (
     DEC_SHA256,
     MAX_PAIRS,
     NUM_CODES,

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.sub1 import encode
 from pallas_kernels.sub1_matmul import MAX_TOKENS, grouped_sub1_matmul, sub1_matmul, sub1_matmul_rows
 
@@ -71,7 +71,7 @@ def test_unsupported_cases_return_none():
 
 def test_sparse_dec_table_matches_qmoe_dec():
     """The kernel's one-word nonzero table re-expands to exactly the weights of QMoE's two-word dec."""
-    from moqe_jax.quant.sub1_dict import get_dictionary
+    from moqe_jax.packed.sub1_dict import get_dictionary
     from pallas_kernels.sub1_matmul import sparse_dec_table
 
     dec = get_dictionary().dec.view(np.uint32).reshape(-1, 2).astype(np.int64)

@@ -5,8 +5,8 @@ import numpy as np
 
 import moqe_jax
 from moqe_jax.model.api import Model, load_model
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.sub1 import Sub1Tensor
 
 

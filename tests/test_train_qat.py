@@ -14,9 +14,9 @@ from moqe_jax.data.batching import BucketBatcher, encode_pairs
 from moqe_jax.data.tokenizer import Tokenizer
 from moqe_jax.evaluate import teacher_forced_loss
 from moqe_jax.model.api import Model, load_model
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.pipeline import quantize
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
 from moqe_jax.quant.ste import fake_quant_params
 from train.qat import qat_finetune
 from train.train import MTData

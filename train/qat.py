@@ -31,7 +31,7 @@ def qat_finetune(model: Any, data: Any, bits: int | str = 2, steps: int = 300, l
                  tokens_per_batch: int | None = 2048, mesh: dict[str, int] | None = None, log: Any = None) -> Any:
     """STE QAT of ``components`` of ``model`` → ``(Model with packed QuantizedTensor leaves, TrainResult)``."""
     from moqe_jax.model.api import Model
-    from moqe_jax.quant.spec import QuantSpec
+    from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.quant.ste import export_qat
     from train.train import TrainConfig, train
 
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from moqe_jax.evaluate import evaluate_model
     from moqe_jax.model.api import Model, load_model
+    from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import quantize
-    from moqe_jax.quant.spec import QuantSpec
     from train.train import TrainConfig, load_mt_data, train
 
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         qat_model.save(out / "model")
         import jax
 
-        from moqe_jax.quant.qtensor import QuantizedTensor
+        from moqe_jax.packed.qtensor import QuantizedTensor
 
         report["packed_quantized_tensors"] = sum(
             isinstance(x, QuantizedTensor)

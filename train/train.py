@@ -1,6 +1,6 @@
 """ONE training loop: Switch MoE / dense baselines from scratch, and STE QAT of expert weights (MoQE §3).
 
-* Loss (T5X, specs/T5X_SWITCH.md §3/§4.9): token cross-entropy + ``z_loss``·logZ² of the output logits
+* Loss (T5X, docs/T5X_SWITCH.md §3/§4.9): token cross-entropy + ``z_loss``·logZ² of the output logits
   (1e-4), normalised by the number of real target tokens, + ``aux_loss_factor`` (0.01) × mean
   load-balancing loss over sparse layers + ``router_z_loss_factor`` (0) × mean router z-loss.
 * Optimizers: optax Adafactor (T5X: decay 0.8, parameter-scale, clipping 1.0, rsqrt schedule) or AdamW.
@@ -46,7 +46,7 @@ Batch = dict[str, np.ndarray]
 # ---- configuration -----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: T5X Switch, specs/T5X_SWITCH.md §3)."""
+    """Hyper-parameters of one run (defaults: T5X Switch, docs/T5X_SWITCH.md §3)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -79,7 +79,7 @@ class TrainConfig:
     def qat_spec(self) -> Any:
         if self.qat_bits is None:
             return None
-        from moqe_jax.quant.spec import QuantSpec
+        from moqe_jax.packed.spec import QuantSpec
 
         bits = self.qat_bits if self.qat_bits == "ternary" else int(self.qat_bits)
         return QuantSpec(bits=bits, granularity=self.qat_granularity)
@@ -232,7 +232,7 @@ class MLMData:
 def load_mlm_data(corpus_dir: str | os.PathLike, tc: TrainConfig, inputs_length: int = 32,
                   tokenizer_dir: str | os.PathLike | None = None) -> MLMData:
     """Span-corruption data: the training-split English side (``english.txt``) for training, the English side
-    of the validation split for eval (specs/DATA.md: the English sentences of valid/test never occur in train)."""
+    of the validation split for eval (docs/DATA.md: the English sentences of valid/test never occur in train)."""
     from moqe_jax.data.corpus import english_sentences, read_jsonl
     from moqe_jax.data.tokenizer import Tokenizer
 

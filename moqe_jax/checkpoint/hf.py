@@ -1,4 +1,4 @@
-"""Hugging Face Switch import (specs/T5X_SWITCH.md §5): ``config.json`` + safetensors / ``.bin``.
+"""Hugging Face Switch import (docs/T5X_SWITCH.md §5): ``config.json`` + safetensors / ``.bin``.
 
 Inverse of the T5X→HF mapping of spec §5.3: ``nn.Linear`` weights ``[out, in]`` are transposed to
 Flax kernels ``[in, out]``; per-expert ``experts.expert_{j}.{wi,wo}`` are stacked to ``[E, ...]``;

@@ -1,4 +1,4 @@
-"""Flax ``serialization`` msgpack codec, reimplemented so every branch is explicit (specs/T5X_SWITCH.md §1.2).
+"""Flax ``serialization`` msgpack codec, reimplemented so every branch is explicit (docs/T5X_SWITCH.md §1.2).
 
 Ext types: 1 = ndarray, 2 = native complex, 3 = numpy scalar. Types 1 and 3 carry a msgpack
 ``[shape, dtype_name, raw_bytes]`` payload (C order, little endian; ``bfloat16`` via ml_dtypes).

@@ -46,7 +46,7 @@ _log = logging.getLogger(__name__)
 # ---- packed-type registry ----------------------------------------------------------------------
 
 def _qtensor() -> type:
-    from moqe_jax.quant.qtensor import QuantizedTensor
+    from moqe_jax.packed.qtensor import QuantizedTensor
 
     return QuantizedTensor
 

@@ -1,4 +1,4 @@
-"""Read legacy T5X (version 3/2) Switch checkpoints without t5x or tensorstore (specs/T5X_SWITCH.md §1, §7).
+"""Read legacy T5X (version 3/2) Switch checkpoints without t5x or tensorstore (docs/T5X_SWITCH.md §1, §7).
 
 A checkpoint is ``checkpoint_<step>/checkpoint`` (flax msgpack, :mod:`.msgpack_flax`) plus one zarr v2
 directory per tensorstore-backed leaf (:mod:`.zarr`). Only ``optimizer/target`` (the parameters) is

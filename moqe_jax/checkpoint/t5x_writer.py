@@ -1,4 +1,4 @@
-"""Write legacy T5X checkpoints exactly as T5X lays them out (specs/T5X_SWITCH.md §1.10): test fixtures and export.
+"""Write legacy T5X checkpoints exactly as T5X lays them out (docs/T5X_SWITCH.md §1.10): test fixtures and export.
 
 ``checkpoint_<step>/checkpoint`` = flax msgpack ``{'version': 3, 'optimizer': {'state': {'step': int32,
 'param_states': {}}, 'target': <tensorstore spec dicts>}}`` and one zarr v2 directory

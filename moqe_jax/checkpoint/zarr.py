@@ -1,4 +1,4 @@
-"""Minimal zarr v2 array reader/writer for T5X tensorstore leaves (specs/T5X_SWITCH.md §1.5).
+"""Minimal zarr v2 array reader/writer for T5X tensorstore leaves (docs/T5X_SWITCH.md §1.5).
 
 Supports exactly what T5X writes: ``.zarray`` dtype ``<f4``/``<i4``/``<f8`` (any plain little-endian
 numpy dtype) and tensorstore's ``bfloat16``; compressor gzip (also zlib / none); no filters; C (or F)

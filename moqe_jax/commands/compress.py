@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
 
 
 def spec_from_bits(bits: str) -> Any:
-    from moqe_jax.quant.spec import QuantSpec
+    from moqe_jax.packed.spec import QuantSpec
 
     b = str(bits).lower()
     if b in ("ternary", "tern", "1.5"):

@@ -1,4 +1,4 @@
-"""``moqe data build``: build the gettext MT corpus and its tokenizer (specs/DATA.md)."""
+"""``moqe data build``: build the gettext MT corpus and its tokenizer (docs/DATA.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _build(args: argparse.Namespace) -> int:
           f"{stats.too_long_skipped} >200 chars, {stats.identical_skipped} msgid==msgstr, "
           f"{stats.duplicate_skipped} duplicates; {len(stats.bad_files)} corrupt catalogs")
     if total != ref_total:
-        print("note: counts differ from specs/DATA.md because the set of installed Debian packages (hence .mo "
+        print("note: counts differ from docs/DATA.md because the set of installed Debian packages (hence .mo "
               "catalogs) differs between machine images; the rules are the same (checked against gettext).")
     print(f"tokenizer: {tok.path} (vocab {tok.vocab_size}); corpus: {args.out}")
     return 0

@@ -68,8 +68,8 @@ def _demo(args: argparse.Namespace) -> int:
     from moqe_jax.commands.eval import resolve_tokenizer
     from moqe_jax.evaluate import calibration_batches, evaluate_model, load_tokenizer
     from moqe_jax.model.api import load_model
+    from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import compress_sub1, quantize
-    from moqe_jax.quant.spec import QuantSpec
 
     data = _data_dir(args.data)
     tok = load_tokenizer(resolve_tokenizer(args.tokenizer, str(model_dir), data))

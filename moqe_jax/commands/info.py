@@ -64,7 +64,7 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
         import jax
 
         from moqe_jax.checkpoint.store import disk_size
-        from moqe_jax.quant.qtensor import QuantizedTensor
+        from moqe_jax.packed.qtensor import QuantizedTensor
 
         def is_leaf(x: Any) -> bool:
             return isinstance(x, QuantizedTensor) or hasattr(x, "decode")

@@ -2,7 +2,7 @@
 
   moqe quantize MODEL --bits 4 --scheme linear --granularity channel --components experts --out DIR [--report]
   moqe quantize --preset switch-base-128 --bits 2 --report      # projected size, no weights allocated
-  moqe quantize --preset moqe-5.3b --bits 2 --report            # MoQE's 5.3B MT config (specs/MOQE.md §3)
+  moqe quantize --preset moqe-5.3b --bits 2 --report            # MoQE's 5.3B MT config (docs/MOQE.md §3)
 
 MODEL: anything ``moqe_jax.load_model`` accepts (``hf:DIR``, ``t5x:DIR`` with ``--preset``, or a
 directory written by ``Model.save``). Linear is symmetric absmax by default (MoQE/FasterTransformer);

@@ -1,4 +1,4 @@
-"""Data: gettext MT corpus (specs/DATA.md), SentencePiece tokenizer, length-bucketed batching, T5 span corruption."""
+"""Data: gettext MT corpus (docs/DATA.md), SentencePiece tokenizer, length-bucketed batching, T5 span corruption."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["build_dataset", "DATA_MD_PAIRS"]
 
-# specs/DATA.md's table, measured on 2026-11-23 on another machine image (for comparison only).
+# docs/DATA.md's table, measured on 2026-11-23 on another machine image (for comparison only).
 DATA_MD_PAIRS: dict[str, int] = {"fr": 54500, "sv": 43489, "es": 42845, "ru": 42642, "de": 40335, "zh_CN": 37141,
                                  "it": 36982, "ja": 32048, "pl": 30055, "cs": 21612}
 

@@ -1,4 +1,4 @@
-"""Multilingual MT corpus from Debian gettext catalogs (specs/DATA.md).
+"""Multilingual MT corpus from Debian gettext catalogs (docs/DATA.md).
 
 ``<locale_dir>/<lang>/LC_MESSAGES/*.mo`` holds English ``msgid`` → translated ``msgstr`` pairs.
 We parse the GNU ``.mo`` format ourselves (both byte orders, contexts ``msgctxt\\x04msgid``,

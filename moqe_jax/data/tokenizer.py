@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer for the gettext MT corpus, T5 conventions (specs/T5X_SWITCH.md §3).
+"""SentencePiece tokenizer for the gettext MT corpus, T5 conventions (docs/T5X_SWITCH.md §3).
 
 Ids: pad=0, eos=1, unk=2 (no bos), then the target-language tags ``<2xx>`` as user-defined
 symbols, then the unigram pieces. As in T5's ``cc_all.32000.100extra`` vocabulary, the SentencePiece

@@ -1,4 +1,4 @@
-"""Switch Transformer model (Flax linen), bit-faithful to Flaxformer/T5X (specs/T5X_SWITCH.md §4).
+"""Switch Transformer model (Flax linen), bit-faithful to Flaxformer/T5X (docs/T5X_SWITCH.md §4).
 
 Modules:
   * ``switch``     — ``SwitchTransformer`` (param tree = T5X ``target`` tree, spec §2), masks, logits.

@@ -1,4 +1,4 @@
-"""Public model API: ``Model``, ``load_model``, ``param_counts`` (shared/DESIGN.md "Public Python API")."""
+"""Public model API: ``Model``, ``load_model``, ``param_counts`` (docs/ARCHITECTURE.md "Public Python API")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Which paper "component" a parameter path belongs to (MoQE §4 ablations; QMoE §3.6).
 
-Paths are the T5X/Flaxformer parameter paths (specs/T5X_SWITCH.md §2), as tuples of keys or
+Paths are the T5X/Flaxformer parameter paths (docs/T5X_SWITCH.md §2), as tuples of keys or
 '/'-joined strings, e.g. ``encoder/layers_1/mlp/expert/wi/kernel``.
 """
 

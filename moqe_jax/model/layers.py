@@ -1,4 +1,4 @@
-"""Switch Transformer building blocks in Flax linen, bit-faithful to Flaxformer (specs/T5X_SWITCH.md §4).
+"""Switch Transformer building blocks in Flax linen, bit-faithful to Flaxformer (docs/T5X_SWITCH.md §4).
 
 Parameter names reproduce the T5X ``target`` tree (spec §2) so checkpoints load without renaming.
 Every kernel matmul goes through :mod:`moqe_jax.ops` so a kernel leaf may be a float array, a

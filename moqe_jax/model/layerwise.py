@@ -1,4 +1,4 @@
-"""Layer-by-layer functional API over a T5X param tree (for GPTQ calibration, QMoE §3 / DESIGN "GPTQ").
+"""Layer-by-layer functional API over a T5X param tree (for GPTQ calibration, QMoE §3 / docs/ARCHITECTURE.md "GPTQ").
 
 Each function takes ``cfg`` and the FULL ``params`` tree (layers read their own subtree, e.g.
 ``params["encoder"]["layers_3"]``), so a caller can run stack → layer i → swap layer i's params →

@@ -1,4 +1,4 @@
-"""Top-1 tokens-choose routing of Flaxformer's ``MoeLayer`` (specs/T5X_SWITCH.md §4.8), pure functions.
+"""Top-1 tokens-choose routing of Flaxformer's ``MoeLayer`` (docs/T5X_SWITCH.md §4.8), pure functions.
 
 Static shape helpers (``maybe_pad_amounts``, ``num_groups``, ``expert_capacity``) work on Python ints
 and are usable outside jit (e.g. by calibration code or NumPy references). ``top1_route`` works on

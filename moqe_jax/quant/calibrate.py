@@ -1,4 +1,4 @@
-"""Routing-aware, layer-by-layer GPTQ calibration of a Switch model (QMoE §3, specs/QMOE.md §3.1–3.3).
+"""Routing-aware, layer-by-layer GPTQ calibration of a Switch model (QMoE §3, docs/QMOE.md §3.1–3.3).
 
 Encoder layers first, then decoder layers, in model order. For each layer:
 
@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moqe_jax.errors import CheckpointError, DataError, QuantizationError
+from moqe_jax.packed.qtensor import QuantizedTensor, is_quantized
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.gptq import gptq_quantize, layer_error, rtn_codes
-from moqe_jax.quant.qtensor import QuantizedTensor, is_quantized
-from moqe_jax.quant.spec import QuantSpec
 
 __all__ = ["gptq_quantize_model", "CalibrationReport", "LayerReport", "expert_hessians", "token_mask"]
 

@@ -1,4 +1,4 @@
-"""Batched, jitted, expert-sharded GPTQ (Frantar et al. 2022; QMoE §3, specs/QMOE.md §3.3–3.4, §5).
+"""Batched, jitted, expert-sharded GPTQ (Frantar et al. 2022; QMoE §3, docs/QMOE.md §3.3–3.4, §5).
 
 A faithful port of IST-DASLab/gptq ``GPTQ.fasterquant`` in the batched form of QMoE's
 ``batch_gptq``, as a pure function of ``(W, H, spec)``:
@@ -40,8 +40,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from moqe_jax.errors import QuantizationError
-from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes, expand_groups
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor, dequant_codes, expand_groups
+from moqe_jax.packed.spec import QuantSpec
 
 __all__ = ["GPTQStats", "gptq_quantize", "gptq_solve_one", "layer_error", "rtn_codes", "DAMP_FLOOR"]
 

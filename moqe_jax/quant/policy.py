@@ -1,6 +1,6 @@
 """Which parameters get quantized (MoQE §4: experts only by default; ablations add dense/attention).
 
-A *plan* maps parameter paths (T5X target tree, specs/T5X_SWITCH.md §2) to the ``QuantSpec`` used for
+A *plan* maps parameter paths (T5X target tree, docs/T5X_SWITCH.md §2) to the ``QuantSpec`` used for
 each. Selection:
 
 1. ``overrides`` (regex → spec or ``None``), searched on the ``/``-joined path in order; the first
@@ -28,9 +28,9 @@ import jax
 
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import component_of
-from moqe_jax.quant.qtensor import is_quantized
+from moqe_jax.packed.qtensor import is_quantized
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.rtn import LOG_MSE_STEPS, as_spec, quantize_tensor
-from moqe_jax.quant.spec import QuantSpec
 
 __all__ = [
     "DEFAULT_COMPONENTS",

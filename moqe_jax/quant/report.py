@@ -11,7 +11,7 @@ allocating a single weight: parameter shapes come from ``jax.eval_shape`` of the
 each selected leaf is "quantized" with :func:`moqe_jax.quant.rtn.quantize_tensor` on a
 ``jax.ShapeDtypeStruct`` (itself ``jax.eval_shape`` of the real quantizer), so the bytes are those of
 the real packed arrays. ``moqe_5p3b_config()`` is MoQE's 5.3B MT model as recalled in
-specs/MOQE.md §3 (24/12 layers, D=1024, F=4096, 32 experts every other layer, vocab ≈125k).
+docs/MOQE.md §3 (24/12 layers, D=1024, F=4096, 32 experts every other layer, vocab ≈125k).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import numpy as np
 
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import COMPONENTS, component_of
+from moqe_jax.packed.qtensor import is_quantized
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import DEFAULT_COMPONENTS, flatten_params, plan_quantization, unflatten_params
-from moqe_jax.quant.qtensor import is_quantized
 from moqe_jax.quant.rtn import as_spec, quantize_tensor
-from moqe_jax.quant.spec import QuantSpec
 
 __all__ = ["ComponentSize", "SizeReport", "size_report", "projected_report", "moqe_5p3b_config", "leaf_nbytes"]
 
@@ -179,7 +179,7 @@ def size_report(model_or_params: Any, config: Any = None, *, float_dtype: str | 
 
 
 def moqe_5p3b_config() -> Any:
-    """MoQE's 5.3B multilingual MT MoE (specs/MOQE.md §3, recalled shapes; not a preset)."""
+    """MoQE's 5.3B multilingual MT MoE (docs/MOQE.md §3, recalled shapes; not a preset)."""
     from moqe_jax.config import SwitchConfig
 
     cfg = SwitchConfig.preset("switch-large-128", num_layers=24, num_decoder_layers=12, num_experts=32,

@@ -3,9 +3,9 @@
 All functions work on weights ``w [*batch, K, N]`` (Flax ``[in, out]``; batch = expert axis E);
 the "channel" is N and groups run along K (``spec.granularity``). Per-(group, channel) parameters
 have shape ``[*batch, G, N]``. Everything here is plain ``jnp`` and jittable with ``spec`` static;
-the value of a code is defined only by :func:`moqe_jax.quant.qtensor.dequant_codes`.
+the value of a code is defined only by :func:`moqe_jax.packed.qtensor.dequant_codes`.
 
-Grids (docs/FORMATS.md §1, specs/MOQE.md §4, specs/QMOE.md §1.1 and §5):
+Grids (docs/FORMATS.md §1, docs/MOQE.md §4, docs/QMOE.md §1.1 and §5):
 
 * **linear, symmetric** (MoQE / FasterTransformer ``symmetric_quantize``): ``s = absmax / 2^(b−1)``
   for *every* bit width (FT's rule for int8/int4, kept for 3 and 2 bits so that all ``2^b`` codes are
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moqe_jax.errors import QuantizationError
-from moqe_jax.quant.qtensor import QuantizedTensor, dequant_codes, expand_groups, pack_codes
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.qtensor import QuantizedTensor, dequant_codes, expand_groups, pack_codes
+from moqe_jax.packed.spec import QuantSpec
 
 __all__ = [
     "LOG_MSE_STEPS",

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moqe_jax.packed.qtensor import expand_groups
+from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import (
     DEFAULT_COMPONENTS,
     flatten_params,
@@ -32,9 +34,7 @@ from moqe_jax.quant.policy import (
     quantize_model_rtn,
     unflatten_params,
 )
-from moqe_jax.quant.qtensor import expand_groups
 from moqe_jax.quant.rtn import LOG_MSE_STEPS, as_spec, dequantize_grouped, quantize_arrays, representable_range
-from moqe_jax.quant.spec import QuantSpec
 
 __all__ = ["fake_quant", "fake_quant_params", "export_qat"]
 

@@ -1,13 +1,13 @@
 """`Sub1Tensor`: QMoE's sub-1-bit dictionary code for ternary experts (Frantar & Alistarh 2023, §4).
 
-A ternary :class:`~moqe_jax.quant.qtensor.QuantizedTensor` ``[*batch, K, N]`` (channel-wise; codes
+A ternary :class:`~moqe_jax.packed.qtensor.QuantizedTensor` ``[*batch, K, N]`` (channel-wise; codes
 0 → 0, 1 → ``w_min`` = ``zeros``, 2 → ``w_max`` = ``scales``) already holds QMoE's symbols. QMoE's
 "row" is our output channel ``n``: its weights run along K and are grouped in pairs
 ``r = t0 + 3·t1`` (k = 2i, 2i+1). Each row is encoded independently by greedy longest-match against
-the fixed 2^16-entry dictionary (:mod:`moqe_jax.quant.sub1_dict`); the codewords of all rows
+the fixed 2^16-entry dictionary (:mod:`moqe_jax.packed.sub1_dict`); the codewords of all rows
 (row-major over ``(*batch, N)``) form one uint16 stream with int32 row offsets. Byte layout:
 docs/FORMATS.md §2; QMoE's own per-expert layout (``w_comp`` / ``row_off`` / ``ter_minmax``,
-specs/QMOE.md §1.6) is read and written by :func:`from_qmoe` / :func:`to_qmoe`.
+docs/QMOE.md §1.6) is read and written by :func:`from_qmoe` / :func:`to_qmoe`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import ml_dtypes
 import numpy as np
 
 from moqe_jax.errors import CheckpointError, QuantizationError
-from moqe_jax.quant.qtensor import QuantizedTensor
-from moqe_jax.quant.spec import QuantSpec
-from moqe_jax.quant.sub1_dict import DEC_SHA256, NZ_SLOTS, TRIE_ROOT, get_dictionary, sparse_dec_table
+from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.sub1_dict import DEC_SHA256, NZ_SLOTS, TRIE_ROOT, get_dictionary, sparse_dec_table
 
 __all__ = ["Sub1Tensor", "encode", "encode_pairs", "decode_pairs", "decode_codes", "pair_symbols", "from_qmoe",
            "to_qmoe", "qmoe_layers_from_state_dict", "qmoe_t5x_path", "load_qmoe_experts", "ternary_entropy_bits",
@@ -41,7 +41,7 @@ _TERNARY = QuantSpec(bits="ternary", granularity="channel")
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder (specs/QMOE.md §1.5): greedy longest match through the trie, all rows in lockstep.
+# Encoder (docs/QMOE.md §1.5): greedy longest match through the trie, all rows in lockstep.
 # ---------------------------------------------------------------------------------------------
 def _progress(total: int, desc: str):
     try:
@@ -371,7 +371,7 @@ def is_sub1(x: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entropy (specs/QMOE.md §1.7)
+# Entropy (docs/QMOE.md §1.7)
 # ---------------------------------------------------------------------------------------------
 def ternary_entropy_bits(x: QuantizedTensor | Sub1Tensor | float) -> float:
     """Ideal (order-0) entropy in bits/weight: of a symbol histogram, or of i.i.d. P(0)=x (x float)."""
@@ -386,7 +386,7 @@ def ternary_entropy_bits(x: QuantizedTensor | Sub1Tensor | float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# QMoE checkpoint layout (specs/QMOE.md §1.6): per expert matrix w_comp / row_off / ter_minmax.
+# QMoE checkpoint layout (docs/QMOE.md §1.6): per expert matrix w_comp / row_off / ter_minmax.
 # ---------------------------------------------------------------------------------------------
 def _np(x: Any) -> np.ndarray:
     """numpy view of a numpy/jax/torch array (torch bf16 via an int16 view)."""
@@ -472,7 +472,7 @@ def qmoe_layers_from_state_dict(sd: Mapping[str, Any], k_of: Mapping[str, int] |
     """Group a QMoE ``expNN.pt`` state dict into ``{"<block prefix>.wi|wo": Sub1Tensor [E, K, N]}``.
 
     Keys follow ``{encoder|decoder}.block.{i}.layer.{j}.mlp.experts.expert_{e}.{wi|wo}.{w_comp|row_off|
-    ter_minmax}`` (specs/QMOE.md §1.6); ``k_of`` optionally gives K per group (else inferred).
+    ter_minmax}`` (docs/QMOE.md §1.6); ``k_of`` optionally gives K per group (else inferred).
     """
     import re
 
@@ -503,7 +503,7 @@ def qmoe_t5x_path(hf_prefix: str) -> str:
 
 
 def load_qmoe_experts(files: Sequence[Any]) -> dict[str, Sub1Tensor]:
-    """Read QMoE ``expNN.pt`` files (torch state dicts, specs/QMOE.md §1.6) -> ``{t5x path: Sub1Tensor}``.
+    """Read QMoE ``expNN.pt`` files (torch state dicts, docs/QMOE.md §1.6) -> ``{t5x path: Sub1Tensor}``.
 
     The result can be merged into a model's ``params`` (whose non-expert weights come from ``noexp.pt``
     through the HF importer) in place of the expert kernels.

@@ -1,7 +1,7 @@
-"""`QuantSpec`: how one weight tensor is quantized (shared/DESIGN.md, "the one contract").
+"""`QuantSpec`: how one weight tensor is quantized (docs/ARCHITECTURE.md, "the one contract").
 
 MoQE (Kim et al. 2023, §3): weight-only, channel-wise (one scale per *output* channel), linear or
-log-scale, 8/4/3/2 bits. QMoE (Frantar & Alistarh 2023, §3.2 / specs/QMOE.md §1.1): per-row min-max
+log-scale, 8/4/3/2 bits. QMoE (Frantar & Alistarh 2023, §3.2 / docs/QMOE.md §1.1): per-row min-max
 grids, 2-bit asymmetric and ternary ``{w_min, 0, w_max}``.
 
 Weights follow the Flax/T5X convention ``[..., K, N]`` = ``[..., in, out]``; the "channel" is the last

@@ -1,4 +1,4 @@
-"""`QuantizedTensor`: the one packed weight type (shared/DESIGN.md, "the one contract").
+"""`QuantizedTensor`: the one packed weight type (docs/ARCHITECTURE.md, "the one contract").
 
 Used by the model (experts call ``moqe_jax.ops``), RTN/GPTQ (produce it), the sub-1-bit codec
 (encodes its ternary codes), the Pallas kernels (read ``packed`` directly) and checkpoint I/O.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.quant.spec import QuantSpec
+from moqe_jax.packed.spec import QuantSpec
 
 __all__ = [
     "QuantizedTensor",

@@ -1,4 +1,4 @@
-"""QMoE's static sub-1-bit dictionary (Frantar & Alistarh 2023, §4; specs/QMOE.md §1.2–1.5).
+"""QMoE's static sub-1-bit dictionary (Frantar & Alistarh 2023, §4; docs/QMOE.md §1.2–1.5).
 
 One global dictionary of 2^16 codewords, each a sequence of 1…14 ternary *pairs* (pair symbol
 ``r = t0 + 3·t1`` for the weights at positions 2i, 2i+1 of a row), built best-first from an i.i.d.
@@ -13,7 +13,7 @@ model with P(0) = 0.885. Three tables derive from it:
 
 The construction reproduces QMoE's ``setup()`` bit for bit (float64 products in sequence order,
 lexicographic tie-break by Python list ordering); :data:`DEC_SHA256` / :data:`TRIE_SHA256` are the
-checksums of specs/QMOE.md §1.3 and are verified on every build / cache load.
+checksums of docs/QMOE.md §1.3 and are verified on every build / cache load.
 """
 
 from __future__ import annotations
