@@ -18,7 +18,7 @@ _EXPORTS = {
     "Model": "moqe_jax.model.api",
     "QuantSpec": "moqe_jax.packed.spec",
     "QuantizedTensor": "moqe_jax.packed.qtensor",
-    "Sub1Tensor": "moqe_jax.quant.sub1",
+    "Sub1Tensor": "moqe_jax.packed.sub1",
     "quantize": "moqe_jax.pipeline",
     "compress_sub1": "moqe_jax.pipeline",
     "evaluate": "moqe_jax.pipeline",

@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moqe_jax.packed.sub1 import Sub1Tensor
 from moqe_jax.packed.sub1_dict import NZ_SLOTS, sparse_dec_table
-from moqe_jax.quant.sub1 import Sub1Tensor
 
 __all__ = ["sub1_matmul", "grouped_sub1_matmul", "gathered_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS",
            "choose_blocks",

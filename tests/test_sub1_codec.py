@@ -10,11 +10,10 @@ import pytest
 from moqe_jax.errors import CheckpointError, QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.sub1 import Sub1Tensor, decode_pairs
 from moqe_jax.packed.sub1_dict import get_dictionary
 from moqe_jax.quant.sub1 import (
-    Sub1Tensor,
     compress_params,
-    decode_pairs,
     encode,
     encode_pairs,
     from_qmoe,

@@ -7,7 +7,7 @@ import moqe_jax
 from moqe_jax.model.api import Model, load_model
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.sub1 import Sub1Tensor
+from moqe_jax.packed.sub1 import Sub1Tensor
 
 
 def test_compress_model_logits_and_store(tmp_path):

@@ -52,7 +52,7 @@ def _qtensor() -> type:
 
 
 def _sub1() -> type:
-    from moqe_jax.quant.sub1 import Sub1Tensor
+    from moqe_jax.packed.sub1 import Sub1Tensor
 
     return Sub1Tensor
 
