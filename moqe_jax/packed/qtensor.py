@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moqe_jax.packed.base import register_packed
 from moqe_jax.packed.spec import QuantSpec
 
 __all__ = [
@@ -129,6 +130,7 @@ def expand_groups(a: jax.Array, k: int) -> jax.Array:
     return jnp.repeat(a, k // g, axis=-2)
 
 
+@register_packed("QuantizedTensor")
 @jax.tree_util.register_pytree_node_class
 class QuantizedTensor:
     """Packed low-bit weight ``[*batch, K, N]`` (see module docstring and docs/FORMATS.md)."""

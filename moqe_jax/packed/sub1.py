@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from moqe_jax.errors import CheckpointError
+from moqe_jax.packed.base import register_packed
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.packed.sub1_dict import DEC_SHA256, NZ_SLOTS, get_dictionary, sparse_dec_table
@@ -62,6 +63,7 @@ def _crc(stream: np.ndarray, row_off: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row_off, "<i4").tobytes(), c)
 
 
+@register_packed("Sub1Tensor")
 @jax.tree_util.register_pytree_node_class
 class Sub1Tensor:
     """QMoE-compressed ternary weight ``[*batch, K, N]`` (docs/FORMATS.md §2).
