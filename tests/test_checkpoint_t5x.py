@@ -126,7 +126,7 @@ def test_t5x_chunk_rule():
 
 
 def test_tensorstore_interop(tmp_path):
-    ts = pytest.importorskip("tensorstore")
+    import tensorstore as ts
     rng = np.random.default_rng(3)
     for dt, chunks in [(np.float32, [3, 4]), (BF16, [2, 5]), (np.int32, [7, 3]), (np.float64, [5, 5])]:
         a = (rng.standard_normal((7, 9)) * 100).astype(dt)
@@ -151,7 +151,7 @@ def test_tensorstore_interop(tmp_path):
 
 
 def test_flax_msgpack_interop(monkeypatch):
-    ser = pytest.importorskip("flax.serialization")
+    from flax import serialization as ser
     rng = np.random.default_rng(4)
     tree = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": {"c": rng.standard_normal(5).astype(BF16),
             "s": np.int32(11), "z": 1 + 2j, "n": 7, "txt": "x"}, "big": rng.standard_normal((6, 5)).astype(np.float32)}
@@ -266,7 +266,7 @@ def test_orbax_format_is_rejected(tmp_path):
             T5XCheckpoint(str(p))
         _one_line(e)
     # a real Orbax CheckpointManager directory (and one of its steps)
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
     mngr = ocp.CheckpointManager(str(tmp_path / "real"), options=ocp.CheckpointManagerOptions(create=True))
     mngr.save(3, args=ocp.args.StandardSave({"w": np.arange(4.0)}))
     mngr.wait_until_finished()

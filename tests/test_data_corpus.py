@@ -1,14 +1,16 @@
-"""Corpus builder on a synthetic locale dir (own .mo writer + msgfmt if present), bad inputs, real-dir sanity."""
+"""Corpus builder on synthetic locale dirs (own .mo writer + Babel's compiler), bad inputs, a distro-sized dir."""
 
 from __future__ import annotations
 
 import gettext
+import io
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from babel.messages.catalog import Catalog
+from babel.messages.mofile import write_mo as babel_write_mo
+from babel.messages.pofile import read_po
 
 from moqe_jax.data.corpus import (
     LANGS,
@@ -55,19 +57,17 @@ def test_parse_mo_both_endiannesses_matches_gettext(tmp_path: Path, big_endian: 
     _check_against_gettext(p)
 
 
-def test_parse_mo_msgfmt_file(tmp_path: Path) -> None:
-    """An independent writer: GNU msgfmt (skipped when not installed)."""
-    if shutil.which("msgfmt") is None:
-        pytest.skip("msgfmt not installed")
-    po = tmp_path / "x.po"
-    po.write_text('msgid ""\nmsgstr "Content-Type: text/plain; charset=UTF-8\\n"\n\n'
-                  'msgctxt "verb"\nmsgid "Open"\nmsgstr "Öffnen"\n\n'
-                  'msgid "%s: %d byte"\nmsgid_plural "%s: %d bytes"\n'
-                  'msgstr[0] "%s: %d Byte"\nmsgstr[1] "%s: %d Bytes"\n\n'
-                  'msgid "Quit {0}"\nmsgstr "Beenden {0}"\n\n'
-                  '#, fuzzy\nmsgid "Fuzzy one"\nmsgstr "Unscharf"\n', encoding="utf-8")
+def test_parse_mo_babel_compiled_po(tmp_path: Path) -> None:
+    """An independent PO compiler (Babel's, pure Python, in the test extra) instead of our own writer."""
+    po = ('msgid ""\nmsgstr "Content-Type: text/plain; charset=UTF-8\\n"\n\n'
+          'msgctxt "verb"\nmsgid "Open"\nmsgstr "Öffnen"\n\n'
+          'msgid "%s: %d byte"\nmsgid_plural "%s: %d bytes"\n'
+          'msgstr[0] "%s: %d Byte"\nmsgstr[1] "%s: %d Bytes"\n\n'
+          'msgid "Quit {0}"\nmsgstr "Beenden {0}"\n\n'
+          '#, fuzzy\nmsgid "Fuzzy one"\nmsgstr "Unscharf"\n')
     mo = tmp_path / "x.mo"
-    subprocess.run(["msgfmt", "-o", str(mo), str(po)], check=True)
+    with open(mo, "wb") as fh:
+        babel_write_mo(fh, read_po(io.StringIO(po), locale="de"))
     cat = read_mo(mo)
     assert dict(cat.pairs) == {"Open": "Öffnen", "Quit {0}": "Beenden {0}"}  # fuzzy not compiled, plural skipped
     assert cat.stats.plural == 1
@@ -137,13 +137,38 @@ def test_parse_mo_errors(data: bytes, msg: str) -> None:
         parse_mo(data, "f.mo")
 
 
-def test_real_locale_dir_sanity() -> None:
-    root = Path("/usr/share/locale")
-    if not (root / "fr" / "LC_MESSAGES").is_dir():
-        pytest.skip("no Debian locale dir on this machine")
+def _distro_like_locale(root: Path) -> Path:
+    """A distribution-sized locale dir compiled by Babel: many catalogs per language, messages shared between
+    catalogs, and the entries the rules skip (plural, fuzzy, multi-line, over-long, untranslated, context)."""
+    verbs = ("Cannot open", "Failed to read", "Unable to write", "Removing", "Installing", "Configuring", "Checking",
+             "Downloading", "Skipping", "Updating", "Creating", "Deleting")
+    nouns = ("file", "directory", "package", "device", "socket", "archive", "user", "group", "key", "cache",
+             "module", "service", "partition", "network")
+    for lang, n_pkgs in (("fr", 9), ("cs", 5)):
+        for pkg in range(n_pkgs):
+            cat = Catalog(locale=lang, domain=f"pkg{pkg}")
+            for i in range(160):
+                j = pkg * 140 + i  # the last 20 messages of a package reappear in the next one
+                en = f"{verbs[j % len(verbs)]} {nouns[j // len(verbs) % len(nouns)]} %s ({j})"
+                cat.add(en, f"[{lang}] {en}")
+            cat.add(("%d item", "%d items"), ("%d élément", "%d éléments"))
+            cat.add("Open", f"Open-{lang}", context="menu")
+            cat.add(f"Fuzzy {pkg}", "flou", flags=("fuzzy",))
+            cat.add(f"Two\nlines {pkg}", "Deux\nlignes")
+            cat.add("x" * 201, "y")
+            cat.add(f"Untranslated {pkg}", "")
+            d = root / lang / "LC_MESSAGES"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / f"pkg{pkg}.mo", "wb") as fh:
+                babel_write_mo(fh, cat)
+    return root
+
+
+def test_distro_sized_locale_dir_sanity(tmp_path: Path) -> None:
+    root = _distro_like_locale(tmp_path / "locale")
     pairs, stats = collect_pairs(root, langs=("fr", "cs"), progress=False)
     assert stats.pairs["fr"] > 1000 and stats.pairs["cs"] > 500
-    # identical to Python's gettext on a few real catalogs
+    # identical to Python's gettext on a few catalogs
     for f in sorted((root / "fr" / "LC_MESSAGES").glob("*.mo"))[:5]:
         _check_against_gettext(f)
     en = [e for e, _ in pairs["fr"]]

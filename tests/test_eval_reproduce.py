@@ -76,7 +76,6 @@ def test_reproduce_moqe_quick(tmp_path, capsys):
 
 
 def test_reproduce_qmoe_quick(tmp_path):
-    pytest.importorskip("moqe_jax.quant.calibrate")
     from eval import reproduce_qmoe
 
     rc = reproduce_qmoe.main(["--quick", "--synthetic", "--samples", "4", "--calib", "16", "--mlm-samples", "32",

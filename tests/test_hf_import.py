@@ -8,20 +8,22 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from moqe_jax.checkpoint.hf import load_hf, read_safetensors  # noqa: E402
-from moqe_jax.config import SwitchConfig  # noqa: E402
-from moqe_jax.errors import CheckpointError  # noqa: E402
+from moqe_jax.api import load_model
+from moqe_jax.checkpoint.hf import read_safetensors
+from moqe_jax.config import SwitchConfig
+from moqe_jax.errors import CheckpointError
 
 V = 96
 
 
-def _make_hf(path, expert_capacity=64, seed=0, tie=True):
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+def load_hf(d, cfg=None):
+    return load_model(f"hf:{d}", cfg)
 
+
+def _make_hf(path, expert_capacity=64, seed=0, tie=True):
     c = SwitchTransformersConfig(vocab_size=V, d_model=16, d_ff=24, d_kv=8, num_heads=2, num_layers=4,
                                  num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
                                  num_experts=4, expert_capacity=expert_capacity, dropout_rate=0.0,

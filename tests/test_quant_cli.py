@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moqe_jax import api
 from moqe_jax.cli import main
 from moqe_jax.config import SwitchConfig
+from moqe_jax.model.api import param_shapes
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
-
-api = pytest.importorskip("moqe_jax.model.api")
 
 
 def test_projected_report_from_preset(capsys):
@@ -41,7 +41,7 @@ def test_quantize_saved_model_roundtrip(tmp_path, capsys):
     cfg = SwitchConfig.preset("tiny")
     rng = np.random.default_rng()
     params: dict = {}
-    for path, shape in api.param_shapes(cfg).items():
+    for path, shape in param_shapes(cfg).items():
         node = params
         *parents, leaf = path.split("/")
         for p in parents:

@@ -6,19 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_tiny_model
 
+from moqe_jax import api
+from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import component_of
+from moqe_jax.model.switch import init_params
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, parse_components, plan_quantization, quantize_model_rtn
 from moqe_jax.quant.rtn import quantize_tensor
-
-api = pytest.importorskip("moqe_jax.model.api")
-from _helpers import random_tiny_model  # noqa: E402
-
-from moqe_jax.config import SwitchConfig  # noqa: E402
-from moqe_jax.model.switch import init_params  # noqa: E402
 
 
 def shapes(name="tiny", **kw):

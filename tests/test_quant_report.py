@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
+from moqe_jax import api
 from moqe_jax.config import SwitchConfig
+from moqe_jax.model.api import param_shapes
 from moqe_jax.model.components import component_of
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
 from moqe_jax.quant.report import moqe_5p3b_config, projected_report, size_report
-
-api = pytest.importorskip("moqe_jax.model.api")
 
 
 def _live_bytes() -> int:
@@ -25,7 +25,7 @@ def test_projected_switch_base_128_2bit_experts_without_allocation():
     before = _live_bytes()
     rep = projected_report("switch-base-128", QuantSpec(2))
     assert _live_bytes() - before < 1 << 20  # nothing close to the 14.8 GB of weights was allocated
-    shapes = api.param_shapes(rep_cfg := SwitchConfig.preset("switch-base-128"))
+    shapes = param_shapes(rep_cfg := SwitchConfig.preset("switch-base-128"))
     assert rep.name == rep_cfg.name and rep.projected
     # independent count from the parameter shapes: packed 2-bit codes along K + one fp32 scale per (expert, column)
     n_exp = sum(math.prod(s) for p, s in shapes.items() if component_of(p) == "experts")
@@ -60,7 +60,7 @@ def test_moqe_5p3b_headline_79_6_percent():
 def _random_tiny(seed=None):
     cfg = SwitchConfig.preset("tiny")
     rng = np.random.default_rng(seed)
-    flat = {p: rng.standard_normal(s).astype(np.float32) for p, s in api.param_shapes(cfg).items()}
+    flat = {p: rng.standard_normal(s).astype(np.float32) for p, s in param_shapes(cfg).items()}
     params: dict = {}
     for path, v in flat.items():
         node = params

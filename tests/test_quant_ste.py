@@ -9,7 +9,7 @@ import optax
 import pytest
 from _helpers import random_tiny_model
 
-from moqe_jax import ops
+from moqe_jax import api, ops
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.rtn import quantize_tensor
@@ -115,7 +115,6 @@ def test_qat_recovers_2bit_loss_and_export_is_identical():
 
 def test_fake_quant_params_policy_and_tiny_switch_export():
     """On the `tiny` Switch preset: fake-quant model and exported model give identical logits."""
-    api = pytest.importorskip("moqe_jax.model.api")
     model = random_tiny_model()
     spec = QuantSpec(2, symmetric=False)
     comps = ("experts", "dense")
