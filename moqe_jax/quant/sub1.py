@@ -137,7 +137,7 @@ def encode(qt: QuantizedTensor, *, name: str = "tensor", scale_dtype: Any = np.f
     n = qt.packed.shape[-1]
     scales = np.asarray(qt.scales, np.float32).reshape(*batch, n).astype(scale_dtype)
     zeros = np.asarray(qt.zeros, np.float32).reshape(*batch, n).astype(scale_dtype)
-    return Sub1Tensor(stream, row_off, scales, zeros, qt.spec, qt.k, qt.dtype)
+    return Sub1Tensor.from_flat(stream, row_off, scales, zeros, qt.spec, qt.k, qt.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def from_qmoe(experts: Sequence[Mapping[str, Any]], k: int | None = None, *, nam
     if k is None:
         length = get_dictionary().length
         k = 2 * int(length[stream[row_off[0]:row_off[1]]].astype(np.int64).sum())
-    st = Sub1Tensor(stream, row_off, np.stack(maxs), np.stack(mins), _TERNARY, k, dtype)
+    st = Sub1Tensor.from_flat(stream, row_off, np.stack(maxs), np.stack(mins), _TERNARY, k, dtype)
     st.validate(name)
     return st
 
