@@ -186,7 +186,7 @@ def table2(run: Runner, bits: list[int], out: Path, qat_dir: str | None, speed: 
         entries.append((f"MoE experts {b}-bit RTN", f"moe-experts-int{b}", quantize(s.moe, b, ("experts",))))
     notes = []
     if qat_dir and Path(qat_dir).exists():
-        from moqe_jax.model.api import load_model
+        from moqe_jax.api import load_model
 
         qm = load_model(qat_dir)
         if not _experts_quantized(qm):  # latent float QAT weights: export = RTN on the trained grid (ste.export_qat)

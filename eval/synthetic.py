@@ -69,8 +69,8 @@ def build_synthetic_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab
 
 def tiny_models(vocab_size: int = 512, seed: int = 0) -> tuple[Any, Any]:
     """Random ``tiny`` MoE model and its dense twin (no sparse layers), float32 activations."""
+    from moqe_jax.api import Model
     from moqe_jax.config import SwitchConfig
-    from moqe_jax.model.api import Model
 
     cfg = SwitchConfig.preset("tiny", vocab_size=vocab_size, dtype="float32")
     moe = Model.init(cfg, seed)

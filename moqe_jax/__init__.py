@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SwitchConfig": "moqe_jax.config",
-    "load_model": "moqe_jax.model.api",
-    "Model": "moqe_jax.model.api",
+    "load_model": "moqe_jax.api",
+    "save_model": "moqe_jax.api",
+    "Model": "moqe_jax.api",
     "QuantSpec": "moqe_jax.packed.spec",
     "QuantizedTensor": "moqe_jax.packed.qtensor",
     "Sub1Tensor": "moqe_jax.packed.sub1",

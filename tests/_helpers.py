@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.checkpoint.t5x import unflatten
+from moqe_jax.tree import unflatten_params
 
 
 def random_tiny_model(seed: int | None = None, **overrides):
     """`tiny` preset with random weights from ``param_shapes`` (cheaper than a Flax init)."""
+    from moqe_jax import api
     from moqe_jax.config import SwitchConfig
-    from moqe_jax.model import api
 
     cfg = SwitchConfig.preset("tiny", **overrides)
     rng = np.random.default_rng(seed)
@@ -20,4 +20,4 @@ def random_tiny_model(seed: int | None = None, **overrides):
         leaf = path.rsplit("/", 1)[-1]
         std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
         flat[path] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
-    return api.Model(cfg, unflatten(flat))
+    return api.Model(cfg, unflatten_params(flat))

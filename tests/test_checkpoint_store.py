@@ -15,8 +15,10 @@ import pytest
 from moqe_jax.checkpoint import store
 from moqe_jax.checkpoint.t5x_writer import write_t5x_checkpoint
 from moqe_jax.errors import CheckpointError
+from moqe_jax.packed import is_packed
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.tree import flatten_params
 
 api = pytest.importorskip("moqe_jax.model.api")
 
@@ -62,12 +64,12 @@ def _quantized_model(tiny):
 
 
 def _leaves_equal(a, b):
-    fa, fb = store.flatten_params(a), store.flatten_params(b)
+    fa, fb = flatten_params(a), flatten_params(b)
     assert set(fa) == set(fb)
     for p in fa:
         x, y = fa[p], fb[p]
-        assert type(x) is type(y) or not store._is_packed(x), p
-        if store._is_packed(x):
+        assert type(x) is type(y) or not is_packed(x), p
+        if is_packed(x):
             ax, mx = x.to_arrays()
             ay, my = y.to_arrays()
             assert mx == my, p
@@ -82,7 +84,7 @@ def _leaves_equal(a, b):
 @pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
 def test_quantized_model_roundtrip_bit_exact(tmp_path, tiny, fmt, monkeypatch):
     m = _quantized_model(tiny)
-    d = store.save_model(m, tmp_path / "m", format=fmt)
+    d = api.save_model(m, tmp_path / "m", format=fmt)
 
     def no_pickle(*a, **k):
         raise AssertionError("loading must never unpickle")
@@ -91,7 +93,7 @@ def test_quantized_model_roundtrip_bit_exact(tmp_path, tiny, fmt, monkeypatch):
     monkeypatch.setattr(pickle, "load", no_pickle)
     monkeypatch.setattr(pickle, "loads", no_pickle)
     monkeypatch.setattr(np, "load", no_pickle)
-    back = store.load_model(d)
+    back = api.load_model(d)
     monkeypatch.undo()
     assert back.config == m.config
     _leaves_equal(m.params, back.params)
@@ -107,7 +109,7 @@ def test_quantized_logits_after_roundtrip(tmp_path, tiny):
         want = m.logits(x, y)
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"model does not run these quantized leaves yet: {type(e).__name__}")
-    back = store.load_model(store.save_model(m, tmp_path / "q", format="safetensors"))
+    back = api.load_model(api.save_model(m, tmp_path / "q", format="safetensors"))
     np.testing.assert_array_equal(back.logits(x, y), want)
 
 
@@ -117,7 +119,7 @@ def test_api_roundtrip_and_sharded_restore(tmp_path, tiny):
     _leaves_equal(tiny.params, back.params)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    back2 = store.load_model(d, sharding=lambda name, shape: sh)
+    back2 = api.load_model(d, sharding=lambda name, shape: sh)
     leaf = back2.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"]
     assert isinstance(leaf, jax.Array) and leaf.sharding == sh
     _leaves_equal(tiny.params, jax.tree.map(np.asarray, back2.params))
@@ -125,7 +127,7 @@ def test_api_roundtrip_and_sharded_restore(tmp_path, tiny):
 
 def test_safetensors_interop_with_library(tmp_path, tiny):
     m = _quantized_model(tiny)
-    d = store.save_model(m, tmp_path / "st", format="safetensors")
+    d = api.save_model(m, tmp_path / "st", format="safetensors")
     f = os.path.join(d, store.SAFETENSORS_FILE)
     torch = pytest.importorskip("torch")
     from safetensors import safe_open
@@ -153,7 +155,7 @@ def test_safetensors_interop_with_library(tmp_path, tiny):
 
 def test_atomic_save_failure_keeps_previous(tmp_path, tiny, monkeypatch):
     d = tmp_path / "atomic"
-    store.save_model(tiny, d, format="safetensors")
+    api.save_model(tiny, d, format="safetensors")
     before = store.disk_size(d)
     m = _quantized_model(tiny)
 
@@ -162,10 +164,10 @@ def test_atomic_save_failure_keeps_previous(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(store, "write_safetensors", boom)
     with pytest.raises(OSError, match="simulated"):
-        store.save_model(m, d, format="safetensors")
+        api.save_model(m, d, format="safetensors")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["atomic"]  # no tmp left behind
-    _leaves_equal(tiny.params, store.load_model(d).params)
+    _leaves_equal(tiny.params, api.load_model(d).params)
     assert store.disk_size(d) == before
 
     # killed between the two renames: previous checkpoint moved aside, new one not yet in place
@@ -180,28 +182,28 @@ def test_atomic_save_failure_keeps_previous(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(store, "_rename", kill_on_second)
     with pytest.raises(KeyboardInterrupt):
-        store.save_model(m, d, format="orbax")
+        api.save_model(m, d, format="orbax")
     monkeypatch.undo()
     assert not d.exists()
-    _leaves_equal(tiny.params, store.load_model(d).params)  # recovered from .atomic.old-*
-    store.save_model(m, d, format="orbax")  # the next save completes normally
-    _leaves_equal(m.params, store.load_model(d).params)
+    _leaves_equal(tiny.params, api.load_model(d).params)  # recovered from .atomic.old-*
+    api.save_model(m, d, format="orbax")  # the next save completes normally
+    _leaves_equal(m.params, api.load_model(d).params)
 
 
 def test_store_bad_input(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="no such saved model"):
-        store.load_model(tmp_path / "missing")
+        api.load_model(tmp_path / "missing")
     os.makedirs(tmp_path / "junk")
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(CheckpointError, match="non-empty directory"):
-        store.save_model(tiny, tmp_path / "junk")
-    d = store.save_model(tiny, tmp_path / "st", format="safetensors")
+        api.save_model(tiny, tmp_path / "junk")
+    d = api.save_model(tiny, tmp_path / "st", format="safetensors")
     man = json.load(open(os.path.join(d, store.MANIFEST)))
     man["leaves"]["encoder/layers_1/mlp/expert/wi/kernel"] = {"kind": "packed", "type": "Evil", "meta": {},
                                                               "fields": {}}
     json.dump(man, open(os.path.join(d, store.MANIFEST), "w"))
     with pytest.raises(CheckpointError, match="unknown packed weight type 'Evil'"):
-        store.load_model(d)
+        api.load_model(d)
     f = os.path.join(d, store.SAFETENSORS_FILE)
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
@@ -211,7 +213,7 @@ def test_store_bad_input(tmp_path, tiny):
 
 def test_t5x_checkpoint_to_model_logits(tmp_path, tiny):
     """Fixture writer -> load_model("t5x:...") -> identical logits; mismatching preset names the path."""
-    flat = store.flatten_params(tiny.params)
+    flat = flatten_params(tiny.params)
     bf = {p: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16) for p, v in flat.items() if "expert" in p}
     src = {p: bf.get(p, np.asarray(v, np.float32)) for p, v in flat.items()}
     write_t5x_checkpoint(str(tmp_path / "t5x"), src, step=3, chunks="odd",
@@ -226,7 +228,7 @@ def test_t5x_checkpoint_to_model_logits(tmp_path, tiny):
         node[last] = bf[p].astype(np.float32)
     x, y = _ids(tiny.config, seed=3)
     np.testing.assert_array_equal(m.logits(x, y), ref.logits(x, y))
-    assert all(np.asarray(v).dtype == np.float32 for v in store.flatten_params(m.params).values())
+    assert all(np.asarray(v).dtype == np.float32 for v in flatten_params(m.params).values())
     del src["decoder/layers_1/mlp/router/router_weights/w/kernel"]
     write_t5x_checkpoint(str(tmp_path / "t5x_bad"), src)
     with pytest.raises(CheckpointError, match="decoder/layers_1/mlp/router/router_weights/w/kernel of config tiny"):
@@ -236,12 +238,12 @@ def test_t5x_checkpoint_to_model_logits(tmp_path, tiny):
 def test_cli_convert(tmp_path, tiny, capsys):
     from moqe_jax.cli import main
 
-    flat = {p: np.asarray(v, np.float32) for p, v in store.flatten_params(tiny.params).items()}
+    flat = {p: np.asarray(v, np.float32) for p, v in flatten_params(tiny.params).items()}
     write_t5x_checkpoint(str(tmp_path / "t5x"), flat, step=2)
     out = tmp_path / "conv"
     assert main(["convert", "--from", f"t5x:{tmp_path / 't5x'}", "--config", "tiny", "--to", str(out),
                  "--format", "safetensors"]) == 0
-    _leaves_equal(tiny.params, jax.tree.map(np.asarray, store.load_model(out).params))
+    _leaves_equal(tiny.params, jax.tree.map(np.asarray, api.load_model(out).params))
     # export back to T5X and read it again
     assert main(["convert", "--from", str(out), "--to-t5x", str(tmp_path / "re")]) == 0
     again = api.load_model(f"t5x:{tmp_path / 're'}", "tiny")

@@ -87,7 +87,7 @@ def test_info_dict_quantized_model():
     import numpy as np
 
     from moqe_jax.commands.info import info_dict
-    from moqe_jax.model.api import Model
+    from moqe_jax.api import Model
     from moqe_jax.packed.qtensor import QuantizedTensor
     from moqe_jax.packed.spec import QuantSpec
 

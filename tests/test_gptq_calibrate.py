@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moqe_jax.errors import CheckpointError, DataError, QuantizationError
-from moqe_jax.model.api import Model
+from moqe_jax.api import Model
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.calibrate import (

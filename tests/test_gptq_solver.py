@@ -293,7 +293,7 @@ _SHARDED = textwrap.dedent('''
             assert np.array_equal(np.asarray(qt.scales[i]), np.asarray(one["scales"]))
             assert st.loss[i] == np.sum(np.asarray(one["loss"], np.float64)), (st.loss[i], one["loss"])
     # the whole calibration with the expert solves sharded over the 4 devices equals the unsharded run
-    from moqe_jax.model.api import Model
+    from moqe_jax.api import Model
     from moqe_jax.quant.calibrate import gptq_quantize_model
     tiny = Model.init("tiny", seed=0)
     calib = [{"input_ids": rng.integers(2, 128, (4, 12)), "decoder_input_ids": rng.integers(2, 128, (4, 8))}]

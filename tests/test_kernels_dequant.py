@@ -266,7 +266,7 @@ def test_backend_messages() -> None:
 def test_tiny_switch_model_interpret_equals_xla() -> None:
     pytest.importorskip("moqe_jax.model.switch")
     from moqe_jax.config import SwitchConfig
-    from moqe_jax.model.api import Model
+    from moqe_jax.api import Model
     from moqe_jax.model.switch import SwitchTransformer
     from moqe_jax.quant.rtn import quantize_tensor
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from moqe_jax.model.api import Model, param_shapes
+from moqe_jax.api import Model, param_shapes
 from moqe_jax.model.partitioning import logical_axes, partition_specs, shard_params
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec

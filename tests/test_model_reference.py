@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moqe_jax.config import SwitchConfig
-from moqe_jax.model.api import Model
+from moqe_jax.api import Model
 
 
 def _bucket(rp: int, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from moqe_jax.config import SwitchConfig
 from moqe_jax.model import layerwise, routing
-from moqe_jax.model.api import Model
+from moqe_jax.api import Model
 from moqe_jax.model.layers import MoeLayer, relative_position_bucket, rms_norm
 
 # ---- relative position buckets: the spec's tables (§4.6) -------------------------------------------

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 import moqe_jax
-from moqe_jax.model.api import Model, load_model
+from moqe_jax.api import Model, load_model
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.packed.sub1 import Sub1Tensor

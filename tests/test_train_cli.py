@@ -38,7 +38,7 @@ def test_moqe_data_build_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_moqe_train_synthetic_and_bad_mesh(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moqe_jax.model.api import load_model
+    from moqe_jax.api import load_model
 
     args = ["train", "--config", "tiny", "--set", 'dtype="float32"', "--data", "synthetic", "--steps", "2",
             "--batch-size", "8", "--warmup", "10", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]

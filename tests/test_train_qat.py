@@ -13,7 +13,7 @@ import pytest
 from moqe_jax.data.batching import BucketBatcher, encode_pairs
 from moqe_jax.data.tokenizer import Tokenizer
 from moqe_jax.evaluate import teacher_forced_loss
-from moqe_jax.model.api import Model, load_model
+from moqe_jax.api import Model, load_model
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.pipeline import quantize

@@ -33,8 +33,8 @@ def export(src: str | Path, dst: Path, name: str | None = None) -> None:
     import ml_dtypes
     import numpy as np
 
+    from moqe_jax.api import load_model
     from moqe_jax.checkpoint.store import save_params
-    from moqe_jax.model.api import load_model
 
     m = load_model(str(src))
     host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), m.params)
@@ -92,8 +92,8 @@ def write_sample(data: str, path: Path, n_train: int = 16, n_test: int = 8) -> N
 
 
 def evaluate(out: Path, data: str, samples: int, sizes: dict[str, int]) -> dict[str, Any]:
+    from moqe_jax.api import load_model
     from moqe_jax.evaluate import evaluate_model
-    from moqe_jax.model.api import load_model
 
     res = {}
     for name in ("moe", "dense"):

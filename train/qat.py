@@ -30,7 +30,7 @@ def qat_finetune(model: Any, data: Any, bits: int | str = 2, steps: int = 300, l
                  out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 32,
                  tokens_per_batch: int | None = 2048, mesh: dict[str, int] | None = None, log: Any = None) -> Any:
     """STE QAT of ``components`` of ``model`` → ``(Model with packed QuantizedTensor leaves, TrainResult)``."""
-    from moqe_jax.model.api import Model
+    from moqe_jax.api import Model
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.quant.ste import export_qat
     from train.train import TrainConfig, train
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/qat2")
     a = p.parse_args(argv)
 
+    from moqe_jax.api import Model, load_model
     from moqe_jax.evaluate import evaluate_model
-    from moqe_jax.model.api import Model, load_model
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import quantize
     from train.train import TrainConfig, load_mt_data, train

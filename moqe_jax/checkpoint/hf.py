@@ -23,6 +23,7 @@ import numpy as np
 
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError, MoqeError
+from moqe_jax.tree import unflatten_params
 
 __all__ = ["load_hf", "load_hf_params", "read_hf_tensors", "read_safetensors", "hf_name_map"]
 
@@ -237,19 +238,14 @@ def load_hf_params(d: str, cfg: SwitchConfig) -> dict:
     missing = sorted(set(shapes) - set(flat))
     if missing:  # cannot happen unless the map and the model disagree
         raise CheckpointError(f"{d}: no HF tensor maps to {missing[0]}")
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = np.ascontiguousarray(a)
-    return tree
+    return unflatten_params({path: np.ascontiguousarray(a) for path, a in flat.items()})
 
 
-def load_hf(path: str | os.PathLike, config: SwitchConfig | None = None):
-    """``Model`` from a HF Switch directory (``config.json`` + weights); ``config`` overrides the file's."""
-    from moqe_jax.model.api import Model
+def load_hf(path: str | os.PathLike, config: SwitchConfig | None = None) -> tuple[SwitchConfig, dict]:
+    """``(config, params)`` from a HF Switch directory (``config.json`` + weights); ``config`` overrides the
+    file's. Params are jax arrays."""
+    import jax
+    import jax.numpy as jnp
 
     d = os.fspath(path)
     if not os.path.isdir(d):
@@ -258,9 +254,4 @@ def load_hf(path: str | os.PathLike, config: SwitchConfig | None = None):
         cfg = config or SwitchConfig.from_hf(d, name=os.path.basename(os.path.normpath(d)))
     except MoqeError as e:
         raise CheckpointError(str(e)) from None
-    import jax.numpy as jnp
-
-    params = load_hf_params(d, cfg)
-    import jax
-
-    return Model(cfg, jax.tree_util.tree_map(jnp.asarray, params))
+    return cfg, jax.tree_util.tree_map(jnp.asarray, load_hf_params(d, cfg))

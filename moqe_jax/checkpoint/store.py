@@ -1,6 +1,6 @@
 """Save / load (quantized) models: Orbax or safetensors, plus a JSON manifest; never pickle.
 
-Directory written by :func:`save_model` (``Model.save``)::
+Directory written by :func:`save_params` (``moqe_jax.api.save_model``, ``Model.save``)::
 
     DIR/moqe_model.json        manifest: format version, storage format, SwitchConfig, one entry per leaf
     DIR/params/0/...           format="orbax": ocp.CheckpointManager (async save, OCDBT), step 0
@@ -9,9 +9,9 @@ Directory written by :func:`save_model` (``Model.save``)::
 Float leaves are stored as they are (bf16 allowed). Packed-weight leaves (``QuantizedTensor``,
 ``Sub1Tensor``, …) implement the storage protocol ``to_arrays() -> (arrays, meta)`` /
 ``cls.from_arrays(arrays, meta)``; ``meta["type"]`` names the class and is dispatched through
-:data:`PACKED_TYPES` (a registry, never unpickling). The manifest is written last, and the whole
+``moqe_jax.packed.packed_type`` (the registry, never unpickling). The manifest is written last, and the whole
 directory is built under a temporary name and renamed into place, so a failed or killed save leaves
-the previous checkpoint loadable (:func:`load_model` also recovers a save killed between its two renames).
+the previous checkpoint loadable (:func:`load` also recovers a save killed between its two renames).
 """
 
 from __future__ import annotations
@@ -23,72 +23,24 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from moqe_jax.checkpoint.t5x import unflatten
+from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError
+from moqe_jax.packed import is_packed, packed_type
+from moqe_jax.tree import flatten_params, unflatten_params
 
-__all__ = ["save_model", "load_model", "save_params", "load_params", "read_manifest", "disk_size",
-           "register_packed_type", "PACKED_TYPES", "MANIFEST", "write_safetensors", "read_safetensors",
-           "flatten_params"]
+__all__ = ["load", "save_params", "load_params", "read_manifest", "disk_size", "MANIFEST", "write_safetensors",
+           "read_safetensors"]
 
 MANIFEST = "moqe_model.json"
 FORMAT_VERSION = 1
 SAFETENSORS_FILE = "model.safetensors"
 ORBAX_DIR = "params"
 _log = logging.getLogger(__name__)
-
-
-# ---- packed-type registry ----------------------------------------------------------------------
-
-def _qtensor() -> type:
-    from moqe_jax.packed.qtensor import QuantizedTensor
-
-    return QuantizedTensor
-
-
-def _sub1() -> type:
-    from moqe_jax.packed.sub1 import Sub1Tensor
-
-    return Sub1Tensor
-
-
-#: ``meta["type"]`` -> zero-argument loader returning the class (lazy: avoids import cycles).
-PACKED_TYPES: dict[str, Callable[[], type]] = {"QuantizedTensor": _qtensor, "Sub1Tensor": _sub1}
-
-
-def register_packed_type(name: str, cls: type | Callable[[], type]) -> None:
-    """Register a packed-weight class (implementing ``to_arrays``/``from_arrays``) under ``meta["type"]``."""
-    PACKED_TYPES[name] = (lambda: cls) if isinstance(cls, type) else cls
-
-
-def _packed_class(name: Any, where: str) -> type:
-    if name not in PACKED_TYPES:
-        raise CheckpointError(f"{where}: unknown packed weight type {name!r} (known: {', '.join(PACKED_TYPES)})")
-    return PACKED_TYPES[name]()
-
-
-def _is_packed(x: Any) -> bool:
-    return hasattr(x, "to_arrays") and hasattr(type(x), "from_arrays")
-
-
-# ---- tree helpers ------------------------------------------------------------------------------
-
-def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{'a/b/kernel': leaf}`` where leaves are arrays or packed weights."""
-    if isinstance(params, dict):
-        out: dict[str, Any] = {}
-        for k, v in params.items():
-            k = str(k)
-            if "/" in k or "::" in k:
-                raise CheckpointError(f"parameter key {k!r} under {prefix or '/'} contains '/' or '::'")
-            out.update(flatten_params(v, f"{prefix}/{k}" if prefix else k))
-        return out
-    return {prefix: params}
 
 
 def _dtype_name(dt: Any) -> str:
@@ -115,7 +67,7 @@ def _entries(params: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     for path, leaf in flatten_params(params).items():
         if leaf is None:
             leaves[path] = {"kind": "none"}
-        elif _is_packed(leaf):
+        elif is_packed(leaf):
             arrays, meta = leaf.to_arrays()
             meta = json.loads(json.dumps(meta))  # must be JSON-serialisable
             if "type" not in meta:
@@ -156,7 +108,10 @@ def _rebuild(tensors: dict[str, Any], leaves: dict[str, dict], where: str) -> di
                 if key not in tensors:
                     raise CheckpointError(f"{where}: tensor {key} listed in the manifest is missing")
                 arrays[name] = tensors[key]
-            cls = _packed_class(ent.get("type"), f"{where}: {path}")
+            try:
+                cls = packed_type(ent.get("type"))
+            except KeyError as e:
+                raise CheckpointError(f"{where}: {path}: {e.args[0]}") from None
             try:
                 flat[path] = cls.from_arrays(arrays, ent["meta"])
             except CheckpointError:
@@ -166,7 +121,7 @@ def _rebuild(tensors: dict[str, Any], leaves: dict[str, dict], where: str) -> di
                 raise CheckpointError(msg.splitlines()[0]) from e
         else:
             raise CheckpointError(f"{where}: {path}: unknown manifest leaf kind {kind!r}")
-    return unflatten(flat)
+    return unflatten_params(flat)
 
 
 # ---- safetensors (own codec: bf16 without torch, explicit validation) ------------------------------
@@ -326,7 +281,7 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
 
 def _orbax_tree(tensors: dict[str, Any]) -> dict:
     """``{'a/b::f': x}`` -> nested dict (packed fields become a sub-dict of the leaf)."""
-    return unflatten({k.replace("::", "/"): v for k, v in tensors.items()})
+    return unflatten_params({k.replace("::", "/"): v for k, v in tensors.items()})
 
 
 def _orbax_save(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -435,17 +390,9 @@ def load_params(directory: str | os.PathLike, sharding: Any = None) -> tuple[dic
     return _rebuild(tensors, man["leaves"], d), man
 
 
-def save_model(model: Any, directory: str | os.PathLike, format: str = "orbax") -> str:
-    """``Model.save``: config + (quantized) params, atomically; returns the directory."""
-    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    return save_params(model.params, directory, config=cfg, format=format)
-
-
-def load_model(directory: str | os.PathLike, sharding: Any = None):
-    """Load a directory written by :func:`save_model` into a ``moqe_jax.model.api.Model`` (bit-exact)."""
-    from moqe_jax.config import SwitchConfig
-    from moqe_jax.model.api import Model
-
+def load(directory: str | os.PathLike, sharding: Any = None) -> tuple[SwitchConfig, dict]:
+    """``(config, params)`` of a directory written by :func:`save_params` with a config (bit-exact);
+    ``sharding`` as in :func:`load_params`."""
     params, man = load_params(directory, sharding)
     if not isinstance(man.get("config"), dict):
         raise CheckpointError(f"{man['_dir']}: manifest has no model config")
@@ -453,7 +400,7 @@ def load_model(directory: str | os.PathLike, sharding: Any = None):
         cfg = SwitchConfig.from_dict(man["config"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{man['_dir']}: bad config in {MANIFEST}: {e}".splitlines()[0]) from e
-    return Model(cfg, params)
+    return cfg, params
 
 
 def disk_size(directory: str | os.PathLike) -> int:

@@ -22,10 +22,13 @@ import numpy as np
 
 from moqe_jax.checkpoint.msgpack_flax import unpackb
 from moqe_jax.checkpoint.zarr import ZarrArray, parse_zarr_dtype
+from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError
+from moqe_jax.progress import progress as progress_bar
+from moqe_jax.tree import unflatten_params
 
 __all__ = ["T5XCheckpoint", "ParamInfo", "resolve_checkpoint_file", "open_t5x", "load_t5x_params",
-           "load_t5x_model", "is_spec_leaf", "flatten", "unflatten"]
+           "load_t5x", "is_spec_leaf", "flatten"]
 
 _STEP_RE = re.compile(r"^checkpoint_(\d+)$")
 _SPEC_KEYS = {"driver", "kvstore", "metadata"}
@@ -38,7 +41,8 @@ def is_spec_leaf(x: Any) -> bool:
 
 
 def flatten(tree: Any, prefix: str = "", is_leaf=is_spec_leaf) -> dict[str, Any]:
-    """Nested dict -> ``{'a/b/c': leaf}`` (stops at spec dicts)."""
+    """Raw msgpack tree -> ``{'a/b/c': leaf}``, stopping at tensorstore spec dicts (which are dicts
+    themselves, so ``moqe_jax.tree.flatten_params`` would descend into them)."""
     out: dict[str, Any] = {}
     if isinstance(tree, dict) and not is_leaf(tree):
         for k, v in tree.items():
@@ -46,18 +50,6 @@ def flatten(tree: Any, prefix: str = "", is_leaf=is_spec_leaf) -> dict[str, Any]
     else:
         out[prefix] = tree
     return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{'a/b/c': leaf}`` -> nested dict."""
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return tree
 
 
 def _is_orbax_dir(d: str) -> bool:
@@ -285,9 +277,9 @@ class T5XCheckpoint:
     def read_all(self, dtype: Any = None, progress: bool = True) -> dict[str, Any]:
         """Every parameter as a nested dict (``target`` tree)."""
         flat = {}
-        for p in _progress(list(self.params), progress, "reading T5X"):
+        for p in progress_bar(list(self.params), desc="reading T5X", unit="param", enable=None if progress else False):
             flat[p] = self.read(p, dtype)
-        return unflatten(flat)
+        return unflatten_params(flat)
 
 
 def _has_placeholder(tree: Any) -> bool:
@@ -298,29 +290,12 @@ def _has_placeholder(tree: Any) -> bool:
     return False
 
 
-def _progress(items: Any, enabled: bool, desc: str):
-    import sys
-
-    if not enabled or os.environ.get("MOQE_NO_PROGRESS") == "1" or not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="param")
-
-
 def open_t5x(path: str) -> T5XCheckpoint:
     """Open a legacy T5X checkpoint lazily (see :class:`T5XCheckpoint`)."""
     return T5XCheckpoint(path)
 
 
 # ---- model-level ---------------------------------------------------------------------------------
-
-def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """``{path: shape}`` of the model's parameter tree for ``config`` (abstract init, no allocation)."""
-    from moqe_jax.model.api import param_shapes
-
-    return param_shapes(config)
-
 
 def check_against(ckpt: T5XCheckpoint, expected: dict[str, tuple[int, ...]], name: str) -> None:
     """Raise naming the first (sorted) path that is missing, unexpected or mis-shaped."""
@@ -344,15 +319,11 @@ def load_t5x_params(path: str, expected: dict[str, tuple[int, ...]] | None = Non
     return ckpt.read_all(dtype=dtype, progress=progress)
 
 
-def load_t5x_model(path: str, config: Any):
-    """``load_model("t5x:PATH", config)``: float32 params on the model (experts stay stacked ``[E, …]``)."""
-    from moqe_jax.config import SwitchConfig
-    from moqe_jax.model.api import Model
+def load_t5x(path: str, config: SwitchConfig | str) -> tuple[SwitchConfig, dict]:
+    """``(config, params)`` for ``load_model("t5x:PATH", config)``: float32 params (experts stay stacked
+    ``[E, …]``); ``config`` is a ``SwitchConfig`` or a preset name."""
+    from moqe_jax.model.api import param_shapes  # flax: imported only when a model is loaded
 
-    if config is None:
-        raise CheckpointError("T5X checkpoints carry no model config: pass config= (a SwitchConfig or preset name)")
-    name = config if isinstance(config, str) else getattr(config, "name", None) or "given"
-    if isinstance(config, str):
-        config = SwitchConfig.preset(config)
-    params = load_t5x_params(path, _expected_shapes(config), name=str(name))
-    return Model(config, params)
+    name = config if isinstance(config, str) else config.name or "given"
+    cfg = SwitchConfig.preset(config) if isinstance(config, str) else config
+    return cfg, load_t5x_params(path, param_shapes(cfg), name=str(name))

@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from moqe_jax.checkpoint.msgpack_flax import chunk_array, packb
-from moqe_jax.checkpoint.t5x import _progress, flatten, unflatten
 from moqe_jax.checkpoint.zarr import write_zarr
+from moqe_jax.errors import CheckpointError
+from moqe_jax.packed import is_packed
+from moqe_jax.progress import progress as progress_bar
+from moqe_jax.tree import flatten_params, unflatten_params
 
-__all__ = ["write_t5x_checkpoint", "t5x_chunk_shape", "odd_chunk_shape"]
+__all__ = ["write_t5x_checkpoint", "export_t5x", "t5x_chunk_shape", "odd_chunk_shape"]
 
 _TARGET_BYTES = 64 * 2**20  # T5X: _DESIRED_CHUNK_SIZE_BYTES
 
@@ -96,8 +99,7 @@ def write_t5x_checkpoint(
       spec_hook: edit each spec dict before it is serialised (bad-input tests).
     """
     if isinstance(params, dict):
-        flat = flatten(params, is_leaf=lambda x: not isinstance(x, dict)) if any(
-            isinstance(v, dict) for v in params.values()) else dict(params)
+        flat = flatten_params(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
         pairs: Iterable[tuple[str, Any]] = list(flat.items())
     else:  # an iterable of (path, array) pairs, consumed lazily (bounded memory for big fixtures)
         pairs = params
@@ -107,7 +109,7 @@ def write_t5x_checkpoint(
     os.makedirs(tmp)
     try:
         target: dict[str, Any] = {}
-        for path, value in _progress(pairs, progress, "writing T5X"):
+        for path, value in progress_bar(pairs, desc="writing T5X", unit="param", enable=None if progress else False):
             arr = np.asarray(value)
             want = (dtypes or {}).get(path, dtype)
             if want is not None:
@@ -131,7 +133,7 @@ def write_t5x_checkpoint(
             spec = _spec(rel, arr, tuple(ch), form)
             target[path] = spec_hook(path, spec) if spec_hook else spec
         state = {"step": np.int32(step), "param_states": {}}
-        tree = {"version": version, "optimizer": {"state": state, "target": unflatten(target)}}
+        tree = {"version": version, "optimizer": {"state": state, "target": unflatten_params(target)}}
         with open(os.path.join(tmp, "checkpoint"), "wb") as f:
             f.write(packb(tree))
             f.flush()
@@ -143,3 +145,17 @@ def write_t5x_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def export_t5x(params: dict, directory: str, step: int = 0, dtype: str = "float32") -> str:
+    """Write a float parameter tree as a legacy T5X checkpoint (``moqe convert --to-t5x``); packed leaves
+    are refused because T5X stores float arrays only."""
+    import ml_dtypes
+
+    flat = flatten_params(params)
+    bad = [p for p, v in flat.items() if is_packed(v)]
+    if bad:
+        raise CheckpointError(f"cannot export quantized leaf {bad[0]} to T5X (T5X stores float arrays only)")
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    return write_t5x_checkpoint(directory, {p: np.asarray(v) for p, v in flat.items()}, step=step, dtype=dt,
+                                progress=True)

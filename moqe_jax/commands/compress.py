@@ -66,7 +66,7 @@ def spec_from_bits(bits: str) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from moqe_jax.model.api import Model, load_model
+    from moqe_jax.api import Model, load_model
 
     if args.model.startswith("init:"):
         return Model.init(args.model[5:], seed=args.seed)

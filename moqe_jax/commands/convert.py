@@ -30,26 +30,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def export_t5x(model: Any, directory: str, step: int = 0, dtype: str = "float32") -> str:
-    """Write a float model as a legacy T5X checkpoint (quantized leaves are refused)."""
-    import ml_dtypes
-    import numpy as np
-
-    from moqe_jax.checkpoint.store import flatten_params
-    from moqe_jax.checkpoint.t5x_writer import write_t5x_checkpoint
-
-    flat = flatten_params(model.params)
-    bad = [p for p, v in flat.items() if hasattr(v, "to_arrays")]
-    if bad:
-        raise CheckpointError(f"cannot export quantized leaf {bad[0]} to T5X (T5X stores float arrays only)")
-    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-    return write_t5x_checkpoint(directory, {p: np.asarray(v) for p, v in flat.items()}, step=step, dtype=dt,
-                                progress=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    from moqe_jax.checkpoint.store import disk_size, save_model
-    from moqe_jax.model.api import load_model
+    from moqe_jax.api import load_model, save_model
+    from moqe_jax.checkpoint.store import disk_size
+    from moqe_jax.checkpoint.t5x_writer import export_t5x
 
     src = args.source
     if src.startswith("t5x:") and not args.config:
@@ -58,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to_t5x:
         created = not os.path.exists(args.to_t5x)
         try:
-            out = export_t5x(model, args.to_t5x, step=args.step, dtype=args.dtype)
+            out = export_t5x(model.params, args.to_t5x, step=args.step, dtype=args.dtype)
         except BaseException:
             if created:
                 shutil.rmtree(args.to_t5x, ignore_errors=True)

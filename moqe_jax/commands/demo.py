@@ -65,9 +65,9 @@ def _demo(args: argparse.Namespace) -> int:
     if not model_dir.exists():
         raise MoqeError(f"bundled model not found at {model_dir}; train it with `{TRAIN_HINT}` "
                         "or pass --model DIR")
+    from moqe_jax.api import load_model
     from moqe_jax.commands.eval import resolve_tokenizer
     from moqe_jax.evaluate import calibration_batches, evaluate_model, load_tokenizer
-    from moqe_jax.model.api import load_model
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import compress_sub1, quantize
 

@@ -65,9 +65,9 @@ def resolve_tokenizer(arg: str | None, model_dir: str | None, data: str | None) 
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from moqe_jax.api import load_model
     from moqe_jax.commands.demo import ASSETS
     from moqe_jax.evaluate import evaluate_model, format_result
-    from moqe_jax.model.api import load_model
 
     src = str(ASSETS / "moe") if args.model == "default" else args.model
     need_data = not args.no_bleu or args.mt_loss or args.mlm

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give a model PATH (hf:DIR, t5x:DIR, saved dir) or --preset NAME")
         d = info_dict(SwitchConfig.preset(args.preset))
     else:
-        from moqe_jax.model.api import load_model
+        from moqe_jax.api import load_model
 
         if args.path.startswith("t5x:") and not args.preset:
             raise ConfigError(f"{args.path}: T5X checkpoints carry no config; add --preset NAME (e.g. switch-base-8)")

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out and not args.report:
         raise QuantizationError("nothing to do: pass --out DIR to save and/or --report")
-    from moqe_jax.model.api import load_model
+    from moqe_jax.api import load_model
     from moqe_jax.quant.policy import quantize_model_rtn
     from moqe_jax.quant.report import size_report
 

@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     maybe_init_distributed(args.coordinator, args.num_processes, args.process_id)
     init_params = None
     if args.init:
-        from moqe_jax.model.api import load_model
+        from moqe_jax.api import load_model
 
         m = load_model(args.init)
         cfg = m.config
@@ -116,7 +116,7 @@ def _train(args: argparse.Namespace) -> int:
         data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
     res = train(cfg, tc, data, args.out, init_params=init_params)
     if tc.qat_bits is not None:  # QAT: float master weights + the packed QuantizedTensor export (MoQE deployable)
-        from moqe_jax.model.api import Model
+        from moqe_jax.api import Model
         from moqe_jax.quant.ste import export_qat
         from train.train import _to_host
 

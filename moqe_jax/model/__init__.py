@@ -7,7 +7,7 @@ Modules:
   * ``layerwise``  — functional layer-by-layer API for calibration (``encode_embed``, ``encoder_layer``,
     ``encoder_final``, ``decode_embed``, ``decoder_layer``, ``decoder_final``); see its docstring.
   * ``decode``     — greedy / beam search with a KV cache.
-  * ``api``        — ``Model``, ``load_model``, ``param_counts``.
+  * ``api``        — the jitted ``forward``, ``param_shapes``, ``param_counts`` (``Model``: ``moqe_jax.api``).
   * ``partitioning`` — logical axis names per parameter, mesh rules, ``shard_params``.
   * ``components`` — parameter path -> paper component.
 """
