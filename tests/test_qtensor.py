@@ -33,8 +33,8 @@ def np_pack(codes: np.ndarray, b: int) -> np.ndarray:
 
 @pytest.mark.parametrize("b", [8, 4, 3, 2])
 @pytest.mark.parametrize("shape", [(16, 8), (3, 21, 5), (2, 1, 7)])
-def test_pack_matches_reference_and_roundtrips(b, shape):
-    rng = np.random.default_rng()
+def test_pack_matches_reference_and_roundtrips(b, shape, seed):
+    rng = np.random.default_rng(seed)
     codes = rng.integers(0, 2**b, size=shape).astype(np.uint8)
     packed = np.asarray(pack_codes(codes, b))
     np.testing.assert_array_equal(packed, np_pack(codes, b))
@@ -44,8 +44,8 @@ def test_pack_matches_reference_and_roundtrips(b, shape):
 
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, symmetric=False), QuantSpec(2, scheme="log"),
                                   QuantSpec("ternary"), QuantSpec(8, granularity=8)])
-def test_qtensor_pytree_nbytes_and_slicing(spec):
-    rng = np.random.default_rng()
+def test_qtensor_pytree_nbytes_and_slicing(spec, seed):
+    rng = np.random.default_rng(seed)
     e, k, n = 3, 16, 5
     codes = rng.integers(0, spec.maxq + 1, size=(e, k, n)).astype(np.uint8)
     g = spec.num_groups(k)
@@ -65,8 +65,8 @@ def test_qtensor_pytree_nbytes_and_slicing(spec):
     assert out.spec == spec and out.shape == qt.shape
 
 
-def test_dequant_values_against_numpy():
-    rng = np.random.default_rng()
+def test_dequant_values_against_numpy(seed):
+    rng = np.random.default_rng(seed)
     q = rng.integers(0, 16, size=(8, 4))
     s = rng.uniform(0.5, 2, size=(1, 4))
     z = rng.integers(0, 16, size=(1, 4)).astype(np.float64)
@@ -107,8 +107,8 @@ def test_component_classification():
     assert component_of("decoder/logits_dense/kernel") == "logits"
 
 
-def test_storage_protocol_roundtrip():
-    rng = np.random.default_rng()
+def test_storage_protocol_roundtrip(seed):
+    rng = np.random.default_rng(seed)
     spec = QuantSpec(2, symmetric=False, granularity=8)
     codes = rng.integers(0, 4, size=(2, 16, 3)).astype(np.uint8)
     qt = QuantizedTensor.from_codes(codes, rng.uniform(size=(2, 2, 3)), rng.uniform(size=(2, 2, 3)), spec)

@@ -37,9 +37,9 @@ def test_cli_errors_are_one_line(argv, msg, capsys):
     assert err.startswith("moqe: error:") and msg in err and "\n" not in err
 
 
-def test_quantize_saved_model_roundtrip(tmp_path, capsys):
+def test_quantize_saved_model_roundtrip(tmp_path, capsys, seed):
     cfg = SwitchConfig.preset("tiny")
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     params: dict = {}
     for path, shape in param_shapes(cfg).items():
         node = params

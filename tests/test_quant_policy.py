@@ -72,8 +72,8 @@ def test_policy_fails_loudly():
         plan_quantization(tree, QuantSpec(2), overrides={"(": None})
 
 
-def test_quantize_model_rtn_on_tiny_switch():
-    model = random_tiny_model()
+def test_quantize_model_rtn_on_tiny_switch(seed):
+    model = random_tiny_model(seed)
     spec = QuantSpec(8, symmetric=False)
     q = quantize_model_rtn(model, spec, ("experts", "dense"))
     assert isinstance(q, api.Model) and q.config == model.config
@@ -102,7 +102,7 @@ def test_quantize_model_rtn_on_tiny_switch():
     with pytest.raises(QuantizationError, match="decoder/layers_1/mlp/expert/wo/kernel.*NaN"):
         quantize_model_rtn(bad, spec)
     # the quantized model runs; 8-bit experts+dense stay close to the float logits
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     ids = rng.integers(2, model.config.vocab_size, size=(2, 6))
     dids = rng.integers(2, model.config.vocab_size, size=(2, 4))
     lf, lq = model.logits(ids, dids), q.logits(ids, dids)

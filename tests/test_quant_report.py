@@ -57,7 +57,7 @@ def test_moqe_5p3b_headline_79_6_percent():
     assert rep.total.reduction_vs_16bit == pytest.approx(0.796, abs=0.002)
 
 
-def _random_tiny(seed=None):
+def _random_tiny(seed: int):
     cfg = SwitchConfig.preset("tiny")
     rng = np.random.default_rng(seed)
     flat = {p: rng.standard_normal(s).astype(np.float32) for p, s in param_shapes(cfg).items()}
@@ -73,8 +73,8 @@ def _random_tiny(seed=None):
 
 @pytest.mark.parametrize("spec,comps", [(QuantSpec(3, granularity=16), ("experts",)),
                                         (QuantSpec("ternary"), ("experts", "dense", "self_attn"))])
-def test_real_tiny_report_equals_nbytes_and_projection(spec, comps):
-    model = _random_tiny()
+def test_real_tiny_report_equals_nbytes_and_projection(spec, comps, seed):
+    model = _random_tiny(seed)
     q = quantize_model_rtn(model, spec, comps)
     rep = q.size_report()
     flat, _ = flatten_params(q.params)

@@ -180,8 +180,8 @@ SPECS = (
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.describe() for s in SPECS])
-def test_quantizer_matches_float64_reference(spec):
-    rng = np.random.default_rng()
+def test_quantizer_matches_float64_reference(spec, seed):
+    rng = np.random.default_rng(seed)
     w = weights(rng, (32, 8))  # [2, 32, 8]: batch (normal, student-t), K=32, N=8
     qt = quantize_tensor(w, spec, name="w")
     assert isinstance(qt, QuantizedTensor) and qt.shape == w.shape and qt.spec == spec
@@ -215,9 +215,9 @@ def test_quantizer_matches_float64_reference(spec):
     assert qt.packed.shape[-2] == 32 * spec.code_bits // 8
 
 
-def test_quantization_error_is_sane():
+def test_quantization_error_is_sane(seed):
     """RTN error falls with bits, MSE never increases the Σ|q-w|^2.4 error, group < channel."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((2, 64, 16)).astype(np.float32)
 
     def err(spec, p=2.0):
@@ -262,9 +262,9 @@ def test_ft_symmetric_scale_rule_and_edge_cases():
     np.testing.assert_allclose(v, [1.0, 0.5, 0.5, 0.25, 1.0, 0.5, 1.0, 0.25])
 
 
-def test_find_params_and_codes_are_jittable_and_batch_first():
+def test_find_params_and_codes_are_jittable_and_batch_first(seed):
     """The building blocks GPTQ reuses: jit, vmap over experts, single-column quantize_codes."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((3, 32, 8)).astype(np.float32)
     for spec in (QuantSpec(2, symmetric=False), QuantSpec("ternary"), QuantSpec(4, granularity=8),
                  QuantSpec(3, "log", mse=True), QuantSpec(4, mse=True)):
@@ -285,10 +285,10 @@ def test_find_params_and_codes_are_jittable_and_batch_first():
     np.testing.assert_array_equal(np.asarray(qt.packed), np.asarray(quantize_tensor(w, QuantSpec(4)).packed))
 
 
-def test_bf16_input_and_chunking(monkeypatch):
+def test_bf16_input_and_chunking(monkeypatch, seed):
     import moqe_jax.quant.rtn as rtn
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((5, 16, 8)), jnp.bfloat16)
     full = quantize_tensor(w, QuantSpec(4, symmetric=False), "experts")
     monkeypatch.setattr(rtn, "_CHUNK_ELEMS", 2 * 16 * 8)
@@ -299,15 +299,15 @@ def test_bf16_input_and_chunking(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_weights_name_the_tensor(bad):
-    w = np.random.default_rng().standard_normal((16, 8)).astype(np.float32)
+def test_nonfinite_weights_name_the_tensor(bad, seed):
+    w = np.random.default_rng(seed).standard_normal((16, 8)).astype(np.float32)
     w[3, 2] = bad
     with pytest.raises(QuantizationError, match=r"encoder/layers_1/mlp/expert/wi/kernel.*NaN/inf"):
         quantize_tensor(w, QuantSpec(4), name="encoder/layers_1/mlp/expert/wi/kernel")
 
 
-def test_bad_specs_and_shapes():
-    w = np.random.default_rng().standard_normal((24, 8)).astype(np.float32)
+def test_bad_specs_and_shapes(seed):
+    w = np.random.default_rng(seed).standard_normal((24, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="unsupported bits"):
         QuantSpec(5)
     for bad in (5, 1, {"bits": 16}, {"bits": 4, "scheme": "fp4"}):
@@ -322,9 +322,9 @@ def test_bad_specs_and_shapes():
     assert issubclass(QuantizationError, MoqeError)
 
 
-def test_shape_only_quantize_matches_real_nbytes():
+def test_shape_only_quantize_matches_real_nbytes(seed):
     """quantize_tensor on a ShapeDtypeStruct gives the packed layout without computing anything."""
-    w = np.random.default_rng().standard_normal((3, 40, 24)).astype(np.float32)
+    w = np.random.default_rng(seed).standard_normal((3, 40, 24)).astype(np.float32)
     for spec in (QuantSpec(3), QuantSpec("ternary"), QuantSpec(2, granularity=8, mse=True), QuantSpec(4, "log")):
         real = quantize_tensor(w, spec)
         proj = quantize_tensor(jax.ShapeDtypeStruct(w.shape, jnp.float32), spec)

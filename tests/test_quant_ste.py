@@ -20,8 +20,8 @@ SPECS = [QuantSpec(2), QuantSpec(3, symmetric=False, granularity=8), QuantSpec(4
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.describe() for s in SPECS])
-def test_fake_quant_forward_is_the_packed_quantizer_and_grad_is_straight_through(spec):
-    rng = np.random.default_rng()
+def test_fake_quant_forward_is_the_packed_quantizer_and_grad_is_straight_through(spec, seed):
+    rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((3, 16, 8)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
@@ -113,15 +113,15 @@ def test_qat_recovers_2bit_loss_and_export_is_identical():
     np.testing.assert_array_equal(out_ex, out_fq)  # export after QAT: identical forward
 
 
-def test_fake_quant_params_policy_and_tiny_switch_export():
+def test_fake_quant_params_policy_and_tiny_switch_export(seed):
     """On the `tiny` Switch preset: fake-quant model and exported model give identical logits."""
-    model = random_tiny_model()
+    model = random_tiny_model(seed)
     spec = QuantSpec(2, symmetric=False)
     comps = ("experts", "dense")
     fq = api.Model(model.config, fake_quant_params(model.params, spec, comps))
     ex = export_qat(model, spec, comps)
     assert isinstance(ex, api.Model)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     ids = rng.integers(2, model.config.vocab_size, size=(2, 7))
     dids = rng.integers(2, model.config.vocab_size, size=(2, 5))
     with ops.kernel_mode("xla"):
