@@ -8,7 +8,7 @@ import numpy as np
 from moqe_jax.tree import unflatten_params
 
 
-def random_tiny_model(seed: int | None = None, **overrides):
+def random_tiny_model(seed: int, **overrides):
     """`tiny` preset with random weights from ``param_shapes`` (cheaper than a Flax init)."""
     from moqe_jax import api
     from moqe_jax.config import SwitchConfig

@@ -26,8 +26,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "moqe_jax" / "assets" / "default"
 
 @pytest.fixture(scope="module")
 def bundled() -> tuple[Model, Tokenizer, list[dict]]:
-    if not (ASSETS / "moe").is_dir() or not (ASSETS / "sample.jsonl").is_file():
-        pytest.skip("bundled default model not built (train/recipes/default_model.md)")
     m = load_model(str(ASSETS / "moe"))
     m = m.replace(params=jax.tree.map(lambda a: np.asarray(a, np.float32), m.params))
     tok = Tokenizer(ASSETS / "tokenizer")
