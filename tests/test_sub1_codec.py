@@ -59,8 +59,8 @@ def random_qt(rng, shape, p0, dtype=np.float32):
 
 
 @pytest.mark.parametrize("p0", [0.5, 0.75, 0.885, 0.97])
-def test_encoder_matches_python_reference(p0):
-    rng = np.random.default_rng()
+def test_encoder_matches_python_reference(p0, seed):
+    rng = np.random.default_rng(seed)
     t = rng.choice(3, size=(23, 2 * 57), p=[p0, (1 - p0) / 2, (1 - p0) / 2])
     pairs = (t[:, 0::2] + 3 * t[:, 1::2]).astype(np.uint8)
     stream, row_off = encode_pairs(pairs, chunk_elems=57 * 5)  # several row chunks
@@ -74,8 +74,8 @@ def test_encoder_matches_python_reference(p0):
 
 @pytest.mark.parametrize("p0,shape", [(0.5, (2, 40, 24)), (0.885, (3, 96, 40)), (0.97, (64, 17)),
                                       (0.8, (2, 2, 33, 8))])
-def test_roundtrip_bit_exact(p0, shape):
-    rng = np.random.default_rng()
+def test_roundtrip_bit_exact(p0, shape, seed):
+    rng = np.random.default_rng(seed)
     qt, codes = random_qt(rng, shape, p0)
     st = encode(qt)
     assert st.shape == qt.shape
@@ -94,10 +94,10 @@ def test_roundtrip_bit_exact(p0, shape):
     assert st.bits_per_param == pytest.approx(8 * st.nbytes / np.prod(shape))
 
 
-def test_rtn_ternary_roundtrip_and_compression():
+def test_rtn_ternary_roundtrip_and_compression(seed):
     from moqe_jax.quant.rtn import quantize_tensor
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     w = rng.standard_t(4, size=(4, 256, 48)).astype(np.float32) * 0.02
     qt = quantize_tensor(w, QuantSpec(bits="ternary"), "rtn")
     st = encode(qt)
@@ -109,9 +109,9 @@ def test_rtn_ternary_roundtrip_and_compression():
     assert ternary_entropy_bits(0.885) == pytest.approx(0.6298, abs=1e-4)
 
 
-def test_iid_rate_matches_qmoe_figures():
+def test_iid_rate_matches_qmoe_figures(seed):
     """i.i.d. P(0)=0.885 on QMoE's base wo shape: ≈21.7 weights/codeword, ≈21.1× incl. row metadata (§1.7)."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     rows, cols = 96, 3072
     t = rng.choice(3, size=(rows, cols), p=[0.885, 0.0575, 0.0575])
     stream, _ = encode_pairs((t[:, 0::2] + 3 * t[:, 1::2]).astype(np.uint8))
@@ -121,8 +121,8 @@ def test_iid_rate_matches_qmoe_figures():
     assert 20.6 < ratio < 21.6
 
 
-def test_encode_rejects_bad_input():
-    rng = np.random.default_rng()
+def test_encode_rejects_bad_input(seed):
+    rng = np.random.default_rng(seed)
     with pytest.raises(QuantizationError):
         encode(QuantizedTensor.from_codes(rng.integers(0, 16, (16, 4)), np.ones((1, 4)), np.zeros((1, 4)),
                                           QuantSpec(bits=4, symmetric=False)))
@@ -133,8 +133,8 @@ def test_encode_rejects_bad_input():
         encode(QuantizedTensor.from_codes(np.full((16, 4), 3), np.ones((1, 4)), -np.ones((1, 4)), TERN))
 
 
-def test_storage_roundtrip_and_corruption():
-    rng = np.random.default_rng()
+def test_storage_roundtrip_and_corruption(seed):
+    rng = np.random.default_rng(seed)
     qt, codes = random_qt(rng, (3, 64, 16), 0.885)
     st = encode(qt)
     arrays, meta = st.to_arrays()
@@ -197,8 +197,8 @@ def _qmoe_reference_layout(codes_e, smin, smax):
             "ter_minmax": mm}
 
 
-def test_qmoe_import_export(tmp_path):
-    rng = np.random.default_rng()
+def test_qmoe_import_export(tmp_path, seed):
+    rng = np.random.default_rng(seed)
     e, k, n = 3, 48, 12
     codes = rng.choice(3, size=(e, k, n), p=[0.88, 0.06, 0.06]).astype(np.uint8)
     smin = -rng.uniform(0.1, 1, (e, n)).astype(np.float32)
@@ -247,8 +247,8 @@ def test_qmoe_import_export(tmp_path):
         from_qmoe([bad])
 
 
-def test_compress_params_tree():
-    rng = np.random.default_rng()
+def test_compress_params_tree(seed):
+    rng = np.random.default_rng(seed)
     qt, _ = random_qt(rng, (4, 64, 32), 0.885)
     q4 = QuantizedTensor.from_codes(rng.integers(0, 16, (64, 32)), np.ones((1, 32)), None, QuantSpec(bits=4))
     tree = {"enc": {"expert": {"wi": {"kernel": qt}}, "attn": {"kernel": np.ones((8, 8), np.float32)}},
@@ -264,10 +264,10 @@ def test_compress_params_tree():
     assert any(getattr(x, "dtype", None) == np.uint16 for x in leaves)
 
 
-def test_gptq_ternary_roundtrip():
+def test_gptq_ternary_roundtrip(seed):
     from moqe_jax.quant.gptq import gptq_quantize
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     e, k, n = 2, 64, 24
     w = rng.normal(size=(e, k, n)).astype(np.float32) * 0.05
     x = rng.normal(size=(e, 256, k)).astype(np.float32)

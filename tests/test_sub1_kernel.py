@@ -21,8 +21,8 @@ def make(rng, shape, p0=0.85):
 
 
 @pytest.mark.parametrize("c", [1, 3, 16])
-def test_grouped_matches_reference(c):
-    rng = np.random.default_rng()
+def test_grouped_matches_reference(c, seed):
+    rng = np.random.default_rng(seed)
     st, wf = make(rng, (3, 136, 24))  # ragged K (not a multiple of a chunk), N not a power of two
     x = rng.normal(size=(3, c, 136)).astype(np.float32)
     y = grouped_sub1_matmul(jnp.asarray(x), st, interpret=True)
@@ -31,8 +31,8 @@ def test_grouped_matches_reference(c):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_dense_2d_and_block_choices():
-    rng = np.random.default_rng()
+def test_dense_2d_and_block_choices(seed):
+    rng = np.random.default_rng(seed)
     st, wf = make(rng, (77, 40), p0=0.6)  # odd K, low sparsity (short codewords)
     x = rng.normal(size=(2, 3, 77)).astype(np.float32)
     ref = x.astype(np.float64) @ wf
@@ -44,10 +44,10 @@ def test_dense_2d_and_block_choices():
         np.testing.assert_allclose(np.asarray(yr).T.reshape(2, 3, 40), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_input_and_dispatch_integration():
+def test_bf16_input_and_dispatch_integration(seed):
     from moqe_jax import ops
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     st, wf = make(rng, (2, 64, 16), p0=0.95)
     x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.bfloat16)
     ref = np.einsum("eck,ekn->ecn", np.asarray(x, np.float64), wf)
@@ -59,8 +59,8 @@ def test_bf16_input_and_dispatch_integration():
     np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
 
 
-def test_unsupported_cases_return_none():
-    rng = np.random.default_rng()
+def test_unsupported_cases_return_none(seed):
+    rng = np.random.default_rng(seed)
     st, _ = make(rng, (2, 32, 8))
     assert grouped_sub1_matmul(jnp.zeros((2, MAX_TOKENS + 1, 32)), st, interpret=True) is None
     assert grouped_sub1_matmul(jnp.zeros((3, 4, 32)), st, interpret=True) is None  # expert count mismatch
@@ -89,9 +89,9 @@ def test_sparse_dec_table_matches_qmoe_dec():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (Triton backend)")
 @pytest.mark.parametrize("m", [1, 5, 16, 64])
-def test_gpu_triton_matches_reference(m):
+def test_gpu_triton_matches_reference(m, seed):
     """Triton-compiled kernel (not interpret) on Switch-like shapes, dense and grouped."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     st, wf = make(rng, (768, 3072 // 4), p0=0.885)
     x = rng.normal(size=(m, 768)).astype(np.float32)
     y = sub1_matmul(jnp.asarray(x), jax.tree_util.tree_map(jnp.asarray, st), interpret=False)
@@ -110,10 +110,10 @@ def test_gpu_triton_matches_reference(m):
     np.testing.assert_allclose(np.asarray(ya), refa, rtol=1e-4, atol=1e-4 * np.abs(refa).max())
 
 
-def test_gathered_active_experts():
+def test_gathered_active_experts(seed):
     from pallas_kernels.sub1_matmul import gathered_sub1_matmul
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     st, wf = make(rng, (5, 72, 20))
     ids = np.array([3, 0, 3])
     x = rng.normal(size=(3, 2, 72)).astype(np.float32)
