@@ -16,6 +16,7 @@ Outputs ``<out>/qmoe_table.{md,json}`` and ``qmoe_losses.png``. ``--quick`` = CI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 models[f"{method}-{grid}"] = q
                 record(f"{method.upper()} {grid}", method, grid, q, t.wall)
         with Timer() as t:
-            sub1 = compress_sub1(models["gptq-ternary"], verbose=False)
-        rep = dict(getattr(sub1, "sub1_report", {}) or {})
+            sub1, sub1_rep = compress_sub1(models["gptq-ternary"], verbose=False)
+        rep = {k: v for k, v in dataclasses.asdict(sub1_rep).items() if v is not None}
         r_sub1 = record("GPTQ ternary → sub-1-bit", "gptq+sub1", "ternary (dictionary code)", sub1, t.wall,
                         {"sub1": {k: v for k, v in rep.items() if k != "skipped"}})
         tern = next(r for r in rows if r["model"] == "GPTQ ternary")

@@ -27,11 +27,11 @@ def quantize(model: Any, spec: QuantSpec, components: Sequence[str] = ("experts"
     raise ValueError(f"unknown method {method!r}; choose 'rtn' or 'gptq'")
 
 
-def compress_sub1(model: Any, **kwargs: Any) -> Any:
-    """QMoE sub-1-bit dictionary code for every ternary expert of ``model`` -> new ``Model``."""
-    from moqe_jax.quant.sub1 import compress_model
+def compress_sub1(model: Any, *, verbose: bool = True) -> tuple[Any, Any]:
+    """QMoE sub-1-bit dictionary code for every ternary expert of ``model`` -> ``(new Model, Sub1Report)``."""
+    from moqe_jax.quant.sub1_compress import compress_model
 
-    return compress_model(model, **kwargs)
+    return compress_model(model, verbose=verbose)
 
 
 def evaluate(model: Any, **kwargs: Any) -> Any:

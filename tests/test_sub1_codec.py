@@ -7,21 +7,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from moqe_jax.checkpoint.qmoe import from_qmoe, load_qmoe_experts, qmoe_layers_from_state_dict, to_qmoe
 from moqe_jax.errors import CheckpointError, QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.packed.sub1 import Sub1Tensor, decode_pairs
 from moqe_jax.packed.sub1_dict import get_dictionary
-from moqe_jax.quant.sub1 import (
-    compress_params,
-    encode,
-    encode_pairs,
-    from_qmoe,
-    load_qmoe_experts,
-    qmoe_layers_from_state_dict,
-    ternary_entropy_bits,
-    to_qmoe,
-)
+from moqe_jax.quant.sub1 import encode, encode_pairs, ternary_entropy_bits
+from moqe_jax.quant.sub1_compress import compress_params
 
 TERN = QuantSpec(bits="ternary")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -256,10 +249,10 @@ def test_compress_params_tree(seed):
     new, rep = compress_params(tree)
     st = new["enc"]["expert"]["wi"]["kernel"]
     assert isinstance(st, Sub1Tensor) and new["dense"]["kernel"] is q4
-    assert rep["tensors"] == 1 and rep["params"] == qt.size
-    assert rep["bits_per_param"] == pytest.approx(st.bits_per_param)
-    assert rep["ratio_vs_bf16"] == pytest.approx(16 / st.bits_per_param)
-    assert 0.8 < rep["zero_fraction"] < 0.95
+    assert rep.tensors == 1 and rep.params == qt.size
+    assert rep.bits_per_param == pytest.approx(st.bits_per_param)
+    assert rep.ratio_vs_bf16 == pytest.approx(16 / st.bits_per_param)
+    assert 0.8 < rep.zero_fraction < 0.95
     leaves = jax.tree_util.tree_leaves(new)  # Sub1Tensor is a pytree (4 leaves)
     assert any(getattr(x, "dtype", None) == np.uint16 for x in leaves)
 

@@ -13,11 +13,11 @@ from moqe_jax.packed.sub1 import Sub1Tensor
 def test_compress_model_logits_and_store(tmp_path, seed):
     m = Model.init("tiny", seed=0)
     q = moqe_jax.quantize(m, QuantSpec(bits="ternary"), method="rtn")
-    c = moqe_jax.compress_sub1(q, verbose=False)
+    c, rep = moqe_jax.compress_sub1(q, verbose=False)
     flat = jax.tree_util.tree_leaves(c.params, is_leaf=lambda x: isinstance(x, (Sub1Tensor, QuantizedTensor)))
     leaves = [x for x in flat if isinstance(x, Sub1Tensor)]
-    assert leaves and c.sub1_report["tensors"] == len(leaves)
-    assert 0 < c.sub1_report["bits_per_param"] < 16
+    assert leaves and rep.tensors == len(leaves)
+    assert 0 < rep.bits_per_param < 16
     rng = np.random.default_rng(seed)
     ids = rng.integers(2, 100, (2, 7))
     dids = rng.integers(2, 100, (2, 5))

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "sub1":
         from moqe_jax.pipeline import compress_sub1
 
-        out = compress_sub1(out)
+        out, _ = compress_sub1(out)
     out.save(args.out)
     if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
         with open(os.path.join(args.out, "compress_report.json"), "w") as f:

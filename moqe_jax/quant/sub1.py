@@ -1,56 +1,33 @@
-"""`Sub1Tensor`: QMoE's sub-1-bit dictionary code for ternary experts (Frantar & Alistarh 2023, §4).
+"""QMoE's sub-1-bit dictionary code for ternary experts (Frantar & Alistarh 2023, §4): the encoder and the
+entropy bound. The :class:`~moqe_jax.packed.sub1.Sub1Tensor` type and its exact decoder live in
+``moqe_jax.packed.sub1``; QMoE's ``.pt`` files are read and written by ``moqe_jax.checkpoint.qmoe``;
+whole-model compression is ``moqe_jax.quant.sub1_compress``.
 
 A ternary :class:`~moqe_jax.packed.qtensor.QuantizedTensor` ``[*batch, K, N]`` (channel-wise; codes
 0 → 0, 1 → ``w_min`` = ``zeros``, 2 → ``w_max`` = ``scales``) already holds QMoE's symbols. QMoE's
 "row" is our output channel ``n``: its weights run along K and are grouped in pairs
 ``r = t0 + 3·t1`` (k = 2i, 2i+1). Each row is encoded independently by greedy longest-match against
-the fixed 2^16-entry dictionary (:mod:`moqe_jax.packed.sub1_dict`); the codewords of all rows
-(row-major over ``(*batch, N)``) form one uint16 stream with int32 row offsets. Byte layout:
-docs/FORMATS.md §2; QMoE's own per-expert layout (``w_comp`` / ``row_off`` / ``ter_minmax``,
-docs/QMOE.md §1.6) is read and written by :func:`from_qmoe` / :func:`to_qmoe`.
+the fixed 2^16-entry dictionary (:mod:`moqe_jax.packed.sub1_dict`). Byte layout: docs/FORMATS.md §2.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-import os
-import sys
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from moqe_jax.errors import CheckpointError, QuantizationError
+from moqe_jax.errors import QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor
-from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.packed.sub1 import Sub1Tensor
 from moqe_jax.packed.sub1_dict import TRIE_ROOT, get_dictionary
+from moqe_jax.progress import progress
 
-__all__ = ["encode", "encode_pairs", "pair_symbols", "from_qmoe",
-           "to_qmoe", "qmoe_layers_from_state_dict", "qmoe_t5x_path", "load_qmoe_experts", "ternary_entropy_bits",
-           "compress_model", "compress_params"]
-
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_TERNARY = QuantSpec(bits="ternary", granularity="channel")
+__all__ = ["encode", "encode_pairs", "pair_symbols", "ternary_entropy_bits"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Encoder (docs/QMOE.md §1.5): greedy longest match through the trie, all rows in lockstep.
 # ---------------------------------------------------------------------------------------------
-def _progress(total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    disable = os.environ.get("MOQE_NO_PROGRESS") == "1" or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="row", disable=disable, leave=False)
-
-
 def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | None = None,
                  dictionary: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode pair symbols ``[R, P]`` (uint8, values < 9) -> ``(stream uint16 [T], row_off int32 [R+1])``.
@@ -74,7 +51,7 @@ def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | N
     chunk = max(1, chunk_elems // p)
     streams: list[np.ndarray] = []
     counts = np.zeros(r_total, np.int64)
-    bar = _progress(r_total, desc or "sub1 encode") if r_total > chunk else None
+    bar = progress(total=r_total, desc=desc or "sub1 encode", unit="row", enable=None if r_total > chunk else False)
     for r0 in range(0, r_total, chunk):
         sym = np.ascontiguousarray(pairs[r0:r0 + chunk].T).astype(np.int32)  # [P, rows]
         rows = sym.shape[1]
@@ -92,10 +69,8 @@ def encode_pairs(pairs: np.ndarray, *, chunk_elems: int = 1 << 24, desc: str | N
         mask = et >= 0
         counts[r0:r0 + rows] = mask.sum(axis=1)
         streams.append(et[mask].astype(np.uint16))
-        if bar is not None:
-            bar.update(rows)
-    if bar is not None:
-        bar.close()
+        bar.update(rows)
+    bar.close()
     row_off = np.zeros(r_total + 1, np.int64)
     np.cumsum(counts, out=row_off[1:])
     if row_off[-1] >= 2**31:
@@ -153,228 +128,3 @@ def ternary_entropy_bits(x: QuantizedTensor | Sub1Tensor | float) -> float:
         p = counts / counts.sum()
     p = p[p > 0]
     return float(-(p * np.log2(p)).sum())
-
-
-# ---------------------------------------------------------------------------------------------
-# QMoE checkpoint layout (docs/QMOE.md §1.6): per expert matrix w_comp / row_off / ter_minmax.
-# ---------------------------------------------------------------------------------------------
-def _np(x: Any) -> np.ndarray:
-    """numpy view of a numpy/jax/torch array (torch bf16 via an int16 view)."""
-    if hasattr(x, "detach"):  # torch tensor
-        import torch
-
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            return x.view(torch.int16).numpy().view(_BF16)
-        return x.numpy()
-    return np.asarray(x)
-
-
-def from_qmoe(experts: Sequence[Mapping[str, Any]], k: int | None = None, *, name: str = "qmoe",
-              dtype: Any = jnp.bfloat16) -> Sub1Tensor:
-    """QMoE ``Sub1Linear`` buffers of E experts -> one :class:`Sub1Tensor` ``[E, K, N]``.
-
-    Each expert: ``w_comp`` int16 ``[T_e]``, ``row_off`` int32 ``[rows+1]`` (row = output channel = our
-    column n), ``ter_minmax`` bf16 ``[2·rows]`` interleaved ``(min, max)``. ``k`` (in-features) is
-    inferred from the first row's pair count when omitted. Scales/zeros are kept in bf16.
-    """
-    if not experts:
-        raise CheckpointError(f"{name}: no experts given")
-    streams, offs, mins, maxs = [], [], [], []
-    base = 0
-    n = None
-    for e, ex in enumerate(experts):
-        try:
-            w, ro, mm = _np(ex["w_comp"]), _np(ex["row_off"]), _np(ex["ter_minmax"])
-        except KeyError as err:
-            raise CheckpointError(f"{name}: expert {e} lacks buffer {err}") from None
-        if w.dtype not in (np.int16, np.uint16) or w.ndim != 1:
-            raise CheckpointError(f"{name}: expert {e} w_comp must be 1-D int16, got {w.dtype}{list(w.shape)}")
-        if ro.dtype != np.int32 or ro.ndim != 1 or ro.size < 2:
-            raise CheckpointError(f"{name}: expert {e} row_off must be 1-D int32, got {ro.dtype}{list(ro.shape)}")
-        rows = ro.size - 1
-        if n is None:
-            n = rows
-        if rows != n:
-            raise CheckpointError(f"{name}: expert {e} has {rows} rows, expert 0 has {n}")
-        if mm.dtype not in (_BF16, np.int16, np.uint16) or mm.shape != (2 * rows,):
-            raise CheckpointError(f"{name}: expert {e} ter_minmax must be bf16 [{2 * rows}], got {mm.dtype}"
-                                  f"{list(mm.shape)}")
-        mm = mm.view(_BF16)
-        if ro[0] != 0 or ro[-1] != w.size or np.any(np.diff(ro) < 1):
-            raise CheckpointError(f"{name}: expert {e} row_off is not a valid offset table for {w.size} codewords")
-        streams.append(w.view(np.uint16))
-        offs.append(ro[:-1].astype(np.int64) + base)
-        base += w.size
-        mins.append(mm[0::2])
-        maxs.append(mm[1::2])
-    stream = np.concatenate(streams)
-    if base >= 2**31:
-        raise CheckpointError(f"{name}: {base} codewords exceed int32 offsets")
-    row_off = np.concatenate(offs + [np.array([base])]).astype(np.int32)
-    if k is None:
-        length = get_dictionary().length
-        k = 2 * int(length[stream[row_off[0]:row_off[1]]].astype(np.int64).sum())
-    st = Sub1Tensor.from_flat(stream, row_off, np.stack(maxs), np.stack(mins), _TERNARY, k, dtype)
-    st.validate(name)
-    return st
-
-
-def to_qmoe(st: Sub1Tensor) -> list[dict[str, np.ndarray]]:
-    """Inverse of :func:`from_qmoe`: one dict of QMoE buffers per expert (scales rounded to bf16)."""
-    stream, row_off = np.asarray(st.stream), np.asarray(st.row_off)
-    n = st.n
-    e = math.prod(st.batch_shape)
-    mins = np.asarray(st.zeros).reshape(e, n).astype(_BF16)
-    maxs = np.asarray(st.scales).reshape(e, n).astype(_BF16)
-    out = []
-    for i in range(e):
-        ro = row_off[i * n:(i + 1) * n + 1]
-        mm = np.empty(2 * n, _BF16)
-        mm[0::2], mm[1::2] = mins[i], maxs[i]
-        out.append({"w_comp": stream[ro[0]:ro[-1]].view(np.int16).copy(), "row_off": (ro - ro[0]).astype(np.int32),
-                    "ter_minmax": mm, "weight": np.zeros(0, _BF16)})
-    return out
-
-
-def qmoe_layers_from_state_dict(sd: Mapping[str, Any], k_of: Mapping[str, int] | None = None
-                                ) -> dict[str, Sub1Tensor]:
-    """Group a QMoE ``expNN.pt`` state dict into ``{"<block prefix>.wi|wo": Sub1Tensor [E, K, N]}``.
-
-    Keys follow ``{encoder|decoder}.block.{i}.layer.{j}.mlp.experts.expert_{e}.{wi|wo}.{w_comp|row_off|
-    ter_minmax}`` (docs/QMOE.md §1.6); ``k_of`` optionally gives K per group (else inferred).
-    """
-    import re
-
-    pat = re.compile(r"^(.*)\.experts\.expert_(\d+)\.(wi|wo)\.(w_comp|row_off|ter_minmax)$")
-    groups: dict[str, dict[int, dict[str, Any]]] = {}
-    for key, val in sd.items():
-        m = pat.match(key)
-        if m:
-            groups.setdefault(f"{m.group(1)}.{m.group(3)}", {}).setdefault(int(m.group(2)), {})[m.group(4)] = val
-    out = {}
-    for g, ex in sorted(groups.items()):
-        idx = sorted(ex)
-        if idx != list(range(len(idx))):
-            raise CheckpointError(f"QMoE state dict {g}: experts {idx[:3]}… are not 0..{len(idx) - 1}")
-        out[g] = from_qmoe([ex[i] for i in idx], (k_of or {}).get(g), name=g)
-    return out
-
-
-def qmoe_t5x_path(hf_prefix: str) -> str:
-    """``encoder.block.1.layer.1.mlp.wi`` (QMoE/HF) -> ``encoder/layers_1/mlp/expert/wi/kernel`` (our tree)."""
-    import re
-
-    m = re.match(r"^(?:.*\.)?(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.(wi|wo)$", hf_prefix)
-    if not m:
-        raise CheckpointError(f"QMoE expert group {hf_prefix!r} is not "
-                              "'<encoder|decoder>.block.<i>.layer.<j>.mlp.wi|wo'")
-    return f"{m.group(1)}/layers_{m.group(2)}/mlp/expert/{m.group(3)}/kernel"
-
-
-def load_qmoe_experts(files: Sequence[Any]) -> dict[str, Sub1Tensor]:
-    """Read QMoE ``expNN.pt`` files (torch state dicts, docs/QMOE.md §1.6) -> ``{t5x path: Sub1Tensor}``.
-
-    The result can be merged into a model's ``params`` (whose non-expert weights come from ``noexp.pt``
-    through the HF importer) in place of the expert kernels.
-    """
-    import torch
-
-    out: dict[str, Sub1Tensor] = {}
-    for f in files:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise CheckpointError(f"{f}: cannot read QMoE expert file ({type(e).__name__}: {e})".splitlines()[0]) \
-                from None
-        if not isinstance(sd, Mapping):
-            raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
-        for prefix, st in qmoe_layers_from_state_dict(sd).items():
-            out[qmoe_t5x_path(prefix)] = st
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Whole-model compression (pipeline.compress_sub1)
-# ---------------------------------------------------------------------------------------------
-def _bf16_bits(x: Any) -> float:
-    return 16.0 * math.prod(x.shape)
-
-
-def compress_params(params: Any, *, verbose: bool = False) -> tuple[Any, dict]:
-    """Replace every ternary channel-wise QuantizedTensor leaf by its :class:`Sub1Tensor`.
-
-    Returns the new tree and a report: ``params`` (weights encoded), ``bits`` (their stored bits),
-    ``bits_per_param``, ``ratio_vs_bf16``, ``entropy_bits`` (order-0 entropy of their symbols),
-    ``skipped`` (ternary leaves that cannot be encoded, e.g. group-wise).
-    """
-    report = {"params": 0, "bits": 0.0, "skipped": [], "tensors": 0, "symbol_counts": np.zeros(3, np.int64)}
-
-    def is_leaf(x: Any) -> bool:
-        return isinstance(x, (QuantizedTensor, Sub1Tensor))
-
-    def conv(path: Any, x: Any) -> Any:
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        if isinstance(x, Sub1Tensor):
-            report["params"] += x.size
-            report["bits"] += 8.0 * x.nbytes
-            report["tensors"] += 1
-            return x
-        if not (isinstance(x, QuantizedTensor) and x.spec.is_ternary):
-            return x
-        if x.scales.shape[-2] != 1:
-            report["skipped"].append(name)
-            return x
-        st = encode(x, name=name)
-        report["params"] += st.size
-        report["bits"] += 8.0 * st.nbytes
-        report["tensors"] += 1
-        pairs = pair_symbols(x)
-        report["symbol_counts"] += np.bincount(np.concatenate([pairs.reshape(-1) % 3, pairs.reshape(-1) // 3]),
-                                               minlength=3)[:3]
-        if verbose:
-            print(f"sub1 {name}: {st.shape} {st.bits_per_param:.3f} bits/param "
-                  f"({16 / st.bits_per_param:.2f}x vs bf16)")
-        return st
-
-    new = jax.tree_util.tree_map_with_path(conv, params, is_leaf=is_leaf)
-    n = max(1, report["params"])
-    report["bits_per_param"] = report["bits"] / n
-    report["ratio_vs_bf16"] = 16.0 * n / max(1.0, report["bits"])
-    c = report.pop("symbol_counts").astype(np.float64)
-    if c.sum():
-        p = c[c > 0] / c.sum()
-        report["entropy_bits"] = float(-(p * np.log2(p)).sum())
-        report["zero_fraction"] = float(c[0] / c.sum())
-    return new, report
-
-
-def compress_model(model: Any, *, verbose: bool = True, **_: Any) -> Any:
-    """QMoE sub-1-bit code for every ternary expert of ``model`` (an object with ``.params``, or a tree).
-
-    Returns a new model (``model.replace(params=…)``, ``dataclasses.replace`` or a shallow copy) with
-    the report stored in ``sub1_report`` when the object allows it.
-    """
-    if not hasattr(model, "params"):
-        new, report = compress_params(model, verbose=verbose)
-        return new
-    new_params, report = compress_params(model.params, verbose=verbose)
-    if report["tensors"] == 0:
-        raise QuantizationError("compress_sub1: the model has no ternary channel-wise QuantizedTensor "
-                                "(quantize the experts with bits='ternary' first)")
-    if verbose:
-        extra = f", entropy {report['entropy_bits']:.3f} bits" if "entropy_bits" in report else ""
-        print(f"sub1: {report['tensors']} tensors, {report['params']:,} params, "
-              f"{report['bits_per_param']:.3f} bits/param = {report['ratio_vs_bf16']:.2f}x vs bf16{extra}")
-    if hasattr(model, "replace") and callable(model.replace):
-        out = model.replace(params=new_params)
-    elif dataclasses.is_dataclass(model):
-        out = dataclasses.replace(model, params=new_params)
-    else:
-        out = copy.copy(model)
-        out.params = new_params
-    try:
-        out.sub1_report = report
-    except (AttributeError, dataclasses.FrozenInstanceError):
-        pass
-    return out
