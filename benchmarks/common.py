@@ -1,4 +1,4 @@
-"""Timing helpers and the results writer shared by the benchmarks (device METHOD.md "Time properly").
+"""Timing helpers and the results writer shared by the benchmarks (the method: CONTRIBUTING.md, "GPU checks").
 
 * Several weight sets are rotated inside one jitted call (enough bytes to overflow L2), each with its own
   activation so XLA cannot merge the dots; the time of one op = call time / number of sets.
