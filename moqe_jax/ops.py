@@ -1,111 +1,251 @@
-"""`qmatmul`: the one matmul entry point for (possibly quantized) weights (docs/ARCHITECTURE.md, "ops").
+"""Matmuls with (possibly packed) weights: the one kernel dispatch point (docs/ARCHITECTURE.md, "ops").
 
-``y = x @ W`` where ``W`` is a float array, a :class:`~moqe_jax.packed.qtensor.QuantizedTensor` or a
-codec (``Sub1Tensor``, anything with ``decode()``). Dispatch:
+``y = x @ W`` where ``W`` is a float array or a packed weight (:class:`~moqe_jax.packed.PackedWeight`).
+``mode`` is a static argument (part of the trace, never a process global):
 
-* ``mode="xla"``: reference — dequantize with XLA, then ``jnp.dot`` (float W is cast to ``x.dtype``
-  exactly like Flaxformer's ``DenseGeneral``).
-* ``mode="pallas"``: the Pallas kernels of ``pallas_kernels`` (Triton on NVIDIA GPUs).
-* ``mode="interpret"``: the same kernels in Pallas interpret mode (CPU tests).
-* ``mode="auto"`` (default): Pallas on a GPU when the kernel supports the case, XLA otherwise.
+* ``"xla"``: reference — decode/dequantize with XLA, then ``jnp.dot`` (a float W is cast to ``x.dtype``
+  exactly like Flaxformer's ``DenseGeneral``);
+* ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (Triton on NVIDIA GPUs);
+* ``"interpret"``: the same kernels in Pallas interpret mode (CPU tests);
+* ``"auto"`` (default): Pallas on an NVIDIA GPU when a kernel handles the case, XLA otherwise.
 
-The process-wide default can be changed with :func:`kernel_mode` (a context manager) or the
-environment variable ``MOQE_KERNELS`` (auto|xla|pallas|interpret). Backend selection itself lives
-only in ``pallas_kernels/backend.py``.
+The kernels take raw arrays and static layout values; the adapters from each packed type to them live
+here, in a registry keyed by the packed class (:func:`register_kernels`). When no kernel handles a case
+(rank, K mismatch, too many tokens, tiny groups) the XLA reference runs instead; :func:`explain` says why.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from typing import Any
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 
+from moqe_jax.errors import MoqeError
+from moqe_jax.packed.base import MaybePacked, PackedWeight, is_packed
 from moqe_jax.packed.qtensor import QuantizedTensor
+from moqe_jax.packed.sub1 import Sub1Tensor
+from moqe_jax.packed.sub1_dict import NZ_SLOTS, sparse_dec_table
+from pallas_kernels import backend
+from pallas_kernels import dequant_matmul as dq
+from pallas_kernels import sub1_matmul as s1
 
-_MODES = ("auto", "xla", "pallas", "interpret")
-_mode: str = os.environ.get("MOQE_KERNELS", "auto")
+__all__ = ["KERNEL_MODES", "KernelMode", "KernelError", "check_mode", "resolve_mode", "qmatmul", "grouped_qmatmul",
+           "indexed_qmatmul", "dequantize_weight", "explain", "kernel_operands", "register_kernels"]
 
-
-def get_kernel_mode() -> str:
-    return _mode
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str) -> Iterator[None]:
-    """Temporarily select how quantized matmuls run (``auto``/``xla``/``pallas``/``interpret``).
-
-    The mode is read at trace time: functions already jitted keep the mode they were traced with.
-    """
-    global _mode
-    if mode not in _MODES:
-        raise ValueError(f"kernel mode must be one of {_MODES}, got {mode!r}")
-    old, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = old
+KernelMode = Literal["auto", "xla", "pallas", "interpret"]
+KERNEL_MODES: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
+Kind = Literal["matmul", "grouped", "indexed"]
 
 
-def _is_codec(w: Any) -> bool:
-    return not isinstance(w, QuantizedTensor) and hasattr(w, "decode")
+class KernelError(MoqeError, RuntimeError):
+    """A Pallas kernel was asked for where none can run (e.g. mode ``"pallas"`` without an NVIDIA GPU)."""
 
 
-def dequantize_weight(w: Any, dtype: Any) -> jax.Array:
-    """Float view of any weight type (XLA reference path)."""
-    if isinstance(w, QuantizedTensor):
-        return w.dequantize(dtype)
-    if _is_codec(w):
-        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.decode().dequantize(dtype)
-    return jnp.asarray(w).astype(dtype)
+def check_mode(mode: str) -> str:
+    """``mode`` itself, or ValueError naming the valid kernel modes."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
 
 
-def _resolve(mode: str | None) -> str:
-    mode = mode or _mode
-    if mode not in _MODES:
-        raise ValueError(f"kernel mode must be one of {_MODES}, got {mode!r}")
-    if mode == "auto":
-        from pallas_kernels import backend
-
+def resolve_mode(mode: str) -> str:
+    """``"auto"`` -> ``"pallas"`` on an NVIDIA GPU with the Triton lowering, else ``"xla"``; others unchanged."""
+    if check_mode(mode) == "auto":
         return "pallas" if backend.gpu_kernels_available() else "xla"
     return mode
 
 
-def _kernel(kind: str, x: jax.Array, w: Any, mode: str | None, preferred_element_type: Any) -> jax.Array | None:
-    """Run the Pallas kernel ``dispatch.<kind>`` when the mode asks for one and it handles the case."""
-    if not _quantized(w):
+# ---------------------------------------------------------------------------------------------
+# Adapters: packed type -> raw kernel operands
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelAdapter:
+    """How one packed type runs on the kernels.
+
+    ``operands(w)`` -> (raw arrays, static layout kwargs) of the kernel; ``explain(x, w, kind)`` -> why no
+    kernel handles the case (None = one does); ``run(x, w, kind, expert_ids, interpret)`` -> the result.
+    """
+
+    operands: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]
+    explain: Callable[[jax.Array, Any, Kind], str | None]
+    run: Callable[[jax.Array, Any, Kind, jax.Array | None, bool], jax.Array]
+
+
+_KERNELS: dict[type, KernelAdapter] = {}
+
+
+def register_kernels(cls: type, adapter: KernelAdapter) -> None:
+    """Make the kernels handle packed type ``cls`` (one adapter per type)."""
+    _KERNELS[cls] = adapter
+
+
+def _batched_x_reason(x: jax.Array, w: Any, kind: Kind) -> str | None:
+    """Shape rules shared by both packed types (``w`` is ``[K, N]`` or ``[E, K, N]``)."""
+    if x.shape[-1] != w.shape[-2]:
+        return f"x has K={x.shape[-1]}, weight has K={w.shape[-2]}"
+    if kind == "matmul":
+        if w.ndim == 3 and (x.ndim < 2 or x.shape[0] != w.shape[0]):
+            return f"stacked weight {list(w.shape)} needs x [E, ..., K], got {list(x.shape)}"
+        return None if w.ndim in (2, 3) else f"weight rank {w.ndim} (kernel needs 2-D or [E, K, N])"
+    if w.ndim != 3 or x.ndim != 3:
+        return f"{kind} matmul needs x [A, C, K] and W [E, K, N], got {list(x.shape)} and {list(w.shape)}"
+    if kind == "grouped" and x.shape[0] != w.shape[0]:
+        return f"grouped matmul needs one x slot per expert, got {x.shape[0]} for {w.shape[0]} experts"
+    return None
+
+
+def _as_slots(x: jax.Array, w: Any) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``x`` as ``[A, C, K]`` slots for a 2-D (A = 1) or stacked (A = E) weight, and the inverse reshape."""
+    if w.ndim == 2:
+        lead = x.shape[:-1]
+        m = math.prod(lead)
+        return x.reshape(1, m, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
+    lead = x.shape[1:-1]
+    c = math.prod(lead)
+    return x.reshape(x.shape[0], c, x.shape[-1]), lambda y: y.reshape(x.shape[0], *lead, y.shape[-1])
+
+
+# ---- QuantizedTensor -> pallas_kernels.dequant_matmul ------------------------------------------
+def _qt_operands(w: QuantizedTensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    spec = w.spec
+    layout = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
+              "group_size": None if spec.granularity == "channel" else spec.group_size(w.k)}
+    return (w.packed, w.scales, w.zeros), layout
+
+
+def _qt_explain(x: jax.Array, w: QuantizedTensor, kind: Kind) -> str | None:
+    reason = _batched_x_reason(x, w, kind)
+    if reason is not None:
+        return reason
+    _, layout = _qt_operands(w)
+    return dq.unsupported_reason(layout["code_bits"], layout["group_size"], x.dtype)
+
+
+def _qt_run(x: jax.Array, w: QuantizedTensor, kind: Kind, expert_ids: jax.Array | None,
+            interpret: bool) -> jax.Array:
+    (packed, scales, zeros), layout = _qt_operands(w)
+    if kind == "indexed":
+        return dq.qmm(x, packed, scales, zeros, **layout, expert_ids=expert_ids, interpret=interpret)
+    x3, back = _as_slots(x, w)
+    if w.ndim == 2:
+        packed, scales = packed[None], scales[None]
+        zeros = None if zeros is None else zeros[None]
+    return back(dq.qmm(x3, packed, scales, zeros, **layout, interpret=interpret))
+
+
+register_kernels(QuantizedTensor, KernelAdapter(_qt_operands, _qt_explain, _qt_run))
+
+
+# ---- Sub1Tensor -> pallas_kernels.sub1_matmul ---------------------------------------------------
+def _sub1_operands(w: Sub1Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    stream, row_off, scales, zeros = w.flat_arrays()
+    return (stream, row_off, scales, zeros, jnp.asarray(sparse_dec_table())), {"n": w.n, "nz_slots": NZ_SLOTS}
+
+
+def _sub1_explain(x: jax.Array, w: Sub1Tensor, kind: Kind) -> str | None:
+    reason = _batched_x_reason(x, w, kind)
+    if reason is not None:
+        return reason
+    c = math.prod(x.shape[:-1]) if w.ndim == 2 else math.prod(x.shape[1:-1])
+    if c == 0 or c > s1.MAX_TOKENS:
+        return f"{c} tokens per expert (the sub-1-bit kernel takes 1 … {s1.MAX_TOKENS})"
+    if kind == "indexed" and x.shape[0] == 0:
+        return "no active experts"
+    return None
+
+
+def _sub1_run(x: jax.Array, w: Sub1Tensor, kind: Kind, expert_ids: jax.Array | None,
+              interpret: bool) -> jax.Array:
+    arrays, layout = _sub1_operands(w)
+    x3, back = (x, lambda y: y) if kind == "indexed" else _as_slots(x, w)
+    a, c, _ = x3.shape
+    y = s1.sub1_matmul_rows(jnp.swapaxes(x3, 1, 2), *arrays, **layout, expert_ids=expert_ids,
+                            interpret=interpret)                                  # [A·N, C]
+    return back(jnp.swapaxes(y.reshape(a, w.n, c), 1, 2).astype(x.dtype))
+
+
+register_kernels(Sub1Tensor, KernelAdapter(_sub1_operands, _sub1_explain, _sub1_run))
+
+
+def kernel_operands(w: MaybePacked) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Raw kernel operands of a packed weight: ``(arrays, static layout kwargs)`` (benchmarks, kernel tests)."""
+    return _adapter(w).operands(w)
+
+
+def _adapter(w: Any) -> KernelAdapter:
+    try:
+        return _KERNELS[type(w)]
+    except KeyError:
+        raise TypeError(f"no kernels registered for weight type {type(w).__name__}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def explain(x: jax.Array, w: MaybePacked, kind: Kind = "matmul") -> str | None:
+    """Why no kernel handles ``x @ w`` for ``kind`` (None when one does). Useful in logs and tests."""
+    if not is_packed(w):
+        return "float weight (XLA dot)"
+    if type(w) not in _KERNELS:
+        return f"no kernels registered for {type(w).__name__}"
+    return _adapter(w).explain(x, w, kind)
+
+
+def _kernel(kind: Kind, x: jax.Array, w: MaybePacked, mode: str, preferred_element_type: Any,
+            expert_ids: jax.Array | None = None) -> jax.Array | None:
+    """The kernel result when the mode asks for one and it handles the case, else None (caller runs XLA)."""
+    m = resolve_mode(mode)
+    if expert_ids is not None and tuple(jnp.shape(expert_ids)) != (x.shape[0],):
+        raise ValueError(f"expert_ids {list(jnp.shape(expert_ids))} must be [A] for x {list(x.shape)}")
+    if m == "xla" or explain(x, w, kind) is not None:
         return None
-    m = _resolve(mode)
-    if m == "xla":
-        return None
-    from pallas_kernels import dispatch
-
-    y = getattr(dispatch, kind)(x, w, interpret=(m == "interpret"))
-    if y is None or preferred_element_type is None:
-        return y
-    return y.astype(preferred_element_type)
+    try:
+        y = _adapter(w).run(x, w, kind, expert_ids, m == "interpret")
+    except backend.KernelBackendError as err:
+        raise KernelError(str(err)) from err
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
-def qmatmul(x: jax.Array, w: Any, *, mode: str | None = None,
-            preferred_element_type: Any = None) -> jax.Array:
-    """``x [..., K] @ W [K, N] -> [..., N]`` for float or quantized ``W``."""
+def dequantize_weight(w: MaybePacked, dtype: Any) -> jax.Array:
+    """Float view of any weight (XLA reference path)."""
+    if is_packed(w):
+        return cast(PackedWeight, w).dequantize(dtype)
+    return jnp.asarray(w).astype(dtype)
+
+
+def qmatmul(x: jax.Array, w: MaybePacked, *, mode: str = "auto", preferred_element_type: Any = None) -> jax.Array:
+    """``x [..., K] @ W [K, N] -> [..., N]``; a stacked ``W [E, K, N]`` with ``x [E, ..., K]`` runs per expert."""
     y = _kernel("matmul", x, w, mode, preferred_element_type)
     if y is not None:
         return y
-    return jnp.dot(x, dequantize_weight(w, x.dtype), preferred_element_type=preferred_element_type)
+    wf = dequantize_weight(w, x.dtype)
+    if wf.ndim == 3:
+        return jnp.einsum("e...k,ekn->e...n", x, wf, preferred_element_type=preferred_element_type)
+    return jnp.dot(x, wf, preferred_element_type=preferred_element_type)
 
 
-def grouped_qmatmul(x: jax.Array, w: Any, *, mode: str | None = None,
+def grouped_qmatmul(x: jax.Array, w: MaybePacked, *, mode: str = "auto",
                     preferred_element_type: Any = None) -> jax.Array:
     """Per-expert matmul ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` (capacity-dispatched layout)."""
-    y = _kernel("grouped_matmul", x, w, mode, preferred_element_type)
+    y = _kernel("grouped", x, w, mode, preferred_element_type)
     if y is not None:
         return y
     return jnp.einsum("eck,ekn->ecn", x, dequantize_weight(w, x.dtype), preferred_element_type=preferred_element_type)
 
 
-def _quantized(w: Any) -> bool:
-    return isinstance(w, QuantizedTensor) or _is_codec(w)
+def indexed_qmatmul(x: jax.Array, w: MaybePacked, expert_ids: jax.Array, *, mode: str = "auto",
+                    preferred_element_type: Any = None) -> jax.Array:
+    """Active experts only: ``x [A, C, K]``, slot ``a`` times ``W[expert_ids[a]]`` -> ``[A, C, N]``.
+
+    Decode step of a top-1 MoE layer; the kernels read only the listed experts (ids in ``[0, E)``, not checked
+    under jit).
+    """
+    y = _kernel("indexed", x, w, mode, preferred_element_type, expert_ids)
+    if y is not None:
+        return y
+    wf = dequantize_weight(w, x.dtype)[expert_ids]
+    return jnp.einsum("ack,akn->acn", x, wf, preferred_element_type=preferred_element_type)

@@ -5,9 +5,10 @@
   argument and defaults to Mosaic GPU otherwise). jax 0.11 deprecates this backend with a
   ``jax-pallas-triton`` DeprecationWarning; we filter exactly that warning around our own calls.
 * CPU (tests): ``interpret=True`` runs the same kernel body as a jitted scan over the grid.
-* Anything else: :func:`pallas_call` raises a one-line :class:`~moqe_jax.errors.MoqeError`.
+* Anything else: :func:`pallas_call` raises a one-line :class:`KernelBackendError`.
 
-Every kernel in ``pallas_kernels`` (also the sub-1-bit one) launches through :func:`pallas_call`.
+Every kernel in ``pallas_kernels`` (also the sub-1-bit one) launches through :func:`pallas_call`, so the
+Triton deprecation-warning filter below is the only one in the project.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-
-from moqe_jax.errors import MoqeError
 
 try:  # feature-detect the Triton lowering (removed from some future jax; see docs/JAX_NOTES.md §4.3)
     from jax.experimental import pallas as pl
@@ -34,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 __all__ = ["KernelBackendError", "gpu_kernels_available", "pallas_call", "triton_available", "pl", "plgpu"]
 
 
-class KernelBackendError(MoqeError, RuntimeError):
+class KernelBackendError(RuntimeError):
     """No way to run a Pallas kernel here (no NVIDIA GPU with the Triton lowering, interpret not asked)."""
 
 

@@ -3,10 +3,15 @@
 MoQE (Kim et al. 2023, §3/§5: weight-only int8/4/3/2 experts, decode is memory-bound) and QMoE
 (Frantar & Alistarh 2023, §3.2: 2-bit / ternary experts). The float weight is never written to HBM: each
 program loads a ``[BKr, BN]`` tile of ``packed`` (docs/FORMATS.md §1), widens each byte once to uint32 and
-turns the codes of one residue ``j`` at a time into floats with :func:`code_values` (v3: magic-number
-floats, codes masked in place, no int→float convert; checked code by code against the value table of
-``dequant_codes``, the single definition of a code's value), accumulates ``x_j · v_j`` in float32 and applies
+turns the codes of one residue ``j`` at a time into floats with :func:`pallas_kernels.codes.code_values`
+(magic-number floats, codes masked in place, no int→float convert; checked code by code against
+``dequant_codes``, the one definition of a code's value), accumulates ``x_j · v_j`` in float32 and applies
 the scale after the K reduction (channel-wise: once per output; per group: once per K tile).
+
+Operands are raw arrays (``packed`` uint8 ``[E, R, N]``, ``scales``/``zeros`` float32 ``[E, G, N]``) and the
+layout is static Python values: ``k``, ``code_bits``, ``scheme`` (``"linear"``/``"log"``/``"ternary"``) and
+``group_size`` (None = one scale row per output channel). ``moqe_jax.ops`` adapts packed weight types to them.
+The design history (v1 → v3) is in benchmarks/results/KERNEL_NOTES.md.
 
 Residue split (no in-kernel interleave): with ``p`` codes per packed row (p = 8/b; 3-bit: p = 8, one bit
 per plane), packed row ``i`` residue ``j`` holds K-row ``k = i·p + j``, so ``x @ W = Σ_j x[:, j::p] @ W_j``
@@ -26,26 +31,21 @@ from __future__ import annotations
 
 import functools
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from moqe_jax.packed.qtensor import QuantizedTensor
-from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
+from pallas_kernels.codes import check_format, code_consts, code_values, codes_per_row, value_shift
 
-__all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul", "grouped_quant_matmul",
-           "indexed_quant_matmul"]
+__all__ = ["Blocks", "plan_blocks", "unsupported_reason", "qmm", "quant_matmul"]
 
 # Programs we aim to launch so that every SM has ~2 resident (H100: 132 SMs). Split-K supplies the rest.
 _TARGET_PROGRAMS = 264
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-
-
-def _pow2_floor(v: int) -> int:
-    return 1 << (max(1, int(v)).bit_length() - 1)
 
 
 def _pow2_ceil(v: int) -> int:
@@ -54,12 +54,6 @@ def _pow2_ceil(v: int) -> int:
 
 def _pow2_divisor(v: int) -> int:
     return v & -v
-
-
-def codes_per_row(spec: QuantSpec) -> int:
-    """K rows per packed row (and per plane row for 3-bit): the residue count ``p``."""
-    b = spec.code_bits
-    return 8 if b == 3 else 8 // b
 
 
 @dataclass(frozen=True)
@@ -80,19 +74,19 @@ class Blocks:
     mode: str = "dot"
 
 
-def _max_bkr(spec: QuantSpec, k: int) -> int:
+def _max_bkr(code_bits: int, group_size: int | None) -> int:
     """Largest tile height (packed rows) that keeps a tile inside one scale group."""
-    if spec.granularity == "channel":
+    if group_size is None:
         return 1 << 30
-    return _pow2_divisor(spec.group_size(k)) // codes_per_row(spec)
+    return _pow2_divisor(group_size) // codes_per_row(code_bits)
 
 
-def unsupported_reason(spec: QuantSpec, k: int, x_dtype: object) -> str | None:
+def unsupported_reason(code_bits: int, group_size: int | None, x_dtype: Any) -> str | None:
     """Why the kernel cannot run this case (None = supported). The caller falls back to XLA."""
     if jnp.dtype(x_dtype) not in _FLOAT_DTYPES:
         return f"activation dtype {jnp.dtype(x_dtype)} (needs bf16/f16/f32)"
-    if _max_bkr(spec, k) < 16:
-        return (f"group size {spec.group_size(k)} too small for {spec.describe()} "
+    if _max_bkr(code_bits, group_size) < 16:
+        return (f"group size {group_size} too small for {code_bits}-bit codes "
                 f"(a tile of ≥16 packed rows must lie in one group)")
     return None
 
@@ -101,7 +95,7 @@ FMA_MAX_M = 2  # GEMV form up to this many rows; more rows use the tensor-core d
 _FMA_ACC_BUDGET = 4096  # m·bkr·bn f32 accumulators per program (= 32 registers/thread at 4 warps)
 
 
-def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
+def plan_blocks(m: int, k: int, n: int, e: int, *, code_bits: int, group_size: int | None) -> Blocks:
     """Block-size heuristic (documented table; H100 measurements in benchmarks/results/KERNEL_NOTES.md).
 
     ====================  =========================================================
@@ -118,10 +112,10 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     warps / stages        fma 4 / 4; dot 4 / 3, 8 warps when BM·BN ≥ 64·128
     ====================  =========================================================
     """
-    p = codes_per_row(spec)
+    p = codes_per_row(code_bits)
     rv = -(-k // 8) * 8 // p
-    bkr = {8: 64, 3: 64}.get(spec.code_bits, 128)
-    bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(spec, k)))
+    bkr = {8: 64, 3: 64}.get(code_bits, 128)
+    bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(code_bits, group_size)))
     n_kt = -(-rv // bkr)
     if m <= FMA_MAX_M:
         # register budget: the m accumulators [bkr, bn] f32 hold ≤ 32 values per thread (4 warps); the H100
@@ -151,70 +145,25 @@ def plan_blocks(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
     return Blocks(bm=bm, bn=bn, bkr=bkr, splits=splits, num_warps=warps, num_stages=stages, mode=mode)
 
 
-_MAGIC_BITS = 0x4B000000  # f32 bits of 2^23: OR-ing an integer c < 2^23 into the mantissa gives 2^23 + c exactly
-_MAGIC = 8388608.0
-
-
-def code_consts(scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, shift: int = 0) -> tuple:
-    """Per-column constants of :func:`code_values` for codes stored ``shift`` bits up (computed once per K tile
-    or once per launch, never per weight)."""
-    if spec.is_ternary:  # value(q) = q·(A + B·q): 0 → 0, 1 → A + B = w_min, 2 → 2A + 4B = w_max
-        return ((2.0 * zero - 0.5 * scale) * 2.0 ** -shift, (0.5 * scale - zero) * 2.0 ** (-2 * shift))
-    if spec.scheme == "log":
-        return ()
-    z = float(1 << (int(spec.bits) - 1)) if zero is None else zero
-    return (_MAGIC + z * float(1 << shift),)
-
-
-def value_shift(spec: QuantSpec) -> bool:
-    """Whether :func:`code_values` takes codes in place (``Q = q·2^shift``, no shift per weight): linear and
-    ternary 2/4/8-bit codes; log and 3-bit (bit planes) take ``q`` itself."""
-    return spec.scheme != "log" and spec.code_bits != 3
-
-
-def code_values(q: jax.Array, consts: tuple, spec: QuantSpec, shift: int = 0) -> jax.Array:
-    """Float32 values of uint32 codes using only full-rate ALU ops (no int→float convert, no ``exp2``, no
-    selects), so that the scale can be applied after the K reduction (v3, KERNEL_NOTES.md). ``q`` holds the
-    code ``shift`` bits up (``Q = c·2^shift``, i.e. masked in place inside the packed byte, which saves the
-    per-weight shift); ``consts = code_consts(s, z, spec, shift)``. With code ``c``:
-
-    * linear: ``bitcast(Q | 0x4B000000) − (2^23 + z·2^shift)`` = ``2^shift·(c − z)`` exactly (``z``
-      integer-valued, FORMATS §1); ``dequant_codes = s·2^−shift·v``;
-    * log (``shift = 0``): the f32 bits of ``(−1)^sign · 2^(−e)`` built directly, ``(127 − e) << 23 | sign << 31``
-      (exact; ``e = 127`` of 8-bit log gives ±0 instead of the subnormal 2^−127); ``dequant_codes = s·v``;
-    * ternary: ``Q·(A' + B'·Q)`` = ``dequant_codes(c, s, z)`` itself (up to an ulp at c = 1, 2).
-    """
-    if spec.scheme == "log" and not spec.is_ternary:
-        if shift:
-            raise ValueError("log codes are decoded unshifted")
-        b = int(spec.bits)
-        e = q & jnp.uint32((1 << (b - 1)) - 1)
-        bits = (jnp.uint32(127 << 23) - (e << jnp.uint32(23))) | ((q >> jnp.uint32(b - 1)) << jnp.uint32(31))
-        return jax.lax.bitcast_convert_type(bits, jnp.float32)
-    f = jax.lax.bitcast_convert_type(q | jnp.uint32(_MAGIC_BITS), jnp.float32)
-    if spec.is_ternary:
-        qf = f - _MAGIC
-        return qf * (consts[0] + consts[1] * qf)
-    return f - consts[0]
-
-
 def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
     """Conjunction of optional (broadcastable) masks; None = no mask."""
     return b if a is None else a if b is None else a & b
 
 
-def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs: int, blocks: Blocks,
-                 n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool, cdt: jnp.dtype,
-                 interpret: bool, xprep: bool):
-    b = spec.code_bits
+def _make_kernel(*, scheme: str, code_bits: int, group_size: int | None, p: int, rv: int, m: int, k: int, n: int,
+                 blocks: Blocks, n_kt: int, per_split: int, n_mblocks: int, has_zeros: bool, has_ids: bool,
+                 cdt: jnp.dtype, interpret: bool, xprep: bool) -> Callable[..., None]:
+    b = code_bits
+    fmt = {"scheme": scheme, "code_bits": code_bits}
     code_mask = (1 << b) - 1
-    channel = spec.granularity == "channel"
-    post_scale = not spec.is_ternary  # linear / log: y = s · Σ x·v (ternary values carry their scales)
-    in_place = value_shift(spec)
+    channel = group_size is None
+    gs = group_size or k
+    post_scale = scheme != "ternary"  # linear / log: y = s · Σ x·v (ternary values carry their scales)
+    in_place = value_shift(scheme, code_bits)
     shifts = [j * b if in_place else 0 for j in range(p)]
     # linear in-place codes are worth 2^shift·(c − z): the residue's activation (fma) or dot (dot mode) is
     # scaled back by the exact power of two 2^−shift (per K element or per output, never per weight)
-    xscale = [2.0 ** -sh if (in_place and not spec.is_ternary and sh) else None for sh in shifts]
+    xscale = [2.0 ** -sh if (in_place and scheme != "ternary" and sh) else None for sh in shifts]
     bm, bn, bkr, fma = blocks.bm, blocks.bn, blocks.bkr, blocks.mode == "fma"
     split_out = blocks.splits > 1
     # static raggedness: full tiles need no masks (a mask costs a compare/and per loaded element)
@@ -241,7 +190,7 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
         """Residue-j activation tile: ``x[a, rows, (r0 + i)·p + j]`` for i < bkr (zero outside M, K).
 
         GPU: a strided load straight from ``x [A, M, K]``. Interpret mode has no strided loads, so there
-        (and with ``MOQE_KERNEL_XPREP=1``) ``x_ref`` is the residue-split copy ``[A, p, M_pad, R_pad]`` made
+        (and with ``xprep=True``) ``x_ref`` is the residue-split copy ``[A, p, M_pad, R_pad]`` made
         by XLA (same values)."""
         kidx = (r0 + jnp.arange(bkr)) * p + j
         if isinstance(rows, int):  # one row (fma)
@@ -279,7 +228,7 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
             """``([1, BN] scale, [code_consts per residue])`` of scale group ``g``."""
             s = load(s_ref.at[e, g, nsl], cmask, None if cmask is None else 0.0)[None, :]
             z = load(z_ref.at[e, g, nsl], cmask, None if cmask is None else 0.0)[None, :] if has_zeros else None
-            return s, [code_consts(s, z, spec, shifts[j]) for j in range(p)]
+            return s, [code_consts(s, z, **fmt, shift=shifts[j]) for j in range(p)]
 
         s_ch, consts_ch = group_params(jnp.int32(0)) if channel else (None, None)
 
@@ -314,7 +263,7 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
                     q = pk & jnp.uint32(code_mask << (j * b))
                 else:
                     q = (pk >> jnp.uint32(j * b)) & jnp.uint32(code_mask)
-                vals.append((j, code_values(q, consts[j], spec, shifts[j])))
+                vals.append((j, code_values(q, consts[j], **fmt, shift=shifts[j])))
             return vals, (s if post_scale and not channel else None)
 
         if fma:
@@ -363,25 +312,21 @@ def _make_kernel(spec: QuantSpec, *, p: int, rv: int, m: int, k: int, n: int, gs
     return kernel
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "k", "blocks", "interpret", "poison"))
-def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None, *, spec: QuantSpec, k: int,
-        expert_ids: jax.Array | None = None, blocks: Blocks | None = None, interpret: bool = False,
-        poison: bool = False) -> jax.Array:
-    """Core launch: ``x [A, M, K] @ dequant(packed [E, R, N]) -> [A, M, N]`` in ``x.dtype``.
-
-    Without ``expert_ids`` slot ``a`` uses expert ``a`` (A = E). With ``expert_ids [A]`` (int32, values in
-    ``[0, E)``) slot ``a`` uses expert ``expert_ids[a]``: the decode-time launch over active experts only.
-    On the GPU this is ONE launch (plus an XLA sum when split-K is planned); ``poison=True`` (tests)
-    pre-fills the output with NaN and aliases it into the kernel, so any element the kernel fails to write
-    shows up as NaN.
-    """
+@functools.partial(jax.jit, static_argnames=("k", "code_bits", "scheme", "group_size", "blocks", "interpret",
+                                             "xprep", "poison"))
+def _qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+         expert_ids: jax.Array | None, *, k: int, code_bits: int, scheme: str, group_size: int | None,
+         blocks: Blocks | None, interpret: bool, xprep: bool, poison: bool) -> jax.Array:
+    """:func:`qmm`; ``poison=True`` (kernel tests on the GPU) pre-fills the output with NaN and aliases it into
+    the kernel, so any element the kernel fails to write shows up as NaN (interpret mode does this itself)."""
+    check_format(scheme, code_bits)
     e, m, kx = x.shape
     if kx != k:
         raise ValueError(f"x has K={kx}, weight has K={k}")
     n = packed.shape[-1]
-    p = codes_per_row(spec)
+    p = codes_per_row(code_bits)
     rv = -(-k // 8) * 8 // p
-    blocks = blocks or plan_blocks(m, k, n, e, spec)
+    blocks = blocks or plan_blocks(m, k, n, e, code_bits=code_bits, group_size=group_size)
     if blocks.mode == "fma" and blocks.bm != m:
         blocks = Blocks(m, blocks.bn, blocks.bkr, blocks.splits, blocks.num_warps, blocks.num_stages, "fma")
     bm, bn, bkr = blocks.bm, blocks.bn, blocks.bkr
@@ -392,7 +337,7 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
         blocks = Blocks(bm, bn, bkr, splits, blocks.num_warps, blocks.num_stages, blocks.mode)
     n_mb = -(-m // bm)
     cdt = x.dtype
-    xprep = interpret or os.environ.get("MOQE_KERNEL_XPREP", "0") == "1"
+    xprep = interpret or xprep
     if xprep:  # residue split of the activation: xr[a, j, m, i] = x[a, m, i·p + j] (zero padded)
         rt = n_kt * bkr
         xp = jnp.pad(x, ((0, 0), (0, n_mb * bm - m), (0, rt * p - k)))
@@ -407,13 +352,14 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
         out_shape = jax.ShapeDtypeStruct((e, m, n), cdt)
     else:
         out_shape = jax.ShapeDtypeStruct((splits, e, m, n), jnp.float32)
-    kernel = _make_kernel(spec, p=p, rv=rv, m=m, k=k, n=n, gs=spec.group_size(k), blocks=blocks, n_kt=n_kt,
-                          per_split=per, n_mblocks=n_mb, has_zeros=has_zeros, has_ids=has_ids,
-                          cdt=jnp.dtype(cdt), interpret=interpret, xprep=xprep)
+    kernel = _make_kernel(scheme=scheme, code_bits=code_bits, group_size=group_size, p=p, rv=rv, m=m, k=k, n=n,
+                          blocks=blocks, n_kt=n_kt, per_split=per, n_mblocks=n_mb, has_zeros=has_zeros,
+                          has_ids=has_ids, cdt=jnp.dtype(cdt), interpret=interpret, xprep=xprep)
     if n_kt * bkr == rv:  # see _make_kernel: tiled packed operand
-        pshape = (packed.shape[0], *((3,) if spec.code_bits == 3 else ()), n_kt, bkr, n)
+        pshape = (packed.shape[0], *((3,) if code_bits == 3 else ()), n_kt, bkr, n)
         packed = packed.reshape(pshape)
-    args = ([expert_ids.astype(jnp.int32)] if has_ids else []) + [xin, packed, scales] + ([zeros] if has_zeros else [])
+    args = ([expert_ids.astype(jnp.int32)] if expert_ids is not None else []) + [xin, packed, scales] + \
+        ([zeros] if zeros is not None else [])
     kwargs = {}
     if poison:
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
@@ -421,49 +367,39 @@ def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | N
 
         inner = kernel
 
-        def kernel(*refs):  # the aliased poison input is the same buffer as the output
+        def kernel(*refs: Any) -> None:  # the aliased poison input is the same buffer as the output
             inner(*refs[:-2], refs[-1])
 
     grid = (-(-n // bn), splits * n_mb, e)
+    gname = "channel" if group_size is None else f"g{group_size}"
     call = backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                                num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                               name=f"qmm_{blocks.mode}_{spec.describe().replace('-', '_')}", **kwargs)
+                               name=f"qmm_{blocks.mode}_{scheme}{code_bits}_{gname}", **kwargs)
     y = call(*args)
     return y if splits == 1 else jnp.sum(y, axis=0).astype(cdt)
 
 
-def quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = False, poison: bool = False,
-                 blocks: Blocks | None = None) -> jax.Array:
-    """``x [..., K] @ W [K, N] -> [..., N]`` for a 2-D :class:`QuantizedTensor` (leading dims of x flattened)."""
-    if w.ndim != 2:
-        raise ValueError(f"quant_matmul needs a 2-D weight, got shape {w.shape}")
+def qmm(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None, *, k: int, code_bits: int,
+        scheme: str, group_size: int | None, expert_ids: jax.Array | None = None, blocks: Blocks | None = None,
+        interpret: bool = False, xprep: bool = False) -> jax.Array:
+    """Core launch: ``x [A, M, K] @ dequant(packed [E, R, N]) -> [A, M, N]`` in ``x.dtype`` (jitted).
+
+    Without ``expert_ids`` slot ``a`` uses expert ``a`` (A = E). With ``expert_ids [A]`` (int32, values in
+    ``[0, E)``) slot ``a`` uses expert ``expert_ids[a]``: the decode-time launch over active experts only.
+    On the GPU this is ONE launch (plus an XLA sum when split-K is planned). ``xprep=True`` makes XLA build
+    the residue-split activation instead of strided in-kernel loads (always so in interpret mode).
+    """
+    return _qmm(x, packed, scales, zeros, expert_ids, k=k, code_bits=code_bits, scheme=scheme,
+                group_size=group_size, blocks=blocks, interpret=interpret, xprep=xprep, poison=False)
+
+
+def quant_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None, *, k: int,
+                 code_bits: int, scheme: str, group_size: int | None, blocks: Blocks | None = None,
+                 interpret: bool = False, xprep: bool = False) -> jax.Array:
+    """``x [..., K] @ W [K, N] -> [..., N]`` for one 2-D weight (``packed [R, N]``; leading dims of x flattened)."""
     lead = x.shape[:-1]
     m = math.prod(lead) if lead else 1
-    x3 = x.reshape(1, m, x.shape[-1])
-    z = None if w.zeros is None else w.zeros[None]
-    y = qmm(x3, w.packed[None], w.scales[None], z, spec=w.spec, k=w.k, blocks=blocks, interpret=interpret,
-            poison=poison)
+    y = qmm(x.reshape(1, m, x.shape[-1]), packed[None], scales[None], None if zeros is None else zeros[None], k=k,
+            code_bits=code_bits, scheme=scheme, group_size=group_size, blocks=blocks, interpret=interpret,
+            xprep=xprep)
     return y.reshape(*lead, y.shape[-1])
-
-
-def grouped_quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool = False, poison: bool = False,
-                         blocks: Blocks | None = None) -> jax.Array:
-    """All experts in one launch: ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` (capacity-dispatched layout)."""
-    if w.ndim != 3 or x.ndim != 3 or x.shape[0] != w.shape[0]:
-        raise ValueError(f"grouped_quant_matmul needs x [E, C, K] and W [E, K, N], got {x.shape} and {w.shape}")
-    return qmm(x, w.packed, w.scales, w.zeros, spec=w.spec, k=w.k, blocks=blocks, interpret=interpret,
-               poison=poison)
-
-
-def indexed_quant_matmul(x: jax.Array, w: QuantizedTensor, expert_ids: jax.Array, *, interpret: bool = False,
-                         poison: bool = False, blocks: Blocks | None = None) -> jax.Array:
-    """Active experts only, one launch: ``x [A, C, K]``, slot ``a`` times ``W[expert_ids[a]]`` -> ``[A, C, N]``.
-
-    Decode step of a top-1 MoE layer: one slot per token (C = 1) or per active expert; experts that no
-    token chose are never read.
-    """
-    if w.ndim != 3 or x.ndim != 3 or expert_ids.shape != (x.shape[0],):
-        raise ValueError(f"indexed_quant_matmul needs x [A, C, K], W [E, K, N], ids [A]; got {x.shape}, "
-                         f"{w.shape}, {expert_ids.shape}")
-    return qmm(x, w.packed, w.scales, w.zeros, spec=w.spec, k=w.k, expert_ids=expert_ids, blocks=blocks,
-               interpret=interpret, poison=poison)

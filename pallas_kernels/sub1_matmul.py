@@ -16,24 +16,22 @@ scratch memory, no value gathers, power-of-two blocks):
   matching ``x`` entries, also a ref-indexed gather (``x`` laid out ``[E, K, M]``); the float weight
   matrix is never materialised.
 
-Entry points return None for cases they do not handle (the caller falls back to XLA decode+dot).
+Operands are raw arrays (the flat codeword stream, global row offsets, per-row ``w_max``/``w_min`` and the
+sparse decode table) with the table's slot count ``nz_slots`` static; ``moqe_jax.ops`` adapts a
+``Sub1Tensor`` to them and decides which cases run here (at most :data:`MAX_TOKENS` tokens per launch).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from moqe_jax.packed.sub1 import Sub1Tensor
-from moqe_jax.packed.sub1_dict import NZ_SLOTS, sparse_dec_table
+from pallas_kernels import backend
 
-__all__ = ["sub1_matmul", "grouped_sub1_matmul", "gathered_sub1_matmul", "sub1_matmul_rows", "MAX_TOKENS",
-           "choose_blocks",
-           "sparse_dec_table"]
+__all__ = ["sub1_matmul_rows", "MAX_TOKENS", "choose_blocks"]
 
 MAX_TOKENS = 64      # larger batches: decode once + dense matmul (XLA) is the better plan
 _TILE_ELEMS = 4096   # target elements of the [BR, CW, NZ_SLOTS, Mp] product tile
@@ -43,7 +41,7 @@ def _pow2_ceil(v: int) -> int:
     return 1 << max(0, int(v - 1).bit_length())
 
 
-def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int, int]:
+def choose_blocks(num_rows: int, mp: int, k: int, nz_slots: int) -> tuple[int, int, int]:
     """(rows per program BR, codewords per chunk CW, num_warps) for ``mp`` padded tokens, row length ``k``.
 
     M = 1 with short rows uses the best point of the H100 sweep in benchmarks/results/sub1_kernel.md;
@@ -52,16 +50,17 @@ def choose_blocks(num_rows: int, mp: int, k: int = 768) -> tuple[int, int, int]:
     if mp == 1 and k <= 1024:
         return 8, 8, 2
     cw = max(2, min(32, _pow2_ceil(max(1, k // 48))))
-    cw = max(2, min(cw, _TILE_ELEMS // (NZ_SLOTS * mp)))
-    br = max(1, min(64, _TILE_ELEMS // (NZ_SLOTS * mp * cw)))
+    cw = max(2, min(cw, _TILE_ELEMS // (nz_slots * mp)))
+    br = max(1, min(64, _TILE_ELEMS // (nz_slots * mp * cw)))
     while br > 1 and num_rows // br < 1024:  # keep several programs per SM on big GPUs
         br //= 2
-    return br, cw, int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
+    return br, cw, int(min(8, max(1, br * cw * nz_slots * mp // 512)))
 
 
-def _kernel(ids_ref, row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_ref, o_ref, *,
-            br: int, cw: int, mp: int, n: int, k: int, a: int, total: int, prefetch: bool = False):
-    i = pl_program_id()
+def _kernel(ids_ref: Any, row_off_ref: Any, stream_ref: Any, sdec_ref: Any, smax_ref: Any, smin_ref: Any,
+            x_ref: Any, o_ref: Any, *, br: int, cw: int, mp: int, n: int, k: int, a: int, total: int,
+            nz_slots: int, prefetch: bool = False) -> None:
+    i = backend.pl.program_id(0)
     rows = i * br + jnp.arange(br, dtype=jnp.int32)                 # launch rows (slot-major)
     in_range = rows < a * n
     slot = jnp.minimum(rows // n, a - 1)                             # which x block / active expert
@@ -71,7 +70,7 @@ def _kernel(ids_ref, row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_re
     smax = smax_ref[grow].astype(jnp.float32)
     smin = smin_ref[grow].astype(jnp.float32)
     j = jnp.arange(cw, dtype=jnp.int32)
-    shift = 4 + 7 * jnp.arange(NZ_SLOTS, dtype=jnp.int32)
+    shift = 4 + 7 * jnp.arange(nz_slots, dtype=jnp.int32)
     tok = jnp.arange(mp, dtype=jnp.int32)
     xrow = slot * k  # [BR]
     nchunks = (jnp.max(lens) + (cw - 1)) // cw
@@ -111,112 +110,37 @@ def _kernel(ids_ref, row_off_ref, stream_ref, sdec_ref, smax_ref, smin_ref, x_re
     o_ref[...] = acc
 
 
-def pl_program_id():
-    from jax.experimental import pallas as pl
-
-    return pl.program_id(0)
-
-
-def _pallas_call(kernel, *, out_shape, grid, interpret, num_warps, out_specs, num_stages=1):
-    try:
-        from pallas_kernels import backend
-        if hasattr(backend, "pallas_call"):
-            return backend.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-                                       num_warps=num_warps, num_stages=num_stages, name="sub1_matmul",
-                                       out_specs=out_specs)
-    except ImportError:  # pragma: no cover
-        pass
-    from jax.experimental import pallas as pl  # pragma: no cover - before backend.py existed
-
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, out_specs=out_specs)
-
-
-def sub1_matmul_rows(xt: jax.Array, w: Sub1Tensor, expert_ids: Any = None, *, interpret: bool = False,
-                     blocks: tuple[int, int] | None = None, num_warps: int | None = None,
-                     prefetch: bool = False, num_stages: int = 1) -> jax.Array:
+def sub1_matmul_rows(xt: jax.Array, stream: jax.Array, row_off: jax.Array, w_max: jax.Array, w_min: jax.Array,
+                     dec_table: jax.Array, *, n: int, nz_slots: int, expert_ids: Any = None, interpret: bool = False,
+                     blocks: tuple[int, int] | None = None, num_warps: int | None = None, prefetch: bool = False,
+                     num_stages: int = 1) -> jax.Array:
     """Core launch: ``xt [A, K, M]`` -> ``y [A·N, M]`` float32.
 
-    Launch row ``s·N + n`` is output channel ``n`` of expert ``expert_ids[s]`` (default ``arange(A)``; a
-    2-D ``w`` is one expert) dotted with ``xt[s]``: only the listed experts are decoded.
+    ``stream`` uint16 ``[T]`` holds the codewords of every row (row ``r`` = ``stream[row_off[r]:row_off[r+1]]``),
+    ``w_max``/``w_min`` ``[R]`` the row's two nonzero levels, ``dec_table`` int32 the sparse decode table
+    (pair count in bits 0–3, ``nz_slots`` 7-bit nonzero slots above). Launch row ``s·N + n`` is output
+    channel ``n`` of expert ``expert_ids[s]`` (default ``arange(A)``; rows of expert ``e`` are
+    ``e·N … e·N + N − 1``) dotted with ``xt[s]``: only the listed experts are decoded.
     ``blocks``/``num_warps``/``prefetch``/``num_stages`` override the tuned defaults (benchmark sweeps).
     """
-    from jax.experimental import pallas as pl
-
     a, k, m = xt.shape
-    n = w.n
     ids = jnp.arange(a, dtype=jnp.int32) if expert_ids is None else jnp.asarray(expert_ids, jnp.int32).reshape(a)
     mp = _pow2_ceil(m)
     if mp != m:
         xt = jnp.pad(xt, ((0, 0), (0, 0), (0, mp - m)))
     r = a * n
-    br, cw, warps = choose_blocks(r, mp, k)
+    br, cw, warps = choose_blocks(r, mp, k, nz_slots)
     if blocks is not None:
         br, cw = blocks
-        warps = int(min(8, max(1, br * cw * NZ_SLOTS * mp // 512)))
+        warps = int(min(8, max(1, br * cw * nz_slots * mp // 512)))
     warps = num_warps or warps
     rp = -(-r // br) * br
-    stream = jnp.asarray(w.stream)
+    stream = jnp.asarray(stream)
     kern = functools.partial(_kernel, br=br, cw=cw, mp=mp, n=n, k=k, a=a, total=int(stream.shape[0]),
-                             prefetch=prefetch)
-    out = _pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
-                       interpret=interpret, num_warps=warps, num_stages=num_stages,
-                       out_specs=pl.BlockSpec((br, mp), lambda i: (i, 0)))(
-        ids, jnp.asarray(w.row_off, jnp.int32), stream, jnp.asarray(sparse_dec_table()),
-        jnp.asarray(w.scales).reshape(-1), jnp.asarray(w.zeros).reshape(-1), xt.reshape(-1))
+                             nz_slots=nz_slots, prefetch=prefetch)
+    out = backend.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((rp, mp), jnp.float32), grid=(rp // br,),
+                              interpret=interpret, num_warps=warps, num_stages=num_stages, name="sub1_matmul",
+                              out_specs=backend.pl.BlockSpec((br, mp), lambda i: (i, 0)))(
+        ids, jnp.asarray(row_off, jnp.int32), stream, jnp.asarray(dec_table),
+        jnp.asarray(w_max).reshape(-1), jnp.asarray(w_min).reshape(-1), xt.reshape(-1))
     return out[:r, :m]
-
-
-def _supported(w: Any) -> bool:
-    return isinstance(w, Sub1Tensor)
-
-
-def sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False) -> jax.Array | None:
-    """``x [..., K] @ W [K, N] -> [..., N]`` (2-D W), or ``x [E, ..., K]`` with a stacked ``W [E, K, N]``.
-
-    None when unsupported: more than :data:`MAX_TOKENS` tokens per launch, K mismatch, other ranks.
-    """
-    if not _supported(w) or x.shape[-1] != w.k:
-        return None
-    if len(w.batch_shape) == 0:
-        lead = x.shape[:-1]
-        m = math.prod(lead) if lead else 1
-        if m == 0 or m > MAX_TOKENS:
-            return None
-        xt = x.reshape(m, w.k).T[None]
-        y = sub1_matmul_rows(xt, w, interpret=interpret)           # [N, M]
-        return y.T.reshape(*lead, w.n).astype(x.dtype)
-    if len(w.batch_shape) == 1 and x.ndim >= 2 and x.shape[0] == w.batch_shape[0]:
-        lead = x.shape[1:-1]
-        c = math.prod(lead) if lead else 1
-        y = grouped_sub1_matmul(x.reshape(x.shape[0], c, w.k), w, interpret=interpret)
-        return None if y is None else y.reshape(x.shape[0], *lead, w.n)
-    return None
-
-
-def grouped_sub1_matmul(x: jax.Array, w: Sub1Tensor, *, interpret: bool = False) -> jax.Array | None:
-    """Per-expert ``x [E, C, K] @ W [E, K, N] -> [E, C, N]`` in one launch (None when unsupported)."""
-    if not _supported(w) or len(w.batch_shape) != 1 or x.ndim != 3:
-        return None
-    e, c, k = x.shape
-    if e != w.batch_shape[0] or k != w.k or c == 0 or c > MAX_TOKENS:
-        return None
-    xt = jnp.swapaxes(x, 1, 2)                                       # [E, K, C]
-    y = sub1_matmul_rows(xt, w, interpret=interpret)                 # [E·N, C]
-    return jnp.swapaxes(y.reshape(e, w.n, c), 1, 2).astype(x.dtype)
-
-
-def gathered_sub1_matmul(x: jax.Array, w: Sub1Tensor, expert_ids: jax.Array, *,
-                         interpret: bool = False) -> jax.Array | None:
-    """Active experts only: ``x [A, C, K]``, ``expert_ids [A]`` -> ``x[a] @ W[expert_ids[a]]`` ``[A, C, N]``.
-
-    Decodes just the listed experts' rows (their offsets come from ``row_off``; nothing is gathered or
-    copied), e.g. the one expert a batch-1 decode step routes to. Ids must be in ``[0, E)`` (not checked
-    under jit). None when unsupported.
-    """
-    if not _supported(w) or len(w.batch_shape) != 1 or x.ndim != 3:
-        return None
-    a, c, k = x.shape
-    if k != w.k or c == 0 or c > MAX_TOKENS or a == 0 or tuple(jnp.shape(expert_ids)) != (a,):
-        return None
-    y = sub1_matmul_rows(jnp.swapaxes(x, 1, 2), w, expert_ids, interpret=interpret)
-    return jnp.swapaxes(y.reshape(a, w.n, c), 1, 2).astype(x.dtype)

@@ -69,10 +69,10 @@ def _moe_tree(rng, e=4, d=16, f=32):
 
 def _forward(params, x):
     """x [E, C, D] -> residual dense + expert MLP (each expert gets its own tokens), via moqe_jax.ops."""
-    h = x + jnp.tanh(ops.qmatmul(x, params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]))
+    h = x + jnp.tanh(ops.qmatmul(x, params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"], mode="xla"))
     ex = params["encoder"]["layers_1"]["mlp"]["expert"]
-    a = jax.nn.relu(ops.grouped_qmatmul(h, ex["wi"]["kernel"]))
-    return ops.grouped_qmatmul(a, ex["wo"]["kernel"])
+    a = jax.nn.relu(ops.grouped_qmatmul(h, ex["wi"]["kernel"], mode="xla"))
+    return ops.grouped_qmatmul(a, ex["wo"]["kernel"], mode="xla")
 
 
 def test_qat_recovers_2bit_loss_and_export_is_identical():
@@ -82,32 +82,31 @@ def test_qat_recovers_2bit_loss_and_export_is_identical():
     spec = QuantSpec(2)  # MoQE 2-bit, FT absmax channel-wise
     x_tr = jnp.asarray(rng.standard_normal((4, 2048, 16)), jnp.float32)
     x_te = jnp.asarray(rng.standard_normal((4, 256, 16)), jnp.float32)
-    with ops.kernel_mode("xla"):
-        y_tr, y_te = _forward(teacher, x_tr), _forward(teacher, x_te)
+    y_tr, y_te = _forward(teacher, x_tr), _forward(teacher, x_te)
 
-        def mse(p, x, y):
-            return jnp.mean((_forward(p, x) - y) ** 2)
+    def mse(p, x, y):
+        return jnp.mean((_forward(p, x) - y) ** 2)
 
-        rtn = export_qat(teacher, spec)  # = RTN of the float weights
-        assert isinstance(rtn["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"], QuantizedTensor)
-        assert not isinstance(rtn["encoder"]["layers_0"]["mlp"]["wi"]["kernel"], QuantizedTensor)
-        loss_rtn = float(mse(rtn, x_te, y_te))
-        opt = optax.adam(3e-3)  # clipped STE, lr 3e-3: RTN 0.22 -> QAT 0.09 at seed 0
-        params, state = teacher, opt.init(teacher)
+    rtn = export_qat(teacher, spec)  # = RTN of the float weights
+    assert isinstance(rtn["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"], QuantizedTensor)
+    assert not isinstance(rtn["encoder"]["layers_0"]["mlp"]["wi"]["kernel"], QuantizedTensor)
+    loss_rtn = float(mse(rtn, x_te, y_te))
+    opt = optax.adam(3e-3)  # clipped STE, lr 3e-3: RTN 0.22 -> QAT 0.09 at seed 0
+    params, state = teacher, opt.init(teacher)
 
-        @jax.jit
-        def step(params, state):
-            loss, g = jax.value_and_grad(lambda p: mse(fake_quant_params(p, spec, clip_grad=True), x_tr, y_tr))(params)
-            upd, state = opt.update(g, state, params)
-            return optax.apply_updates(params, upd), state, loss
+    @jax.jit
+    def step(params, state):
+        loss, g = jax.value_and_grad(lambda p: mse(fake_quant_params(p, spec, clip_grad=True), x_tr, y_tr))(params)
+        upd, state = opt.update(g, state, params)
+        return optax.apply_updates(params, upd), state, loss
 
-        for _ in range(300):
-            params, state, _ = step(params, state)
-        fq = fake_quant_params(params, spec)
-        loss_qat = float(mse(fq, x_te, y_te))
-        exported = export_qat(params, spec)
-        out_fq = np.asarray(jax.jit(_forward)(fq, x_te))
-        out_ex = np.asarray(jax.jit(_forward)(exported, x_te))
+    for _ in range(300):
+        params, state, _ = step(params, state)
+    fq = fake_quant_params(params, spec)
+    loss_qat = float(mse(fq, x_te, y_te))
+    exported = export_qat(params, spec)
+    out_fq = np.asarray(jax.jit(_forward)(fq, x_te))
+    out_ex = np.asarray(jax.jit(_forward)(exported, x_te))
     print(f"2-bit expert MSE vs float teacher: RTN {loss_rtn:.4f}, QAT {loss_qat:.4f}")
     assert loss_qat < 0.6 * loss_rtn, (loss_rtn, loss_qat)
     np.testing.assert_array_equal(out_ex, out_fq)  # export after QAT: identical forward

@@ -1,14 +1,19 @@
-"""Decode-fused sub1 Pallas kernel in interpret mode vs decode-then-matmul (float64 NumPy reference)."""
+"""Decode-fused sub1 Pallas kernel in interpret mode vs decode-then-matmul (float64 NumPy reference).
+
+The kernel runs through ``moqe_jax.ops`` (mode ``"interpret"``; ``ops.explain`` is None, so no XLA fallback)
+or on the raw operands of ``ops.kernel_operands``.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moqe_jax import ops
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.sub1 import encode
-from pallas_kernels.sub1_matmul import MAX_TOKENS, grouped_sub1_matmul, sub1_matmul, sub1_matmul_rows
+from pallas_kernels.sub1_matmul import MAX_TOKENS, sub1_matmul_rows
 
 TERN = QuantSpec(bits="ternary")
 
@@ -25,7 +30,8 @@ def test_grouped_matches_reference(c, seed):
     rng = np.random.default_rng(seed)
     st, wf = make(rng, (3, 136, 24))  # ragged K (not a multiple of a chunk), N not a power of two
     x = rng.normal(size=(3, c, 136)).astype(np.float32)
-    y = grouped_sub1_matmul(jnp.asarray(x), st, interpret=True)
+    assert ops.explain(jnp.asarray(x), st, "grouped") is None
+    y = ops.grouped_qmatmul(jnp.asarray(x), st, mode="interpret")
     assert y.shape == (3, c, 24) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), np.einsum("eck,ekn->ecn", x.astype(np.float64), wf),
                                rtol=1e-5, atol=1e-5)
@@ -36,17 +42,17 @@ def test_dense_2d_and_block_choices(seed):
     st, wf = make(rng, (77, 40), p0=0.6)  # odd K, low sparsity (short codewords)
     x = rng.normal(size=(2, 3, 77)).astype(np.float32)
     ref = x.astype(np.float64) @ wf
-    y = sub1_matmul(jnp.asarray(x), st, interpret=True)
+    assert ops.explain(jnp.asarray(x), st) is None
+    y = ops.qmatmul(jnp.asarray(x), st, mode="interpret")
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     xt = jnp.asarray(x.reshape(6, 77).T[None])
+    arrays, layout = ops.kernel_operands(st)
     for blocks, prefetch in [((1, 4), True), ((4, 8), False), ((8, 32), True)]:  # rows/program, codewords/chunk
-        yr = sub1_matmul_rows(xt, st, interpret=True, blocks=blocks, prefetch=prefetch)
+        yr = sub1_matmul_rows(xt, *arrays, **layout, interpret=True, blocks=blocks, prefetch=prefetch)
         np.testing.assert_allclose(np.asarray(yr).T.reshape(2, 3, 40), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_input_and_dispatch_integration(seed):
-    from moqe_jax import ops
-
     rng = np.random.default_rng(seed)
     st, wf = make(rng, (2, 64, 16), p0=0.95)
     x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.bfloat16)
@@ -62,17 +68,20 @@ def test_bf16_input_and_dispatch_integration(seed):
 def test_unsupported_cases_return_none(seed):
     rng = np.random.default_rng(seed)
     st, _ = make(rng, (2, 32, 8))
-    assert grouped_sub1_matmul(jnp.zeros((2, MAX_TOKENS + 1, 32)), st, interpret=True) is None
-    assert grouped_sub1_matmul(jnp.zeros((3, 4, 32)), st, interpret=True) is None  # expert count mismatch
-    assert grouped_sub1_matmul(jnp.zeros((2, 4, 16)), st, interpret=True) is None  # K mismatch
+    assert ops.explain(jnp.zeros((2, MAX_TOKENS + 1, 32)), st, "grouped") is not None
+    assert ops.explain(jnp.zeros((3, 4, 32)), st, "grouped") is not None  # expert count mismatch
+    assert ops.explain(jnp.zeros((2, 4, 16)), st, "grouped") is not None  # K mismatch
     st2, _ = make(rng, (32, 8))
-    assert sub1_matmul(jnp.zeros((MAX_TOKENS + 1, 32)), st2, interpret=True) is None
+    assert ops.explain(jnp.zeros((MAX_TOKENS + 1, 32)), st2) is not None
+    # unsupported: the XLA reference runs instead (no kernel launch)
+    x = jnp.ones((2, MAX_TOKENS + 1, 32))
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda a: ops.grouped_qmatmul(a, st, mode="interpret"))(x))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda a: ops.grouped_qmatmul(a, st, mode="interpret"))(x[:, :4]))
 
 
 def test_sparse_dec_table_matches_qmoe_dec():
     """The kernel's one-word nonzero table re-expands to exactly the weights of QMoE's two-word dec."""
-    from moqe_jax.packed.sub1_dict import get_dictionary
-    from pallas_kernels.sub1_matmul import sparse_dec_table
+    from moqe_jax.packed.sub1_dict import get_dictionary, sparse_dec_table
 
     dec = get_dictionary().dec.view(np.uint32).reshape(-1, 2).astype(np.int64)
     sd = sparse_dec_table().astype(np.int64)
@@ -94,30 +103,27 @@ def test_gpu_triton_matches_reference(m, seed):
     rng = np.random.default_rng(seed)
     st, wf = make(rng, (768, 3072 // 4), p0=0.885)
     x = rng.normal(size=(m, 768)).astype(np.float32)
-    y = sub1_matmul(jnp.asarray(x), jax.tree_util.tree_map(jnp.asarray, st), interpret=False)
+    y = ops.qmatmul(jnp.asarray(x), jax.tree_util.tree_map(jnp.asarray, st), mode="pallas")
     ref = x.astype(np.float64) @ wf
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     stg, wg = make(rng, (8, 384, 200), p0=0.8)
     xg = rng.normal(size=(8, m, 384)).astype(np.float32)
-    yg = grouped_sub1_matmul(jnp.asarray(xg), jax.tree_util.tree_map(jnp.asarray, stg), interpret=False)
+    yg = ops.grouped_qmatmul(jnp.asarray(xg), jax.tree_util.tree_map(jnp.asarray, stg), mode="pallas")
     refg = np.einsum("eck,ekn->ecn", xg.astype(np.float64), wg)
     np.testing.assert_allclose(np.asarray(yg), refg, rtol=1e-4, atol=1e-4 * np.abs(refg).max())
-    from pallas_kernels.sub1_matmul import gathered_sub1_matmul
-
     ids = jnp.asarray([5, 2], jnp.int32)
-    ya = gathered_sub1_matmul(jnp.asarray(xg[:2]), jax.tree_util.tree_map(jnp.asarray, stg), ids, interpret=False)
+    ya = ops.indexed_qmatmul(jnp.asarray(xg[:2]), jax.tree_util.tree_map(jnp.asarray, stg), ids, mode="pallas")
     refa = np.einsum("ack,akn->acn", xg[:2].astype(np.float64), wg[[5, 2]])
     np.testing.assert_allclose(np.asarray(ya), refa, rtol=1e-4, atol=1e-4 * np.abs(refa).max())
 
 
 def test_gathered_active_experts(seed):
-    from pallas_kernels.sub1_matmul import gathered_sub1_matmul
-
     rng = np.random.default_rng(seed)
     st, wf = make(rng, (5, 72, 20))
     ids = np.array([3, 0, 3])
     x = rng.normal(size=(3, 2, 72)).astype(np.float32)
-    y = jax.jit(lambda a, w, i: gathered_sub1_matmul(a, w, i, interpret=True))(jnp.asarray(x), st, jnp.asarray(ids))
+    y = jax.jit(lambda a, w, i: ops.indexed_qmatmul(a, w, i, mode="interpret"))(jnp.asarray(x), st, jnp.asarray(ids))
     ref = np.einsum("ack,akn->acn", x.astype(np.float64), wf[ids])
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
-    assert gathered_sub1_matmul(jnp.asarray(x), st, jnp.asarray(ids[:2]), interpret=True) is None
+    with pytest.raises(ValueError, match="expert_ids"):
+        ops.indexed_qmatmul(jnp.asarray(x), st, jnp.asarray(ids[:2]), mode="interpret")

@@ -9,7 +9,8 @@ layers route the ``B`` step tokens as one batch (T5X decode behaviour).
 
 Beam search keeps finished hypotheses in the beam with a frozen score (they can only extend with the
 pad id at zero cost) and ranks the final beams by ``logprob / ((5 + len) / 6) ** length_penalty``
-(T5X/GNMT brevity penalty). ``num_beams=1`` is exactly greedy search.
+(T5X/GNMT brevity penalty). ``num_beams=1`` is exactly greedy search. ``kernels`` (static) is the
+``moqe_jax.ops`` kernel mode of every matmul.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ Array = Any
 __all__ = ["encode_for_decoding", "init_cache", "decode_step", "greedy_search", "beam_search"]
 
 
-def encode_for_decoding(cfg: SwitchConfig, params: dict, input_ids: Array, attention_mask: Array | None = None):
+def encode_for_decoding(cfg: SwitchConfig, params: dict, input_ids: Array, attention_mask: Array | None = None,
+                        kernels: str = "auto"):
     """Encoder output, its validity ``[B,L]`` and per-layer cross-attention k/v."""
     x, ctx = layerwise.encode_embed(cfg, params, input_ids, attention_mask)
     for i in range(cfg.num_layers):
-        x, _ = layerwise.encoder_layer(cfg, params, i, x, ctx)
+        x, _ = layerwise.encoder_layer(cfg, params, i, x, ctx, kernels=kernels)
     encoded = layerwise.encoder_final(cfg, params, x, ctx)
     cross = []
     for i in range(cfg.num_decoder_layers):
         p = params["decoder"][f"layers_{i}"]["encoder_decoder_attention"]
-        cross.append(MultiHeadAttention(cfg).apply({"params": p}, encoded, method=MultiHeadAttention.kv))
+        cross.append(MultiHeadAttention(cfg, kernels).apply({"params": p}, encoded, method=MultiHeadAttention.kv))
     return encoded, ctx["valid"], tuple(cross)
 
 
@@ -47,7 +49,7 @@ def init_cache(cfg: SwitchConfig, batch: int, max_len: int) -> tuple:
 
 
 def decode_step(cfg: SwitchConfig, params: dict, tokens: Array, pos: Array, cache: tuple, cross: tuple,
-                enc_valid: Array) -> tuple[Array, tuple]:
+                enc_valid: Array, kernels: str = "auto") -> tuple[Array, tuple]:
     """One decoder step: ``tokens [B]`` at position ``pos`` -> ``(logits [B, V] f32, new cache)``."""
     dt = cfg.jnp_dtype
     b = tokens.shape[0]
@@ -59,21 +61,21 @@ def decode_step(cfg: SwitchConfig, params: dict, tokens: Array, pos: Array, cach
     cross_bias = mask_bias(enc_valid[:, None, None, :], dt)
     new_cache = []
     for i in range(cfg.num_decoder_layers):
-        layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i))
+        layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i), kernels=kernels)
         x, _, c = layer.apply({"params": params["decoder"][f"layers_{i}"]}, x, None, self_bias, cross_bias, None,
                               False, cross_kv=cross[i], cache=cache[i], cache_index=pos)
         new_cache.append(c)
     ctx = {"logit_mask": None}
-    logits = layerwise.decoder_final(cfg, params, x, ctx)
+    logits = layerwise.decoder_final(cfg, params, x, ctx, kernels)
     return logits.reshape(b, -1), tuple(new_cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("kernels",))
 def greedy_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_tokens: int,
-                  attention_mask: Array | None = None) -> Array:
+                  attention_mask: Array | None = None, *, kernels: str = "auto") -> Array:
     """Greedy decoding: ``[B, max_new_tokens]`` (pad id after EOS)."""
     b = input_ids.shape[0]
-    _, enc_valid, cross = encode_for_decoding(cfg, params, input_ids, attention_mask)
+    _, enc_valid, cross = encode_for_decoding(cfg, params, input_ids, attention_mask, kernels)
     cache = init_cache(cfg, b, max_new_tokens)
     out = jnp.full((b, max_new_tokens), cfg.pad_token_id, jnp.int32)
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
@@ -85,7 +87,7 @@ def greedy_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_tok
 
     def body(state):
         i, tok, cache, out, done = state
-        logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid)
+        logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid, kernels)
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
@@ -96,13 +98,13 @@ def greedy_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_tok
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6), static_argnames=("kernels",))
 def beam_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_tokens: int, num_beams: int,
-                attention_mask: Array | None = None, length_penalty: float = 0.6) -> Array:
+                attention_mask: Array | None = None, length_penalty: float = 0.6, *, kernels: str = "auto") -> Array:
     """Beam search; returns the best beam per input ``[B, max_new_tokens]`` (pad id after EOS)."""
     b = input_ids.shape[0]
     k = num_beams
-    _, enc_valid, cross = encode_for_decoding(cfg, params, input_ids, attention_mask)
+    _, enc_valid, cross = encode_for_decoding(cfg, params, input_ids, attention_mask, kernels)
 
     def tile(a: Array) -> Array:
         return jnp.repeat(a, k, axis=0)
@@ -124,7 +126,7 @@ def beam_search(cfg: SwitchConfig, params: dict, input_ids: Array, max_new_token
 
     def body(state):
         i, tok, cache, seqs, scores, done, lengths = state
-        logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid)
+        logits, cache = decode_step(cfg, params, tok, i, cache, cross, enc_valid, kernels)
         v = logits.shape[-1]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, v)
         pad_only = jnp.full((v,), neg).at[cfg.pad_token_id].set(0.0)

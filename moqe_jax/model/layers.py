@@ -1,9 +1,10 @@
 """Switch Transformer building blocks in Flax linen, bit-faithful to Flaxformer (docs/T5X_SWITCH.md §4).
 
 Parameter names reproduce the T5X ``target`` tree (spec §2) so checkpoints load without renaming.
-Every kernel matmul goes through :mod:`moqe_jax.ops` so a kernel leaf may be a float array, a
-``QuantizedTensor`` or a codec (``Sub1Tensor``); params are read with ``get_param`` and passed through
-untouched.
+Every kernel matmul goes through :mod:`moqe_jax.ops` so a kernel leaf may be a float array or a packed
+weight (``QuantizedTensor``, ``Sub1Tensor``); params are read with ``get_param`` and passed through
+untouched. The modules that matmul carry ``kernels`` (an ``ops`` kernel mode), a static field: the kernel
+choice is part of the trace.
 
 Layers return ``(x, info)``; ``info`` is ``{}`` for dense layers and for MoE layers a dict with
 ``inputs`` (post-norm, logit-masked ``[B,L,D]``), ``expert``/``gate``/``kept`` ``[B,L]``, and the
@@ -150,6 +151,7 @@ class MultiHeadAttention(nn.Module):
     """Unscaled multi-head dot-product attention (spec §4.5); ``query/key/value/out`` 2-D kernels."""
 
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     def setup(self) -> None:
         c = self.cfg
@@ -166,7 +168,8 @@ class MultiHeadAttention(nn.Module):
         """Keys and values ``[B, T, H, K]`` of ``x`` (precomputed for cross-attention decoding)."""
         dt = self.cfg.jnp_dtype
         x = x.astype(dt)
-        return self._heads(ops.qmatmul(x, self.key())), self._heads(ops.qmatmul(x, self.value()))
+        return (self._heads(ops.qmatmul(x, self.key(), mode=self.kernels)),
+                self._heads(ops.qmatmul(x, self.value(), mode=self.kernels)))
 
     def __call__(self, xq: Array, xkv: Array | None, bias: Array, *, kv: tuple[Array, Array] | None = None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None
@@ -174,7 +177,7 @@ class MultiHeadAttention(nn.Module):
         """Returns ``(out [B,Tq,D], (k, v))``; with ``cache`` the new k/v are written at ``cache_index``."""
         c = self.cfg
         dt = c.jnp_dtype
-        q = self._heads(ops.qmatmul(xq.astype(dt), self.query()))
+        q = self._heads(ops.qmatmul(xq.astype(dt), self.query(), mode=self.kernels))
         if kv is None:
             k, v = self.kv(xkv)
         else:
@@ -190,24 +193,25 @@ class MultiHeadAttention(nn.Module):
         w = jax.nn.softmax(logits, axis=-1).astype(dt)
         o = jnp.einsum("bhqk,bkhd->bqhd", w, v.astype(dt))
         o = o.reshape(*o.shape[:2], c.inner_dim)
-        return ops.qmatmul(o, self.out()), (k, v)
+        return ops.qmatmul(o, self.out(), mode=self.kernels), (k, v)
 
 
 class MlpBlock(nn.Module):
     """Dense FFN: ``wi``/``wo`` or gated ``wi_0``/``wi_1``/``wo`` (spec §4.7)."""
 
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
         c = self.cfg
         x = x.astype(c.jnp_dtype)
         if c.gated:
-            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_0")()),
-                           ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_1")()))
+            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_0")(), mode=self.kernels),
+                           ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_1")(), mode=self.kernels))
         else:
-            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi")()))
-        return ops.qmatmul(h, Kernel((c.d_ff, c.d_model), name="wo")()), {}
+            h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi")(), mode=self.kernels))
+        return ops.qmatmul(h, Kernel((c.d_ff, c.d_model), name="wo")(), mode=self.kernels), {}
 
 
 class _RouterWeights(nn.Module):
@@ -237,18 +241,23 @@ class Experts(nn.Module):
     """Stacked expert MLPs ``expert/{wi,wo}/kernel [E, D, F] / [E, F, D]`` applied to ``[E, N, D]``."""
 
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.cfg
         e, d, f = c.num_experts, c.d_model, c.d_ff
         x = x.astype(c.jnp_dtype)
+
+        def kernel(name: str, shape: tuple[int, ...]) -> Array:
+            return Kernel(shape, expert_kernel_init, name=name)()
+
         if c.gated:
-            h = activation(ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi_0")()),
-                           ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi_1")()))
+            h = activation(ops.grouped_qmatmul(x, kernel("wi_0", (e, d, f)), mode=self.kernels),
+                           ops.grouped_qmatmul(x, kernel("wi_1", (e, d, f)), mode=self.kernels))
         else:
-            h = activation(ops.grouped_qmatmul(x, Kernel((e, d, f), expert_kernel_init, name="wi")()))
-        return ops.grouped_qmatmul(h, Kernel((e, f, d), expert_kernel_init, name="wo")())
+            h = activation(ops.grouped_qmatmul(x, kernel("wi", (e, d, f)), mode=self.kernels))
+        return ops.grouped_qmatmul(h, kernel("wo", (e, f, d)), mode=self.kernels)
 
 
 class MoeLayer(nn.Module):
@@ -260,10 +269,11 @@ class MoeLayer(nn.Module):
     """
 
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     def setup(self) -> None:
         self.router = Router(self.cfg)
-        self.expert = Experts(self.cfg)
+        self.expert = Experts(self.cfg, self.kernels)
 
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
         c = self.cfg
@@ -318,8 +328,8 @@ class MoeLayer(nn.Module):
         return out, info
 
 
-def _mlp(cfg: SwitchConfig, sparse: bool) -> nn.Module:
-    return MoeLayer(cfg, name="mlp") if sparse else MlpBlock(cfg, name="mlp")
+def _mlp(cfg: SwitchConfig, sparse: bool, kernels: str) -> nn.Module:
+    return MoeLayer(cfg, kernels, name="mlp") if sparse else MlpBlock(cfg, kernels, name="mlp")
 
 
 class EncoderLayer(nn.Module):
@@ -327,6 +337,7 @@ class EncoderLayer(nn.Module):
 
     cfg: SwitchConfig
     sparse: bool = False
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, bias: Array, logit_mask: Array | None, train: bool = False) -> tuple[Array, dict]:
@@ -334,12 +345,12 @@ class EncoderLayer(nn.Module):
         h = LayerNorm(c, name="pre_attention_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        a, _ = MultiHeadAttention(c, name="attention")(h, h, bias)
+        a, _ = MultiHeadAttention(c, self.kernels, name="attention")(h, h, bias)
         x = x + a
         h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        y, info = _mlp(c, self.sparse)(h, train)
+        y, info = _mlp(c, self.sparse, self.kernels)(h, train)
         return x + y, info
 
 
@@ -352,6 +363,7 @@ class DecoderLayer(nn.Module):
 
     cfg: SwitchConfig
     sparse: bool = False
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array,
@@ -361,18 +373,19 @@ class DecoderLayer(nn.Module):
         h = LayerNorm(c, name="pre_self_attention_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        a, new_cache = MultiHeadAttention(c, name="self_attention")(h, h, self_bias, cache=cache,
-                                                                      cache_index=cache_index)
+        a, new_cache = MultiHeadAttention(c, self.kernels, name="self_attention")(
+            h, h, self_bias, cache=cache, cache_index=cache_index)
         x = x + a
         h = LayerNorm(c, name="pre_cross_attention_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        a, _ = MultiHeadAttention(c, name="encoder_decoder_attention")(h, encoded, cross_bias, kv=cross_kv)
+        a, _ = MultiHeadAttention(c, self.kernels, name="encoder_decoder_attention")(h, encoded, cross_bias,
+                                                                                    kv=cross_kv)
         x = x + a
         h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        y, info = _mlp(c, self.sparse)(h, train)
+        y, info = _mlp(c, self.sparse, self.kernels)(h, train)
         x = x + y
         if cache is not None:
             return x, info, new_cache

@@ -16,7 +16,8 @@ continue::
 The result equals ``SwitchTransformer(cfg).apply`` exactly (same helper functions, same modules).
 ``info`` of a sparse layer: ``inputs`` (post-norm, logit-masked MoE input ``[B,L,D]``), ``expert``,
 ``gate``, ``kept`` ``[B,L]`` and the aux scalars; ``{}`` for dense layers. All functions are jit-able
-with ``cfg`` static (wrap with ``jax.jit(..., static_argnums=(0, 2))`` for the layer functions).
+with ``cfg`` static (wrap with ``jax.jit(..., static_argnums=(0, 2))`` for the layer functions); the matmul
+functions take ``kernels`` (the ``moqe_jax.ops`` kernel mode, static).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def encode_embed(cfg: SwitchConfig, params: dict, input_ids: Array,
 
 
 def encoder_layer(cfg: SwitchConfig, params: dict, i: int, x: Array, ctx: dict,
-                  train: bool = False) -> tuple[Array, dict]:
+                  train: bool = False, kernels: str = "auto") -> tuple[Array, dict]:
     """Apply encoder layer ``i`` (params ``params["encoder"][f"layers_{i}"]``)."""
-    layer = EncoderLayer(cfg, sparse=cfg.is_sparse("encoder", i))
+    layer = EncoderLayer(cfg, sparse=cfg.is_sparse("encoder", i), kernels=kernels)
     return layer.apply({"params": params["encoder"][f"layers_{i}"]}, x, ctx["bias"], ctx["logit_mask"], train)
 
 
@@ -70,17 +71,17 @@ def decode_embed(cfg: SwitchConfig, params: dict, decoder_input_ids: Array, enco
 
 
 def decoder_layer(cfg: SwitchConfig, params: dict, i: int, y: Array, ctx: dict,
-                  train: bool = False) -> tuple[Array, dict]:
+                  train: bool = False, kernels: str = "auto") -> tuple[Array, dict]:
     """Apply decoder layer ``i`` (params ``params["decoder"][f"layers_{i}"]``)."""
-    layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i))
+    layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i), kernels=kernels)
     return layer.apply({"params": params["decoder"][f"layers_{i}"]}, y, ctx["encoded"], ctx["self_bias"],
                        ctx["cross_bias"], ctx["logit_mask"], train)
 
 
-def decoder_final(cfg: SwitchConfig, params: dict, y: Array, ctx: dict) -> Array:
+def decoder_final(cfg: SwitchConfig, params: dict, y: Array, ctx: dict, kernels: str = "auto") -> Array:
     """Final norm, logit mask and output logits ``[B,T,V]`` f32."""
     z = rms_norm(y, params["decoder"]["decoder_norm"]["scale"], cfg.layer_norm_epsilon, cfg.jnp_dtype)
     if ctx["logit_mask"] is not None:
         z = ctx["logit_mask"] * z
     kernel = None if cfg.tie_word_embeddings else params["decoder"]["logits_dense"]["kernel"]
-    return output_logits(cfg, params["token_embedder"]["embedding"], kernel, z)
+    return output_logits(cfg, params["token_embedder"]["embedding"], kernel, z, kernels)

@@ -1,7 +1,8 @@
 """The Switch Transformer encoder-decoder (Flax linen), param tree = T5X ``target`` tree (spec §2).
 
-``SwitchTransformer(cfg).apply({"params": p}, input_ids, decoder_input_ids, attention_mask,
-decoder_attention_mask, train=False)`` -> ``(logits [B,T,V] f32, aux)``; ``aux`` holds the mean
+``SwitchTransformer(cfg, kernels="auto").apply({"params": p}, input_ids, decoder_input_ids, attention_mask,
+decoder_attention_mask, train=False)`` -> ``(logits [B,T,V] f32, aux)`` (``kernels``: the ``moqe_jax.ops``
+kernel mode, a static field); ``aux`` holds the mean
 ``aux_loss``/``z_loss``/``dropped_fraction`` over sparse layers and per-layer MoE info under ``"moe"``.
 
 Masks (spec §4.4). ``routing_mode="t5x"``: encoder validity = ``attention_mask`` or ``ids > 0``;
@@ -104,7 +105,8 @@ def decoder_context(cfg: SwitchConfig, relpos_table: Array, decoder_input_ids: A
             "logit_mask": logit_mask}
 
 
-def output_logits(cfg: SwitchConfig, embedding: Array, logits_kernel: Array | None, y: Array) -> Array:
+def output_logits(cfg: SwitchConfig, embedding: Array, logits_kernel: Array | None, y: Array,
+                  kernels: str = "auto") -> Array:
     """Output logits (f32): tied ``(y @ Eᵀ)/sqrt(D)`` (hf: ``(y·D^-0.5) @ Eᵀ``) or ``y @ logits_dense``."""
     if cfg.tie_word_embeddings:
         e = ops.dequantize_weight(embedding, jnp.float32)
@@ -112,7 +114,7 @@ def output_logits(cfg: SwitchConfig, embedding: Array, logits_kernel: Array | No
         if cfg.routing_mode == "hf":
             return jnp.dot(y * (cfg.d_model ** -0.5), e.T)
         return jnp.dot(y, e.T) / jnp.sqrt(jnp.float32(cfg.d_model))
-    return ops.qmatmul(y.astype(jnp.float32), logits_kernel)
+    return ops.qmatmul(y.astype(jnp.float32), logits_kernel, mode=kernels)
 
 
 def summarize_aux(infos: dict[str, dict]) -> dict[str, Any]:
@@ -130,12 +132,13 @@ def summarize_aux(infos: dict[str, dict]) -> dict[str, Any]:
 # ---- modules -------------------------------------------------------------------------------------
 class Encoder(nn.Module):
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     def setup(self) -> None:
         c = self.cfg
         sp = c.sparse_layers("encoder")
         self.relpos_bias = RelativePositionBias(c)
-        self.layers = [EncoderLayer(c, sparse=i in sp) for i in range(c.num_layers)]
+        self.layers = [EncoderLayer(c, sparse=i in sp, kernels=self.kernels) for i in range(c.num_layers)]
         self.encoder_norm = LayerNorm(c)
 
     def __call__(self, x: Array, input_ids: Array, attention_mask: Array | None, train: bool = False):
@@ -153,12 +156,13 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     def setup(self) -> None:
         c = self.cfg
         sp = c.sparse_layers("decoder")
         self.relpos_bias = RelativePositionBias(c)
-        self.layers = [DecoderLayer(c, sparse=i in sp) for i in range(c.num_decoder_layers)]
+        self.layers = [DecoderLayer(c, sparse=i in sp, kernels=self.kernels) for i in range(c.num_decoder_layers)]
         self.decoder_norm = LayerNorm(c)
         if not c.tie_word_embeddings:
             self.logits_dense = Kernel((c.d_model, c.vocab_size))
@@ -176,18 +180,19 @@ class Decoder(nn.Module):
         if ctx["logit_mask"] is not None:
             y = ctx["logit_mask"] * y
         kernel = None if c.tie_word_embeddings else self.logits_dense()
-        return output_logits(c, embedding, kernel, y), infos
+        return output_logits(c, embedding, kernel, y, self.kernels), infos
 
 
 class SwitchTransformer(nn.Module):
     """Switch encoder-decoder; see the module docstring for masks and outputs."""
 
     cfg: SwitchConfig
+    kernels: str = "auto"
 
     def setup(self) -> None:
         self.token_embedder = Embed(self.cfg)
-        self.encoder = Encoder(self.cfg)
-        self.decoder = Decoder(self.cfg)
+        self.encoder = Encoder(self.cfg, self.kernels)
+        self.decoder = Decoder(self.cfg, self.kernels)
 
     def encode(self, input_ids: Array, attention_mask: Array | None = None, train: bool = False):
         """``(encoded [B,L,D], enc_valid [B,L], infos)``."""

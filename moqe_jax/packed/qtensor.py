@@ -1,7 +1,8 @@
 """`QuantizedTensor`: the one packed weight type (docs/ARCHITECTURE.md, "the one contract").
 
 Used by the model (experts call ``moqe_jax.ops``), RTN/GPTQ (produce it), the sub-1-bit codec
-(encodes its ternary codes), the Pallas kernels (read ``packed`` directly) and checkpoint I/O.
+(encodes its ternary codes), the Pallas kernels (``moqe_jax.ops`` hands them ``packed``/``scales``/``zeros``)
+and checkpoint I/O.
 The byte layout is specified once in docs/FORMATS.md; this module is its reference implementation.
 
 Logical weight: ``[*batch, K, N]`` (Flax ``[in, out]``; batch is usually the expert axis E).
@@ -11,12 +12,14 @@ Stored leaves:
   * ``scales``  float32 ``[*batch, G, N]`` (G = number of groups along K; 1 = channel-wise).
   * ``zeros``   float32 ``[*batch, G, N]`` or None (asymmetric linear: integer zero-point;
     ternary: the low level ``w_min``; symmetric linear and log: None).
-Static aux data: the ``QuantSpec``, the logical K and the logical float dtype. The batch shape and
-N are read from the leaves, so the object stays consistent under ``vmap``/``scan``/slicing.
+Static aux data: the ``QuantSpec``, the logical K and the logical float dtype (a registered dataclass
+pytree). The batch shape and N are read from the leaves, so the object stays consistent under
+``vmap``/``scan``/slicing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -24,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.packed.base import register_packed
+from moqe_jax.packed.base import is_packed, register_packed
 from moqe_jax.packed.spec import QuantSpec
+from pallas_kernels import codes as kernel_codes
 
 __all__ = [
     "QuantizedTensor",
@@ -102,26 +106,9 @@ def unpack_codes(packed: Any, code_bits: int, k: int) -> jax.Array:
 
 
 def dequant_codes(q: Any, scale: Any, zero: Any, spec: QuantSpec) -> jax.Array:
-    """Elementwise dequantization of codes ``q`` with broadcastable ``scale``/``zero`` (float32).
-
-    The single definition of the value of a code, also called on tiles inside the Pallas kernels:
-      * linear:  ``scale · (q − zero)``; symmetric uses the fixed mid-point ``zero = 2^(b−1)``.
-      * log:     ``(−1)^sign · scale · 2^(−e)`` with ``sign = q >> (b−1)``, ``e = q & (2^(b−1)−1)``.
-      * ternary: ``0 → 0, 1 → zero (= w_min), 2 → scale (= w_max)`` (QMoE symbols).
-    """
-    qf = q.astype(jnp.float32)
-    if spec.is_ternary:
-        return jnp.where(qf == 2.0, scale, jnp.where(qf == 1.0, zero, 0.0)).astype(jnp.float32)
-    b = int(spec.bits)
-    if spec.scheme == "log":
-        half = float(1 << (b - 1))
-        neg = qf >= half
-        e = jnp.where(neg, qf - half, qf)
-        mag = scale * jnp.exp2(-e)
-        return jnp.where(neg, -mag, mag)
-    if zero is None:
-        zero = float(1 << (b - 1))
-    return scale * (qf - zero)
+    """Elementwise value of codes ``q`` with broadcastable float32 ``scale``/``zero`` under ``spec``: the rule
+    of :func:`pallas_kernels.codes.dequant_codes` (the one definition, shared with the kernels)."""
+    return kernel_codes.dequant_codes(q, scale, zero, scheme=spec.code_scheme, code_bits=spec.code_bits)
 
 
 def expand_groups(a: jax.Array, k: int) -> jax.Array:
@@ -131,32 +118,24 @@ def expand_groups(a: jax.Array, k: int) -> jax.Array:
 
 
 @register_packed("QuantizedTensor")
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, slots=True)
 class QuantizedTensor:
-    """Packed low-bit weight ``[*batch, K, N]`` (see module docstring and docs/FORMATS.md)."""
+    """Packed low-bit weight ``[*batch, K, N]`` (see module docstring and docs/FORMATS.md).
 
-    __slots__ = ("packed", "scales", "zeros", "spec", "k", "dtype")
+    Leaves ``packed``/``scales``/``zeros`` (None when the spec stores no zeros); static ``spec``, ``k``, ``dtype``.
+    """
 
-    def __init__(self, packed: Any, scales: Any, zeros: Any, spec: QuantSpec, k: int,
-                 dtype: Any = jnp.float32):
-        self.packed = packed
-        self.scales = scales
-        self.zeros = zeros
-        self.spec = spec
-        self.k = int(k)
-        self.dtype = jnp.dtype(dtype)
+    packed: Any
+    scales: Any
+    zeros: Any
+    spec: QuantSpec = dataclasses.field(metadata={"static": True})
+    k: int = dataclasses.field(metadata={"static": True})
+    dtype: Any = dataclasses.field(default=jnp.float32, metadata={"static": True})
 
-    # ---- pytree ------------------------------------------------------------------------------
-    def tree_flatten(self):
-        return (self.packed, self.scales, self.zeros), (self.spec, self.k, self.dtype.name)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        spec, k, dtype = aux
-        obj = object.__new__(cls)
-        obj.packed, obj.scales, obj.zeros = children
-        obj.spec, obj.k, obj.dtype = spec, k, jnp.dtype(dtype)
-        return obj
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -213,7 +192,7 @@ class QuantizedTensor:
         return QuantizedTensor(self.packed[idx], self.scales[idx], z, self.spec, self.k, self.dtype)
 
     # ---- storage protocol (checkpoint store; every packed-weight class implements it) ---------
-    def to_arrays(self) -> tuple[dict[str, Any], dict]:
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Leaves by name + JSON-serialisable metadata (``meta["type"]`` names the class)."""
         arrays = {"packed": self.packed, "scales": self.scales}
         if self.zeros is not None:
@@ -222,7 +201,7 @@ class QuantizedTensor:
                         "dtype": self.dtype.name}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, Any], meta: dict) -> QuantizedTensor:
+    def from_arrays(cls, arrays: dict[str, Any], meta: dict[str, Any]) -> QuantizedTensor:
         spec = QuantSpec.from_dict(meta["spec"])
         k = int(meta["k"])
         packed, scales = arrays["packed"], arrays["scales"]
@@ -251,6 +230,5 @@ class QuantizedTensor:
                 f"{self.bits_per_param:.3f} bits/param)")
 
 
-def is_quantized(x: Any) -> bool:
-    """True for any packed weight type (QuantizedTensor or a codec such as Sub1Tensor)."""
-    return isinstance(x, QuantizedTensor) or hasattr(x, "decode")
+#: Old name of :func:`moqe_jax.packed.base.is_packed` (true for every registered packed type).
+is_quantized = is_packed

@@ -77,6 +77,11 @@ class QuantSpec:
         return 2 if self.is_ternary else int(self.bits)
 
     @property
+    def code_scheme(self) -> str:
+        """Code format for ``pallas_kernels.codes``: ``"linear"``, ``"log"`` or ``"ternary"``."""
+        return "ternary" if self.is_ternary else self.scheme
+
+    @property
     def nominal_bits(self) -> float:
         """Information bits per weight used in reports (ternary = log2(3))."""
         return 1.584962500721156 if self.is_ternary else float(self.bits)
