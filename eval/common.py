@@ -69,7 +69,8 @@ def _default_tokenizer(args: argparse.Namespace) -> Path:
 def setup_from_args(args: argparse.Namespace) -> Setup:
     """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup)."""
     from moqe_jax.api import load_model
-    from moqe_jax.evaluate import default_data_dir, load_tokenizer
+    from moqe_jax.data.locate import default_data_dir
+    from moqe_jax.evaluate import load_tokenizer
 
     use_syn = args.synthetic or (args.quick and not Path(args.moe).exists())
     if not use_syn and args.data is None:

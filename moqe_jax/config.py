@@ -12,9 +12,12 @@ layer ``i`` is sparse iff ``i % step == step - 1``; ``step == 1`` makes every la
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from moqe_jax.errors import ConfigError
@@ -23,6 +26,13 @@ __all__ = ["SwitchConfig", "sparse_layer_indices"]
 
 _ACTIVATIONS = ("relu", "gated-gelu")
 _DTYPES = ("bfloat16", "float32", "float16")
+
+
+@functools.cache
+def _preset_table() -> dict[str, dict[str, Any]]:
+    """``{name: fields}`` from the package data ``configs/presets.toml`` (each preset = ``base`` + its table)."""
+    raw = tomllib.loads(resources.files("moqe_jax").joinpath("configs", "presets.toml").read_text("utf-8"))
+    return {name: {**raw["base"], **fields} for name, fields in raw["presets"].items()}
 
 
 def sparse_layer_indices(num_layers: int, step: int) -> tuple[int, ...]:
@@ -145,10 +155,21 @@ class SwitchConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SwitchConfig:
-        """Named preset from ``configs/presets.py`` (e.g. ``switch-base-8``, ``tiny``, ``small-mt``)."""
-        from configs.presets import get_preset
+        """Named preset from ``moqe_jax/configs/presets.toml`` (e.g. ``switch-base-8``, ``tiny``, ``small-mt``)
+        with optional field overrides."""
+        table = _preset_table()
+        if name not in table:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+        kw = dict(table[name], name=name)
+        kw.update(overrides)
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"bad override for preset {name!r}: {e}") from None
 
-        return get_preset(name, **overrides)
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(_preset_table())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

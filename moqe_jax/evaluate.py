@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from moqe_jax.data.locate import default_data_dir
 from moqe_jax.errors import DataError
 
 __all__ = [
@@ -158,18 +159,6 @@ def _encode(tok: Any, text: str) -> list[int]:
 
 def _decode(tok: Any, ids: Sequence[int]) -> str:
     return str(tok.decode([int(i) for i in ids]))
-
-
-DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
-
-
-def default_data_dir() -> str | None:
-    """The corpus to evaluate on when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and
-    ``data/corpus`` (relative to the working directory), the first that holds ``test.jsonl``."""
-    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES):
-        if d and (Path(d) / "test.jsonl").is_file():
-            return d
-    return None
 
 
 def load_eval_pairs(data: str | os.PathLike | Mapping[str, Sequence[Any]], directions: Sequence[str],

@@ -17,7 +17,7 @@ import pytest
 from moqe_jax import sharding as shd
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import ConfigError
-from train.train import SyntheticData, TrainConfig, cross_entropy_with_z_loss, train
+from moqe_jax.training import SyntheticData, TrainConfig, cross_entropy_with_z_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {repo!r})
     from moqe_jax.config import SwitchConfig
-    from train.train import SyntheticData, TrainConfig, train
+    from moqe_jax.training import SyntheticData, TrainConfig, train
     assert len(jax.devices()) == 4, jax.devices()
     cfg = SwitchConfig.preset("tiny", dtype="float32")
     data = SyntheticData(cfg.vocab_size, 8, 16, seed=1)
@@ -156,7 +156,7 @@ def test_four_device_mesh_matches_single_device() -> None:
 _MP_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
-    from train.train import maybe_init_distributed, SyntheticData, TrainConfig, train
+    from moqe_jax.training import maybe_init_distributed, SyntheticData, TrainConfig, train
     maybe_init_distributed("localhost:{port}", 2, int(sys.argv[1]))
     import jax
     assert jax.process_count() == 2 and len(jax.devices()) == 2, jax.devices()
@@ -197,7 +197,7 @@ def test_two_process_training_matches_single_process(tmp_path: Path) -> None:
 
 def test_mlm_objective_trains() -> None:
     """Span-corruption (T5 MLM) data through the same loop: deterministic batches, loss goes down."""
-    from train.train import MLMData
+    from moqe_jax.training import MLMData
 
     cfg = _cfg()  # vocab 128: sentinels 28..127, real tokens 3..27
     rng = np.random.default_rng(0)

@@ -10,16 +10,15 @@ import jax
 import numpy as np
 import pytest
 
+from moqe_jax.api import Model, load_model
 from moqe_jax.data.batching import BucketBatcher, encode_pairs
 from moqe_jax.data.tokenizer import Tokenizer
 from moqe_jax.evaluate import teacher_forced_loss
-from moqe_jax.api import Model, load_model
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.pipeline import quantize
 from moqe_jax.quant.ste import fake_quant_params
-from train.qat import qat_finetune
-from train.train import MTData
+from moqe_jax.training import MTData, qat_finetune
 
 ASSETS = Path(__file__).resolve().parents[1] / "moqe_jax" / "assets" / "default"
 

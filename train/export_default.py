@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 ASSETS = REPO / "moqe_jax" / "assets" / "default"
 MAX_BYTES = 25 * 1024 * 1024
 

@@ -5,9 +5,9 @@
 
 1. float model: BLEU/chrF per direction (sacrebleu, greedy ``Model.generate``, test-split sample);
 2. RTN: ``moqe_jax.quantize(model, QuantSpec(bits), components=("experts",))`` — same table;
-3. QAT: the training loop (`train.train.train`) from the float weights with ``fake_quant_params`` (STE) on
-   the expert kernels in the loss, then ``export_qat`` → a packed ``QuantizedTensor`` model, saved with
-   ``Model.save`` under ``<out>/model`` — same table.
+3. QAT: ``moqe_jax.training.qat_finetune`` (the training loop from the float weights with
+   ``fake_quant_params`` (STE) on the expert kernels in the loss), then ``export_qat`` → a packed
+   ``QuantizedTensor`` model, saved with ``Model.save`` under ``<out>/model`` — same table.
 Writes ``<out>/qat_report.json`` and ``<out>/qat_report.md``.
 """
 
@@ -21,37 +21,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-
-def qat_finetune(model: Any, data: Any, bits: int | str = 2, steps: int = 300, lr: float = 1e-3,
-                 components: tuple[str, ...] = ("experts",), granularity: str | int = "channel",
-                 out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 32,
-                 tokens_per_batch: int | None = 2048, mesh: dict[str, int] | None = None, log: Any = None) -> Any:
-    """STE QAT of ``components`` of ``model`` → ``(Model with packed QuantizedTensor leaves, TrainResult)``."""
-    from moqe_jax.api import Model
-    from moqe_jax.packed.spec import QuantSpec
-    from moqe_jax.quant.ste import export_qat
-    from train.train import TrainConfig, train
-
-    tc = TrainConfig(steps=steps, batch_size=batch_size, tokens_per_batch=tokens_per_batch, optimizer="adafactor",
-                     learning_rate=lr, schedule="constant", warmup_steps=0, seed=seed,
-                     mesh=mesh or {"data": 1, "expert": 1, "model": 1}, log_every=25, eval_every=max(steps, 1),
-                     eval_batches=4, save_every=max(steps // 2, 1), qat_bits=bits, qat_components=tuple(components),
-                     qat_granularity=granularity)
-    kw = {} if log is None else {"log": log}
-    res = train(model.config, tc, data, out_dir, init_params=model.params, **kw)
-    spec = QuantSpec(bits=bits if bits == "ternary" else int(bits), granularity=granularity)
-    qparams = export_qat(jax_to_host(res.params), spec, components)
-    return Model(model.config, qparams), res
-
-
-def jax_to_host(tree: Any) -> Any:
-    import jax
-    import numpy as np
-
-    return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
 
 
 def _table(results: dict[str, dict]) -> str:
@@ -89,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from moqe_jax.evaluate import evaluate_model
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import quantize
-    from train.train import TrainConfig, load_mt_data, train
+    from moqe_jax.training import TrainConfig, load_mt_data, qat_finetune, train
+    from moqe_jax.tree import to_host
 
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
@@ -105,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"bits": bits, "steps": a.steps, "lr": a.lr, "samples_per_direction": a.samples})
     results: dict[str, dict] = report.setdefault("results", {})
     model = load_model(a.model)
-    model = model.replace(params=jax_to_host(model.params))
+    model = model.replace(params=to_host(model.params))
     names = {"float": "float", "rtn": f"RTN-{bits}bit", "qat": f"QAT-{bits}bit", "ft": "float+FT",
              "ft-rtn": f"float+FT RTN-{bits}bit"}
 
@@ -141,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         tc = TrainConfig(steps=a.steps, batch_size=32, tokens_per_batch=2048, optimizer="adafactor",
                          learning_rate=a.lr, schedule="constant", warmup_steps=0, seed=1, log_every=25,
                          eval_every=a.steps, eval_batches=4, save_every=max(a.steps // 2, 1))
-        ft = Model(model.config, jax_to_host(train(model.config, tc, data, out / "run-ft",
+        ft = Model(model.config, to_host(train(model.config, tc, data, out / "run-ft",
                                                    init_params=model.params).params))
         if "ft" in runs:
             ev(ft, "ft")

@@ -7,22 +7,21 @@ load → size report → quantize the experts (MoQE 4-bit RTN, 2-bit RTN; QMoE t
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from moqe_jax.data.locate import BUNDLED
 from moqe_jax.errors import MoqeError
+from moqe_jax.progress import progress, write
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "default"
 TRAIN_HINT = ("moqe data build --out work_data/corpus && STEPS=1500 train/recipes/default_model.sh && "
               "python -m train.export_default (train/recipes/default_model.md)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="quantize + compress + evaluate the bundled model; one summary table")
-    p.add_argument("--model", default=str(ASSETS / "moe"), help="model dir (default: the bundled MoE model)")
+    p.add_argument("--model", default=str(BUNDLED / "moe"), help="model dir (default: the bundled MoE model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: MODEL/tokenizer or the bundled one)")
     p.add_argument("--data", default=None, help="corpus dir (default $MOQE_DATA, work_data/corpus, data/corpus, "
                                                 "else built from /usr/share/locale into ~/.cache/moqe/corpus)")
@@ -34,44 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-def _data_dir(arg: str | None) -> str:
-    from moqe_jax.evaluate import default_data_dir
-
-    if arg and (Path(arg) / "test.jsonl").is_file():
-        return arg
-    if arg:
-        raise MoqeError(f"{arg}: no corpus here (test.jsonl missing); build it with `moqe data build --out {arg}`")
-    found = default_data_dir()
-    if found:
-        return found
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
-    if not (cache / "test.jsonl").is_file():
-        from moqe_jax.data.corpus import build_corpus
-
-        print(f"building the gettext corpus from /usr/share/locale into {cache} (once) ...", flush=True)
-        build_corpus("/usr/share/locale", cache)
-    return str(cache)
-
-
-def _bar(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    enable = os.environ.get("MOQE_NO_PROGRESS") != "1" and bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return tqdm(total=total, desc=desc, disable=not enable)
-
-
 def _demo(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not model_dir.exists():
         raise MoqeError(f"bundled model not found at {model_dir}; train it with `{TRAIN_HINT}` "
                         "or pass --model DIR")
     from moqe_jax.api import load_model
-    from moqe_jax.commands.eval import resolve_tokenizer
+    from moqe_jax.data.locate import find_or_build_corpus, resolve_tokenizer
     from moqe_jax.evaluate import calibration_batches, evaluate_model, load_tokenizer
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import compress_sub1, quantize
 
-    data = _data_dir(args.data)
+    data = find_or_build_corpus(args.data)
     tok = load_tokenizer(resolve_tokenizer(args.tokenizer, str(model_dir), data))
     t0 = time.perf_counter()
     model = load_model(model_dir)
@@ -84,10 +57,10 @@ def _demo(args: argparse.Namespace) -> int:
         ("experts 2-bit RTN (MoQE)", lambda: quantize(model, QuantSpec(bits=2), components=("experts",))),
         ("experts ternary GPTQ → sub-1-bit (QMoE)", lambda: compress_sub1(quantize(
             model, QuantSpec(bits="ternary"), components=("experts",), method="gptq",
-            calib=calibration_batches(tok, data, args.calib, args.batch_size, args.seed)), verbose=False)),
+            calib=calibration_batches(tok, data, args.calib, args.batch_size, args.seed)), verbose=False)[0]),
     ]
     rows = []
-    bar = _bar(len(steps), "demo")
+    bar = progress(total=len(steps), desc="demo")
     for label, make in steps:
         bar.set_description(label)
         tq = time.perf_counter()
@@ -98,7 +71,7 @@ def _demo(args: argparse.Namespace) -> int:
         sz = _packed_bytes(m)
         rows.append((label, sz["total"], sz["experts"], r.bleu, r.chrf, r.tokens_per_s, qs))
         bar.update(1)
-        bar.write(f"{label}: BLEU {r.bleu:.2f}")
+        write(f"{label}: BLEU {r.bleu:.2f}")
     bar.close()
     base = rows[0][1]
     print()

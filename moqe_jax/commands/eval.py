@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from moqe_jax.errors import DataError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="BLEU/chrF per direction, MT token CE and MLM loss of a (quantized) model")
@@ -36,40 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-def resolve_data(arg: str | None) -> str:
-    """``--data``, else :func:`moqe_jax.evaluate.default_data_dir`; must hold ``test.jsonl``."""
-    from moqe_jax.evaluate import default_data_dir
-
-    d = arg or default_data_dir() or "work_data/corpus"
-    if not (Path(d) / "test.jsonl").is_file():
-        raise DataError(f"{d}: no corpus here (test.jsonl missing); build it with `moqe data build --out {d}`")
-    return d
-
-
-def resolve_tokenizer(arg: str | None, model_dir: str | None, data: str | None) -> Path:
-    """``--tokenizer``, else the model dir's ``tokenizer/``, the bundled tokenizer, then ``DATA/tokenizer``."""
-    from moqe_jax.commands.demo import ASSETS
-
-    if arg:
-        return Path(arg)
-    cands = []
-    if model_dir:
-        cands.append(Path(model_dir) / "tokenizer")
-    cands.append(ASSETS / "tokenizer")
-    if data:
-        cands.append(Path(data) / "tokenizer")
-    for c in cands:
-        if c.exists():
-            return c
-    raise DataError(f"no tokenizer found (looked in {', '.join(map(str, cands))}); pass --tokenizer")
-
-
 def _eval(args: argparse.Namespace) -> int:
     from moqe_jax.api import load_model
-    from moqe_jax.commands.demo import ASSETS
+    from moqe_jax.data.locate import BUNDLED, resolve_data, resolve_tokenizer
     from moqe_jax.evaluate import evaluate_model, format_result
 
-    src = str(ASSETS / "moe") if args.model == "default" else args.model
+    src = str(BUNDLED / "moe") if args.model == "default" else args.model
     need_data = not args.no_bleu or args.mt_loss or args.mlm
     data = resolve_data(args.data) if need_data else None
     local = src if os.path.isdir(src) else (src.split(":", 1)[1] if ":" in src else None)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from collections import Counter
 from typing import Any
@@ -39,11 +38,11 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _leaf_kind(leaf: Any) -> str:
-    dt = getattr(leaf, "dtype", None)
-    if type(leaf).__name__ in ("QuantizedTensor", "Sub1Tensor"):
-        spec = getattr(leaf, "spec", None)
-        return f"{type(leaf).__name__}({spec.describe() if spec is not None else ''})"
-    return str(dt)
+    from moqe_jax.packed import is_packed
+
+    if is_packed(leaf):
+        return f"{type(leaf).__name__}({leaf.spec.describe()})"
+    return str(getattr(leaf, "dtype", None))
 
 
 def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[str, Any]:
@@ -64,20 +63,16 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
         import jax
 
         from moqe_jax.checkpoint.store import disk_size
-        from moqe_jax.packed.qtensor import QuantizedTensor
+        from moqe_jax.packed import is_packed
 
-        def is_leaf(x: Any) -> bool:
-            return isinstance(x, QuantizedTensor) or hasattr(x, "decode")
-
-        leaves = jax.tree_util.tree_leaves(model.params, is_leaf=is_leaf)
+        leaves = jax.tree_util.tree_leaves(model.params, is_leaf=is_packed)
         out["dtypes"] = dict(Counter(_leaf_kind(x) for x in leaves))
         if source is not None:
             p = source.split(":", 1)[1] if source.startswith(("hf:", "t5x:")) else source
             out["disk_bytes"] = disk_size(p)
-        quantized = any(is_leaf(x) for x in leaves)
-        if quantized and importlib.util.find_spec("moqe_jax.quant.report") is not None:
+        if any(is_packed(x) for x in leaves):
             rep = model.size_report()
-            out["size_report"] = rep.to_dict() if hasattr(rep, "to_dict") else str(rep)
+            out["size_report"] = rep.to_dict()
             out["size_report_text"] = str(rep)
     return out
 

@@ -69,16 +69,13 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import sys
     from pathlib import Path
 
-    repo = str(Path(__file__).resolve().parents[2])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
     from moqe_jax import sharding as shd
-    from train.train import (
+    from moqe_jax.training import (
         SyntheticData,
         TrainConfig,
+        load_mlm_data,
         load_mt_data,
         maybe_init_distributed,
         save_final_model,
@@ -109,8 +106,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.data == "synthetic":
         data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
     elif args.objective == "mlm":
-        from train.train import load_mlm_data
-
         data = load_mlm_data(args.data, tc, inputs_length=args.max_len, tokenizer_dir=args.tokenizer)
     else:
         data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
@@ -118,10 +113,10 @@ def _train(args: argparse.Namespace) -> int:
     if tc.qat_bits is not None:  # QAT: float master weights + the packed QuantizedTensor export (MoQE deployable)
         from moqe_jax.api import Model
         from moqe_jax.quant.ste import export_qat
-        from train.train import _to_host
+        from moqe_jax.tree import to_host
 
         save_final_model(cfg, res.params, Path(args.out) / "model-float", dtype=args.save_dtype)
-        out = Model(cfg, export_qat(_to_host(res.params), tc.qat_spec(), tc.qat_components)).save(
+        out = Model(cfg, export_qat(to_host(res.params), tc.qat_spec(), tc.qat_components)).save(
             Path(args.out) / "model")
         print(f"QAT {res.step} steps; packed {tc.qat_bits}-bit model saved to {out} (float masters: model-float)")
         return 0

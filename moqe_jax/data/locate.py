@@ -1,0 +1,68 @@
+"""Where the bundled default model, tokenizers and corpora are found: the defaults of ``moqe demo``/``moqe eval``,
+in the library so Python users and the scripts in ``eval/`` resolve them the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moqe_jax.errors import DataError, MoqeError
+
+__all__ = ["BUNDLED", "DATA_CANDIDATES", "default_data_dir", "resolve_data", "find_or_build_corpus",
+           "resolve_tokenizer"]
+
+#: The bundled default models (``moe/``, ``dense/``), their ``tokenizer/`` and ``sample.jsonl`` (package data).
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "default"
+DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
+
+
+def default_data_dir() -> str | None:
+    """The corpus to evaluate on when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and
+    ``data/corpus`` (relative to the working directory), the first that holds ``test.jsonl``."""
+    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES):
+        if d and (Path(d) / "test.jsonl").is_file():
+            return d
+    return None
+
+
+def resolve_data(arg: str | None) -> str:
+    """``arg``, else :func:`default_data_dir`; must hold ``test.jsonl``."""
+    d = arg or default_data_dir() or "work_data/corpus"
+    if not (Path(d) / "test.jsonl").is_file():
+        raise DataError(f"{d}: no corpus here (test.jsonl missing); build it with `moqe data build --out {d}`")
+    return d
+
+
+def find_or_build_corpus(arg: str | None) -> str:
+    """``arg`` or :func:`default_data_dir`; failing both, the corpus built once from ``/usr/share/locale`` into
+    ``$XDG_CACHE_HOME/moqe/corpus`` (so a fresh install can run the demo)."""
+    if arg and (Path(arg) / "test.jsonl").is_file():
+        return arg
+    if arg:
+        raise MoqeError(f"{arg}: no corpus here (test.jsonl missing); build it with `moqe data build --out {arg}`")
+    found = default_data_dir()
+    if found:
+        return found
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
+    if not (cache / "test.jsonl").is_file():
+        from moqe_jax.data.corpus import build_corpus
+
+        print(f"building the gettext corpus from /usr/share/locale into {cache} (once) ...", flush=True)
+        build_corpus("/usr/share/locale", cache)
+    return str(cache)
+
+
+def resolve_tokenizer(arg: str | None, model_dir: str | None, data: str | None) -> Path:
+    """``arg``, else the model dir's ``tokenizer/``, the bundled tokenizer, then ``DATA/tokenizer``."""
+    if arg:
+        return Path(arg)
+    cands = []
+    if model_dir:
+        cands.append(Path(model_dir) / "tokenizer")
+    cands.append(BUNDLED / "tokenizer")
+    if data:
+        cands.append(Path(data) / "tokenizer")
+    for c in cands:
+        if c.exists():
+            return c
+    raise DataError(f"no tokenizer found (looked in {', '.join(map(str, cands))}); pass --tokenizer")

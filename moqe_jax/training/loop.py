@@ -1,0 +1,247 @@
+"""ONE training loop: Switch MoE / dense baselines from scratch, and STE QAT of expert weights (MoQE §3).
+
+* Loss and optimizer: :mod:`moqe_jax.training.loss`, :mod:`moqe_jax.training.optimizer`.
+* Sharding: a `jax.sharding.Mesh` with ``data``/``expert`` (/``model``) axes via `moqe_jax.sharding`
+  rules (experts over ``expert``, batch over data×expert); the step is jitted with explicit in/out
+  shardings. `check_fits` runs before anything is computed.
+* Checkpoints: Orbax ``CheckpointManager`` (async saves, keep-N); the state holds params, optimizer
+  state, step and RNG key, the JSON item the data position, so a resumed run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moqe_jax import sharding as shd
+from moqe_jax.config import SwitchConfig
+from moqe_jax.errors import ConfigError
+from moqe_jax.progress import progress, write
+from moqe_jax.training.config import TrainConfig
+from moqe_jax.training.data import Batch, TrainData
+from moqe_jax.training.loss import make_loss_fn
+from moqe_jax.training.optimizer import make_optimizer
+from moqe_jax.tree import to_host
+
+__all__ = ["train", "TrainResult", "save_final_model"]
+
+_COMPILED: dict[Any, tuple] = {}
+_BATCH_KEYS = ("input_ids", "decoder_input_ids", "targets", "weights")
+
+
+def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
+    """``(optimizer, jitted step, jitted eval, param shardings)``, cached per (config, hyper-parameters, mesh)
+    so that repeated runs in one process (tests, resume) reuse the compiled step."""
+    key = (cfg, json.dumps({k: v for k, v in tc.to_dict().items()
+                            if k not in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep",
+                                         "async_save")}, sort_keys=True, default=str), mesh)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    from moqe_jax.model.switch import init_params as model_init
+
+    tx = make_optimizer(tc)
+    loss_fn = make_loss_fn(cfg, tc, train=True)
+    eval_loss_fn = make_loss_fn(cfg, tc, train=False)
+    abstract = jax.eval_shape(lambda: model_init(cfg, 0))
+    p_shard = shd.param_shardings(abstract, mesh)
+    rep = shd.replicated(mesh)
+    b_shard = shd.batch_sharding(mesh)
+    abs_opt = jax.eval_shape(tx.init, abstract)
+    # optimizer slots: the param's sharding where the shape matches (Adam moments, unfactored Adafactor v),
+    # replicated otherwise (factored Adafactor rows/cols, counts)
+    flat_p = {jax.tree_util.keystr(kp): (x.shape, s) for (kp, x), s in
+              zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(p_shard), strict=True)}
+
+    def opt_sharding(kp: Any, x: Any) -> Any:
+        ks = jax.tree_util.keystr(kp)
+        for pk, (shape, sh) in flat_p.items():
+            if ks.endswith(pk) and tuple(x.shape) == tuple(shape):
+                return sh
+        return rep
+
+    o_shard = jax.tree_util.tree_map_with_path(opt_sharding, abs_opt)
+    state_shard = {"step": rep, "params": p_shard, "opt_state": o_shard, "rng": rep}
+
+    def step_fn(st: dict, batch: Batch) -> tuple[dict, dict]:
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
+        updates, opt = tx.update(grads, st["opt_state"], st["params"])
+        params = optax.apply_updates(st["params"], updates)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0])
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return {"step": st["step"] + 1, "params": params, "opt_state": opt, "rng": rng}, metrics
+
+    batch_in = dict.fromkeys(_BATCH_KEYS, b_shard)
+    jstep = jax.jit(step_fn, in_shardings=(state_shard, batch_in), out_shardings=(state_shard, rep),
+                    donate_argnums=(0,))
+    jeval = jax.jit(lambda p, b: eval_loss_fn(p, b)[1], in_shardings=(p_shard, batch_in), out_shardings=rep)
+    _COMPILED[key] = (tx, jstep, jeval, state_shard)
+    return _COMPILED[key]
+
+
+@dataclass
+class TrainResult:
+    params: Any
+    step: int
+    history: list[dict]
+    eval_history: list[dict]
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        write(msg)
+
+
+def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os.PathLike | None = None,
+          init_params: Any = None, stop_after: int | None = None, log: Callable[[str], None] = _log,
+          ) -> TrainResult:
+    """Train ``cfg`` for ``tc.steps`` steps (resuming from ``out_dir/checkpoints`` if present).
+
+    ``init_params``: start from these weights (QAT / fine-tuning); otherwise random init with ``tc.seed``.
+    ``stop_after``: stop (after saving) once this step is reached — used to simulate a killed run.
+    """
+    # -- validate everything before any compute --------------------------------------------------------
+    cfg.validate()
+    mesh_sizes = shd.parse_mesh(tc.mesh)
+    shd.check_fits(cfg, mesh_sizes, data.batch_rows())
+    if tc.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {tc.steps}")
+    if tc.qat_bits is not None and init_params is None:
+        raise ConfigError("QAT needs a trained model to start from (--init DIR)")
+    mesh = shd.make_mesh(mesh_sizes)
+    tx, jstep, jeval, state_shard = _compiled(cfg, tc, mesh)
+    p_shard = state_shard["params"]
+
+    # -- state: params (sharded by the rules), optimizer state, step, rng --------------------------------
+    from moqe_jax.model.switch import init_params as model_init
+
+    if init_params is None:
+        params = jax.jit(lambda: model_init(cfg, tc.seed), out_shardings=p_shard)()
+    else:
+        params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+            np.shape(x), s, lambda idx, x=np.asarray(x, np.float32): x[idx]), init_params, p_shard)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
+             "rng": jax.random.key_data(jax.random.PRNGKey(tc.seed))}
+    state = jax.device_put(state, state_shard)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    mngr = None
+    start = 0
+    if out_dir is not None:
+        import orbax.checkpoint as ocp
+
+        ckdir = Path(out_dir).absolute() / "checkpoints"
+        opts = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, save_interval_steps=1,
+                                            enable_async_checkpointing=tc.async_save, create=True)
+        mngr = ocp.CheckpointManager(ckdir, options=opts)
+        latest = mngr.latest_step()
+        if latest is not None:
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+            state = restored["state"]
+            meta = restored["meta"]
+            start = int(meta["data_position"])
+            if int(state["step"]) != latest or start != latest:
+                raise ConfigError(f"{ckdir}: inconsistent checkpoint (step {int(state['step'])}, "
+                                  f"data position {start}, dir step {latest})")
+            log(f"resumed from {ckdir} step {latest}")
+        if jax.process_index() == 0:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            (Path(out_dir) / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=1))
+
+    def save(step: int, force: bool = False) -> None:
+        if mngr is None:
+            return
+        import orbax.checkpoint as ocp
+
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave({"data_position": step, "seed": tc.seed})),
+                  force=force)
+
+    def run_eval(step: int) -> dict:
+        acc: dict[str, float] = {}
+        tot = 0.0
+        for b in data.eval_batches(tc.eval_batches):
+            m = to_host(jeval(state["params"], shd.shard_batch(b, mesh)))
+            n = float(m["tokens"])
+            tot += n
+            for k in ("ce", "aux_loss", "dropped_fraction"):
+                acc[k] = acc.get(k, 0.0) + float(m[k]) * (n if k == "ce" else 1.0)
+        nb = max(1, len(data.eval_batches(tc.eval_batches)))
+        rec = {"step": step, "eval_ce": acc.get("ce", 0.0) / max(tot, 1.0),
+               "eval_aux_loss": acc.get("aux_loss", 0.0) / nb, "eval_dropped": acc.get("dropped_fraction", 0.0) / nb}
+        log(f"eval step {step}: ce {rec['eval_ce']:.4f} ppl {math.exp(min(rec['eval_ce'], 50)):.2f} "
+            f"dropped {rec['eval_dropped']:.3f}")
+        return rec
+
+    history: list[dict] = []
+    eval_history: list[dict] = []
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = progress(total=end, initial=start, desc="train", enable=None if jax.process_index() == 0 else False)
+    t0, tok_acc, last_log = time.perf_counter(), 0.0, start
+    jsonl = None
+    if out_dir is not None and jax.process_index() == 0:
+        jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    try:
+        for step in range(start, end):
+            batch = shd.shard_batch(data.batch(step), mesh)
+            state, metrics = jstep(state, batch)
+            m = to_host(metrics)
+            tok_acc += float(m["tokens"])
+            rec = {"step": step + 1, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
+                   "expert_usage": [round(float(u), 4) for u in np.ravel(m["expert_usage"])]}
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            s = step + 1
+            if s % tc.log_every == 0 or s == end:
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = tok_acc / max(dt, 1e-9)
+                log(f"step {s}: loss {rec['loss']:.4f} ce {rec['ce']:.4f} aux {rec['aux_loss']:.4f} "
+                    f"dropped {rec['dropped_fraction']:.3f} usage {rec['expert_usage']} "
+                    f"{rec['tokens_per_s']:.0f} tok/s ({s - last_log} steps in {dt:.1f}s)")
+                t0, tok_acc, last_log = time.perf_counter(), 0.0, s
+            if jsonl is not None:
+                jsonl.write(json.dumps(rec) + "\n")
+            if tc.eval_every and (s % tc.eval_every == 0 or s == tc.steps):
+                ev = run_eval(s)
+                eval_history.append(ev)
+                if jsonl is not None:
+                    jsonl.write(json.dumps(ev) + "\n")
+                    jsonl.flush()
+            if tc.save_every and (s % tc.save_every == 0 or s == end):
+                save(s, force=True)
+    finally:
+        bar.close()
+        if jsonl is not None:
+            jsonl.close()
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
+    return TrainResult(state["params"], int(state["step"]), history, eval_history)
+
+
+def save_final_model(cfg: SwitchConfig, params: Any, directory: str | os.PathLike, dtype: str = "float32",
+                     format: str = "safetensors") -> str:
+    """Export trained params with the checkpoint store (``Model.save`` format), float leaves cast to ``dtype``."""
+    from moqe_jax.checkpoint.store import save_params
+
+    host = to_host(params)
+    if jax.process_index() != 0:
+        return str(directory)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        host = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16) if a.dtype == np.float32 else a, host)
+    return save_params(host, directory, config=cfg.to_dict(), format=format)
