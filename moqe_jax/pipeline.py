@@ -13,17 +13,20 @@ from moqe_jax.packed.spec import QuantSpec
 
 def quantize(model: Any, spec: QuantSpec, components: Sequence[str] = ("experts",),
              method: str = "rtn", calib: Iterable[dict] | None = None, **kwargs: Any) -> Any:
-    """Quantize the selected components of ``model`` (MoQE RTN or QMoE GPTQ) -> new ``Model``."""
+    """Quantize the selected components of ``model`` (MoQE RTN or QMoE GPTQ) -> new ``Model``.
+
+    GPTQ's per-layer :class:`~moqe_jax.calibration.CalibrationReport` comes with
+    :func:`moqe_jax.calibration.gptq_quantize_model`, which returns ``(model, report)``."""
     if method == "rtn":
         from moqe_jax.quant.policy import quantize_model_rtn
 
         return quantize_model_rtn(model, spec, components=components, **kwargs)
     if method == "gptq":
-        from moqe_jax.quant.calibrate import gptq_quantize_model
+        from moqe_jax.calibration import gptq_quantize_model
 
         if calib is None:
             raise ValueError("method='gptq' needs calibration data (calib=...)")
-        return gptq_quantize_model(model, spec, calib, components=components, **kwargs)
+        return gptq_quantize_model(model, spec, calib, components=components, **kwargs)[0]
     raise ValueError(f"unknown method {method!r}; choose 'rtn' or 'gptq'")
 
 

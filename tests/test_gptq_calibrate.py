@@ -5,18 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moqe_jax.errors import CheckpointError, DataError, QuantizationError
 from moqe_jax.api import Model
+from moqe_jax.calibration import gptq_quantize_model
+from moqe_jax.errors import CheckpointError, DataError, QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.calibrate import (
-    CalibrationReport,
-    _cap_and_sort,
-    _compress_ffn,
-    expert_hessians,
-    gptq_quantize_model,
-    token_mask,
-)
+from moqe_jax.quant.gptq_ffn import GPTQOptions, compress_ffn
+from moqe_jax.quant.hessians import cap_and_sort, expert_hessians, token_mask
 from moqe_jax.quant.policy import quantize_model_rtn
 
 TERN = QuantSpec(bits="ternary")
@@ -45,7 +40,7 @@ def test_expert_hessians_and_token_cap_match_numpy_loops():
     e, d, n = 5, 6, 90
     x = rng.standard_normal((n, d)).astype(np.float32)
     ex = rng.choice(e, size=n, p=[0.6, 0.2, 0.1, 0.1, 0.0])  # skewed load, expert 4 empty
-    keep, counts, cap = _cap_and_sort(ex, e, factor=2.0)
+    keep, counts, cap = cap_and_sort(ex, e, factor=2.0)
     assert cap == int(2.0 * n / e)
     h = expert_hessians(x[keep], counts, range(e))
     for j in range(e):
@@ -70,8 +65,8 @@ def test_token_mask_padding_and_sentinels():
 def _kl_to_float(float_model: Model, q_model: Model, batches: list[dict]) -> float:
     tot = 0.0
     for b in batches:
-        p = float_model.logits(b["input_ids"], b["decoder_input_ids"]).astype(np.float64)
-        q = q_model.logits(b["input_ids"], b["decoder_input_ids"]).astype(np.float64)
+        p = np.asarray(float_model.logits(b["input_ids"], b["decoder_input_ids"]), np.float64)
+        q = np.asarray(q_model.logits(b["input_ids"], b["decoder_input_ids"]), np.float64)
         lp = p - np.logaddexp.reduce(p, axis=-1, keepdims=True)
         lq = q - np.logaddexp.reduce(q, axis=-1, keepdims=True)
         tot += float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
@@ -80,8 +75,7 @@ def _kl_to_float(float_model: Model, q_model: Model, batches: list[dict]) -> flo
 
 def test_tiny_model_ternary_gptq_beats_rtn_on_heldout(tiny):
     calib, heldout = _zipf_batches(1, 6), _zipf_batches(2, 3)
-    rep = CalibrationReport()
-    g = gptq_quantize_model(tiny, TERN, calib, report=rep)
+    g, rep = gptq_quantize_model(tiny, TERN, calib)
     r = quantize_model_rtn(tiny, TERN)
     for stack in ("encoder", "decoder"):
         for k in ("wi", "wo"):
@@ -104,7 +98,7 @@ def test_resume_after_crash_gives_identical_model(tiny, tmp_path):
     calib = _zipf_batches(3, 2)
     spec = QuantSpec(bits=2, symmetric=False)
     kw = dict(components=("experts", "dense"), group_experts=2)
-    full = gptq_quantize_model(tiny, spec, calib, **kw)
+    full, full_rep = gptq_quantize_model(tiny, spec, calib, **kw)
 
     class Boom(RuntimeError):
         pass
@@ -117,10 +111,9 @@ def test_resume_after_crash_gives_identical_model(tiny, tmp_path):
     with pytest.raises(Boom):
         gptq_quantize_model(tiny, spec, calib, checkpoint_dir=ck, on_layer_done=crash, **kw)
     seen = []
-    rep = CalibrationReport()
-    res = gptq_quantize_model(tiny, spec, calib, checkpoint_dir=ck, on_layer_done=seen.append, report=rep, **kw)
+    res, rep = gptq_quantize_model(tiny, spec, calib, checkpoint_dir=ck, on_layer_done=seen.append, **kw)
     assert seen == ["decoder/layers_1"] and rep.resumed_layers == 3
-    assert [lr.name for lr in rep.layers] == [lr.name for lr in full.calibration_report.layers]
+    assert [lr.name for lr in rep.layers] == [lr.name for lr in full_rep.layers]
     import jax
 
     a = jax.tree_util.tree_leaves(full.params)
@@ -135,8 +128,7 @@ def test_resume_after_crash_gives_identical_model(tiny, tmp_path):
 def test_padding_only_zero_token_expert_and_bad_inputs(tiny):
     pad = [{"input_ids": np.zeros((2, 8), np.int32), "decoder_input_ids": np.zeros((2, 5), np.int32),
             "decoder_attention_mask": np.zeros((2, 5), np.int32)}]
-    rep = CalibrationReport()
-    out = gptq_quantize_model(tiny, TERN, pad, report=rep)
+    out, rep = gptq_quantize_model(tiny, TERN, pad)
     assert all(lr.zero_token == lr.experts and lr.solved == 0 for lr in rep.layers)
     assert any("no usable encoder token" in w for w in rep.warnings)
     assert "received no calibration token" in rep.table()
@@ -152,8 +144,7 @@ def test_padding_only_zero_token_expert_and_bad_inputs(tiny):
     w[:, 3] = w[:, 0]
     mlp = dict(mlp, router={"router_weights": {"w": {"kernel": w}}})
     model = tiny.replace(params=dict(p, encoder=dict(p["encoder"], layers_1=dict(p["encoder"]["layers_1"], mlp=mlp))))
-    rep = CalibrationReport()
-    gptq_quantize_model(model, TERN, _zipf_batches(5, 2), report=rep)
+    _, rep = gptq_quantize_model(model, TERN, _zipf_batches(5, 2))
     assert rep.layers[0].zero_token >= 1 and rep.layers[0].solved == 4 - rep.layers[0].zero_token
 
     # NaN activations for one expert -> NaN Hessian -> that expert falls back to RTN, reported
@@ -161,9 +152,9 @@ def test_padding_only_zero_token_expert_and_bad_inputs(tiny):
     x = rng.standard_normal((40, tiny.config.d_model)).astype(np.float32)
     ex = np.arange(40) % 4
     x[ex == 2] = np.nan
-    _, lrep = _compress_ffn(tiny.config, p["encoder"]["layers_1"]["mlp"], True, x, ex, TERN,
-                            dict(max_tokens_factor=4, percdamp=0.1, actorder=False, group_experts=4, blocksize=128,
-                                 true_sequential=False), "enc1", None)
+    _, lrep = compress_ffn(p["encoder"]["layers_1"]["mlp"], True, x, ex, TERN,
+                           GPTQOptions(max_tokens_factor=4, percdamp=0.1, actorder=False, group_experts=4,
+                                       blocksize=128, true_sequential=False), "enc1", None)
     assert lrep.fallbacks == 1 and lrep.solved == 3 and "fell back to RTN" in lrep.notes[0]
 
     with pytest.raises(DataError, match="decoder_input_ids"):

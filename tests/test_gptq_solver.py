@@ -294,11 +294,11 @@ _SHARDED = textwrap.dedent('''
             assert st.loss[i] == np.sum(np.asarray(one["loss"], np.float64)), (st.loss[i], one["loss"])
     # the whole calibration with the expert solves sharded over the 4 devices equals the unsharded run
     from moqe_jax.api import Model
-    from moqe_jax.quant.calibrate import gptq_quantize_model
+    from moqe_jax.calibration import gptq_quantize_model
     tiny = Model.init("tiny", seed=0)
     calib = [{"input_ids": rng.integers(2, 128, (4, 12)), "decoder_input_ids": rng.integers(2, 128, (4, 8))}]
-    a = gptq_quantize_model(tiny, QuantSpec(bits="ternary"), calib, mesh=mesh, group_experts=2)
-    b = gptq_quantize_model(tiny, QuantSpec(bits="ternary"), calib)
+    a, _ = gptq_quantize_model(tiny, QuantSpec(bits="ternary"), calib, mesh=mesh, group_experts=2)
+    b, _ = gptq_quantize_model(tiny, QuantSpec(bits="ternary"), calib)
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     print("SHARDED-OK")

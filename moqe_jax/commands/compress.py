@@ -178,14 +178,13 @@ def run(args: argparse.Namespace) -> int:
         out = quantize_model_rtn(model, spec, comps)
         print(f"RTN {spec.describe()} of {', '.join(comps)}")
     else:
-        from moqe_jax.quant.calibrate import CalibrationReport, gptq_quantize_model
+        from moqe_jax.calibration import gptq_quantize_model
 
         calib = calibration_data(args, model.config.vocab_size)
-        rep = CalibrationReport()
-        out = gptq_quantize_model(model, spec, calib, components=comps, checkpoint_dir=ckpt,
-                                  max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp,
-                                  actorder=args.actorder, group_experts=args.group_experts,
-                                  true_sequential=args.true_sequential, resume=args.resume, report=rep)
+        out, rep = gptq_quantize_model(model, spec, calib, components=comps, checkpoint_dir=ckpt,
+                                       max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp,
+                                       actorder=args.actorder, group_experts=args.group_experts,
+                                       true_sequential=args.true_sequential, resume=args.resume)
         print(f"GPTQ {spec.describe()} of {', '.join(comps)}, {sum(len(b['input_ids']) for b in calib)} "
               f"calibration samples")
         print(rep.table())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,19 +41,12 @@ from jax.sharding import Mesh, PartitionSpec
 from moqe_jax.errors import QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor, dequant_codes, expand_groups
 from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.quant.rtn import find_params, quantize_codes  # the grid and rounding GPTQ shares with RTN
 
 __all__ = ["GPTQStats", "gptq_quantize", "gptq_solve_one", "layer_error", "rtn_codes", "DAMP_FLOOR"]
 
 DAMP_FLOOR = 1e-6
 _HIGHEST = lax.Precision.HIGHEST
-
-
-# ---- grid / rounding interface (moqe_jax.quant.rtn) ---------------------------------------------
-def _rtn_api() -> tuple[Callable, Callable]:
-    """``(find_params, quantize_codes)`` of ``moqe_jax.quant.rtn`` (jittable, elementwise rounding)."""
-    from moqe_jax.quant import rtn
-
-    return rtn.find_params, rtn.quantize_codes
 
 
 def _channel_spec(spec: QuantSpec) -> QuantSpec:
@@ -63,7 +55,6 @@ def _channel_spec(spec: QuantSpec) -> QuantSpec:
 
 def _quantize_row(w: jax.Array, s: jax.Array, z: jax.Array | None, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """Codes and dequantized values of one GPTQ "column" (one input row ``[N]`` of our W)."""
-    _, quantize_codes = _rtn_api()
     cspec = _channel_spec(spec)
     codes = quantize_codes(w[None, :], s[None, :], None if z is None else z[None, :], cspec)[0]
     q = dequant_codes(codes, s, z, spec)
@@ -121,7 +112,6 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     caller (the factorizations then run one expert at a time: XLA:CPU's batched LAPACK kernels share one
     thread pool between the devices of a host mesh and can deadlock).
     """
-    find_params, _ = _rtn_api()
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k, n = w.shape
@@ -309,7 +299,6 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
 # ---- diagnostics -------------------------------------------------------------------------------------
 def rtn_codes(w: Any, spec: QuantSpec) -> QuantizedTensor:
     """Round-to-nearest on the same grid as GPTQ (the H = I baseline)."""
-    find_params, quantize_codes = _rtn_api()
     w = jnp.asarray(w, jnp.float32)
     scales, zeros = find_params(w, spec)
     codes = quantize_codes(w, scales, zeros if spec.has_zeros else None, spec)
@@ -332,8 +321,3 @@ def layer_error(w: Any, q: Any, h: Any) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.sqrt(np.maximum(num, 0) / den)
     return np.where(den > 0, r, 0.0)
-
-
-def pad_experts(e: int, ndev: int) -> int:
-    """E rounded up to a multiple of the device count."""
-    return int(math.ceil(e / ndev) * ndev)
