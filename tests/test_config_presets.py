@@ -86,8 +86,8 @@ def test_info_cli_bad_path(capsys, tmp_path):
 def test_info_dict_quantized_model():
     import numpy as np
 
-    from moqe_jax.commands.info import info_dict
     from moqe_jax.api import Model
+    from moqe_jax.commands.info import info_dict
     from moqe_jax.packed.qtensor import QuantizedTensor
     from moqe_jax.packed.spec import QuantSpec
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from moqe_jax.cli import main
 from moqe_jax.api import load_model
+from moqe_jax.cli import main
 from moqe_jax.packed.qtensor import QuantizedTensor
 
 

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from moqe_jax.config import SwitchConfig
 from moqe_jax.api import Model
+from moqe_jax.config import SwitchConfig
 
 
 def _bucket(rp: int, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> int:

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moqe_jax.api import Model
 from moqe_jax.config import SwitchConfig
 from moqe_jax.model import layerwise, routing
-from moqe_jax.api import Model
 from moqe_jax.model.layers import MoeLayer, relative_position_bucket, rms_norm
 
 # ---- relative position buckets: the spec's tables (§4.6) -------------------------------------------
