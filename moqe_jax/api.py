@@ -7,6 +7,7 @@ return ``(SwitchConfig, params)``) and ``moqe_jax.quant`` (reports), so none of 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moqe_jax import ops
 from moqe_jax.checkpoint import store
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError, ConfigError
@@ -24,20 +26,34 @@ __all__ = ["Model", "load_model", "save_model", "param_counts", "param_shapes"]
 
 
 def _as_ids(a: Any, what: str) -> jax.Array:
-    arr = np.asarray(a)
+    """``[batch, length]`` int32 ids (a 1-D sequence gets a batch axis); static checks only (traceable)."""
+    arr = jnp.asarray(a)
     if arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    if arr.ndim != 2 or not jnp.issubdtype(arr.dtype, jnp.integer):
         raise ConfigError(f"{what} must be an integer array [batch, length], got {arr.dtype}{list(arr.shape)}")
-    return jnp.asarray(arr, jnp.int32)
+    return arr.astype(jnp.int32)
 
 
+def _as_mask(a: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    return None if a is None else jnp.asarray(a).reshape(shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """A Switch model: ``config`` + ``params`` (float or quantized leaves, T5X tree of docs/T5X_SWITCH.md §2)."""
+    """A Switch model: ``config`` + ``params`` (float or quantized leaves, T5X tree of docs/T5X_SWITCH.md §2).
 
-    def __init__(self, config: SwitchConfig, params: dict):
-        self.config = config
-        self.params = params
+    A pytree: ``params`` are the leaves, ``config`` and ``kernels`` (the ``moqe_jax.ops`` kernel mode) static
+    aux data, so a ``Model`` passes through ``jax.jit``/``jax.grad`` and a change of ``kernels`` retraces.
+    """
+
+    config: SwitchConfig = dataclasses.field(metadata={"static": True})
+    params: dict
+    kernels: str = dataclasses.field(default="auto", metadata={"static": True})
+
+    def __post_init__(self) -> None:
+        ops.check_mode(self.kernels)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -47,24 +63,28 @@ class Model:
         return cls(cfg, init_params(cfg, seed))
 
     def replace(self, config: SwitchConfig | None = None, params: dict | None = None) -> Model:
-        return Model(config or self.config, self.params if params is None else params)
+        return Model(config or self.config, self.params if params is None else params, self.kernels)
+
+    def with_kernels(self, mode: str) -> Model:
+        """A copy whose matmuls run in kernel ``mode`` (``auto``/``xla``/``pallas``/``interpret``)."""
+        return dataclasses.replace(self, kernels=mode)
 
     # ---- inference -------------------------------------------------------------------------------
     def apply(self, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
               decoder_attention_mask: Any = None, train: bool = False) -> tuple[jax.Array, dict]:
-        """``(logits [B,T,V] f32 jax array, aux)``; aux: ``aux_loss``, ``z_loss``, ``dropped_fraction``, ``moe``."""
+        """``(logits [B,T,V] f32 jax array, aux)``; aux: ``aux_loss``, ``z_loss``, ``dropped_fraction``, ``moe``.
+
+        Traceable (inputs may be tracers inside a caller's ``jax.jit``/``jax.grad``)."""
         ids = _as_ids(input_ids, "input_ids")
         dids = _as_ids(decoder_input_ids, "decoder_input_ids")
-        am = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask).reshape(ids.shape))
-        dm = None if decoder_attention_mask is None else jnp.asarray(
-            np.asarray(decoder_attention_mask).reshape(dids.shape))
-        return forward(self.config, self.params, ids, dids, am, dm, train)
+        return forward(self.config, self.params, ids, dids, _as_mask(attention_mask, ids.shape),
+                       _as_mask(decoder_attention_mask, dids.shape), train, self.kernels)
 
     def logits(self, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
-               decoder_attention_mask: Any = None) -> np.ndarray:
-        """Output logits ``[B, T, V]`` as a float32 NumPy array."""
+               decoder_attention_mask: Any = None) -> jax.Array:
+        """Output logits ``[B, T, V]`` (float32 jax array; traceable)."""
         out, _ = self.apply(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)
-        return np.asarray(out, np.float32)
+        return out
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, num_beams: int = 1, attention_mask: Any = None,
                  length_penalty: float = 0.6) -> np.ndarray:
@@ -73,12 +93,12 @@ class Model:
         from moqe_jax.model import decode
 
         ids = _as_ids(input_ids, "input_ids")
-        am = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask).reshape(ids.shape))
+        am = _as_mask(attention_mask, ids.shape)
         if num_beams <= 1:
-            out = decode.greedy_search(self.config, self.params, ids, int(max_new_tokens), am)
+            out = decode.greedy_search(self.config, self.params, ids, int(max_new_tokens), am, kernels=self.kernels)
         else:
             out = decode.beam_search(self.config, self.params, ids, int(max_new_tokens), int(num_beams), am,
-                                     float(length_penalty))
+                                     float(length_penalty), kernels=self.kernels)
         return np.asarray(out)
 
     # ---- reports / persistence --------------------------------------------------------------------

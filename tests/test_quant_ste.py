@@ -123,5 +123,4 @@ def test_fake_quant_params_policy_and_tiny_switch_export(seed):
     rng = np.random.default_rng(seed)
     ids = rng.integers(2, model.config.vocab_size, size=(2, 7))
     dids = rng.integers(2, model.config.vocab_size, size=(2, 5))
-    with ops.kernel_mode("xla"):
-        np.testing.assert_array_equal(ex.logits(ids, dids), fq.logits(ids, dids))
+    np.testing.assert_array_equal(ex.with_kernels("xla").logits(ids, dids), fq.with_kernels("xla").logits(ids, dids))

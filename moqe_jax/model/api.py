@@ -17,11 +17,11 @@ from moqe_jax.model.switch import SwitchTransformer, init_params
 __all__ = ["forward", "param_counts", "param_shapes"]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def forward(cfg: SwitchConfig, params: dict, input_ids, decoder_input_ids, attention_mask, decoder_attention_mask,
-            train: bool = False):
-    """``(logits, aux)`` of ``SwitchTransformer(cfg)`` (``cfg`` and ``train`` are static)."""
-    return SwitchTransformer(cfg).apply({"params": params}, input_ids, decoder_input_ids, attention_mask,
+            train: bool = False, kernels: str = "auto"):
+    """``(logits, aux)`` of ``SwitchTransformer(cfg, kernels)`` (``cfg``, ``train``, ``kernels`` are static)."""
+    return SwitchTransformer(cfg, kernels).apply({"params": params}, input_ids, decoder_input_ids, attention_mask,
                                         decoder_attention_mask, train)
 
 
