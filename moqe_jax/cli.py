@@ -2,7 +2,8 @@
 
 Each command module defines ``register(subparsers)`` which adds its parser and sets
 ``func=handler(args) -> int``. Errors never escape as raw tracebacks: they are printed as one
-line (set ``MOQE_DEBUG=1`` to see the traceback).
+line (set ``MOQE_DEBUG=1`` to see the traceback). ``MOQE_KERNELS`` (the matmul kernel mode) is read here
+and handed to the commands as ``args.kernels``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the one read of MOQE_KERNELS (auto|xla|pallas|interpret): commands apply it with Model.with_kernels
+    args.kernels = os.environ.get("MOQE_KERNELS", "auto")
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

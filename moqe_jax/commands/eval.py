@@ -44,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     data = resolve_data(args.data) if need_data else None
     local = src if os.path.isdir(src) else (src.split(":", 1)[1] if ":" in src else None)
     tok = resolve_tokenizer(args.tokenizer, local, data)
-    model = load_model(src, config=args.config)
+    model = load_model(src, config=args.config).with_kernels(args.kernels)
     res = evaluate_model(model, tokenizer=tok, data=data, directions=args.directions,
                          samples=args.samples or None, split=args.split, bleu=not args.no_bleu,
                          mt_loss=args.mt_loss, mlm=args.mlm, batch_size=args.batch_size, num_beams=args.beams,
