@@ -49,7 +49,9 @@ QMOE_SPECS: dict[str, dict[str, Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moqe_jax.evaluate import calibration_batches, evaluate_model
+    from moqe_jax.calibration import calibration_batches
+    from moqe_jax.data.corpus import read_jsonl
+    from moqe_jax.evaluate import evaluate_model
     from moqe_jax.pipeline import compress_sub1
 
     p = argparse.ArgumentParser(description="Reproduce QMoE's RTN-vs-GPTQ loss table and sub-1-bit compression")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         bleu = not (args.no_bleu or args.quick)
         print(f"QMoE reproduction: calib {n_calib}, eval {samples} x {directions}, MLM on {mlm_samples} held-out "
               f"sentences; {machine_note()}", flush=True)
-        calib = calibration_batches(s.tokenizer, s.data, n_calib, args.batch_size, args.seed)
+        calib = calibration_batches(s.tokenizer, read_jsonl(Path(s.data) / "train.jsonl"), mode="mt", n=n_calib,
+                                    batch_size=args.batch_size, seed=args.seed)
 
         def ev(m: Any) -> Any:
             return evaluate_model(m, tokenizer=s.tokenizer, data=s.data, directions=directions, samples=samples,

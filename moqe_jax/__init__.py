@@ -23,6 +23,7 @@ _EXPORTS = {
     "quantize": "moqe_jax.pipeline",
     "compress_sub1": "moqe_jax.pipeline",
     "evaluate": "moqe_jax.pipeline",
+    "calibration_batches": "moqe_jax.calibration",
     "qmatmul": "moqe_jax.ops",
 }
 

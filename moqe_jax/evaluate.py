@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from moqe_jax.data.locate import default_data_dir
+from moqe_jax.data.tokenizer import encode_text as _encode
+from moqe_jax.data.tokenizer import tokenizer_vocab_size
 from moqe_jax.errors import DataError
 
 __all__ = [
     "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
     "parse_directions", "default_data_dir", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "load_eval_pairs",
-    "translate", "decode_speed", "teacher_forced_loss", "calibration_batches", "mlm_examples", "evaluate_model",
+    "translate", "decode_speed", "teacher_forced_loss", "mlm_examples", "evaluate_model",
     "format_result",
 ]
 
@@ -125,17 +127,6 @@ def load_tokenizer(src: Any) -> Any:
     return Tokenizer(src)
 
 
-def tokenizer_vocab_size(tok: Any) -> int:
-    """Vocabulary size of a SentencePiece processor or a wrapper exposing ``vocab_size``."""
-    for name in ("vocab_size", "get_piece_size", "piece_size"):
-        v = getattr(tok, name, None)
-        if v is None:
-            continue
-        v = v() if callable(v) else v
-        return int(v)
-    raise DataError(f"cannot tell the vocabulary size of tokenizer {type(tok).__name__}")
-
-
 def check_vocab(model: Any, tok: Any, where: str = "tokenizer") -> None:
     """Raise `DataError` unless the tokenizer's vocabulary fits the model's.
 
@@ -147,14 +138,6 @@ def check_vocab(model: Any, tok: Any, where: str = "tokenizer") -> None:
     if tv == mv or (mv % 128 == 0 and tv < mv < tv + 128):
         return
     raise DataError(f"{where}: vocabulary size {tv} does not match the model's vocab_size {mv}")
-
-
-def _encode(tok: Any, text: str) -> list[int]:
-    try:
-        ids = tok.encode(text, out_type=int)
-    except TypeError:
-        ids = tok.encode(text)
-    return [int(i) for i in ids]
 
 
 def _decode(tok: Any, ids: Sequence[int]) -> str:
@@ -397,27 +380,6 @@ def mlm_examples(tok: Any, texts: Sequence[str], *, seed: int = 0, inputs_length
     b = span_corrupt(rows, np.random.default_rng(seed), tokenizer_vocab_size(tok), noise_density, mean_span)
     return [([int(i) for i in x], [int(i) for i in y if i != 0]) for x, y in zip(b["input_ids"], b["targets"],
                                                                                 strict=True)]
-
-
-def calibration_batches(tok: Any, data: Any, n: int, batch_size: int, seed: int = 0, split: str = "train",
-                        max_len: int = 64) -> list[dict[str, np.ndarray]]:
-    """GPTQ calibration data (QMoE §C; here our MT task): ``n`` random pairs of ``split`` as
-    ``{"input_ids", "decoder_input_ids"}`` NumPy batches (pad 0, EOS 1, decoder inputs = targets shifted
-    right behind the start id 0; sequences cut at ``max_len``)."""
-    from moqe_jax.data.corpus import read_jsonl
-
-    rows = read_jsonl(Path(data) / f"{split}.jsonl")
-    pick = random.Random(seed).sample(range(len(rows)), min(n, len(rows)))
-    ex = [(_encode(tok, rows[i]["src"]) + [1], _encode(tok, rows[i]["tgt"]) + [1]) for i in pick]
-    s_len = min(max(len(e[0]) for e in ex), max_len)
-    t_len = min(max(len(e[1]) for e in ex), max_len)
-    out = []
-    for b0 in range(0, len(ex), batch_size):
-        chunk = ex[b0:b0 + batch_size]
-        x = _pad_batch([c[0] for c in chunk], s_len, len(chunk), 0, 1)
-        y = _pad_batch([c[1] for c in chunk], t_len, len(chunk), 0, 1)
-        out.append({"input_ids": x, "decoder_input_ids": _shift_right(y, 0, 0)})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

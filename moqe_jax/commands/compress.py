@@ -8,7 +8,8 @@ MODEL: anything ``moqe_jax.load_model`` accepts (``hf:DIR``, ``t5x:DIR`` with ``
 model directory) or ``init:PRESET`` (randomly initialised; smoke tests). Calibration data:
 ``synthetic`` (Zipf-distributed token ids, seeded), ``PATH.jsonl`` (one JSON object per line with
 ``input_ids`` and ``decoder_input_ids`` — or ``targets``, shifted right — as id lists) or ``corpus``
-(span-corrupted English of a dataset built by ``moqe data``, ``--corpus-dir``). Progress is checkpointed
+(a dataset built by ``moqe data``, ``--corpus-dir``: its training translation pairs, as for the README's
+QMoE numbers, or with ``--calib-mode span`` span-corrupted English). Progress is checkpointed
 after every layer under ``OUT.gptq-progress``; ``--resume`` continues a killed run there.
 2-bit is QMoE's asymmetric min-max grid; ternary is ``{w_min, 0, w_max}`` per output channel.
 """
@@ -22,8 +23,6 @@ import shutil
 import time
 from typing import Any
 
-import numpy as np
-
 from moqe_jax.errors import DataError, QuantizationError
 
 
@@ -36,8 +35,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--calib-data", default="synthetic", help="synthetic | PATH.jsonl | corpus (default synthetic)")
     p.add_argument("--corpus-dir", default="work_data/corpus", help="dataset dir for --calib-data corpus")
+    p.add_argument("--calib-mode", choices=("mt", "span"), default="mt",
+                   help="--calib-data corpus: mt = training translation pairs (how the README's QMoE numbers were "
+                        "calibrated), span = span-corrupted English")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (QMoE: 10K for 128 experts)")
-    p.add_argument("--seq-len", type=int, default=64, help="encoder length of synthetic/corpus samples")
+    p.add_argument("--seq-len", type=int, default=64,
+                   help="encoder length of synthetic/span samples; longest kept sequence of mt pairs")
     p.add_argument("--batch-size", type=int, default=16, help="calibration sequences per forward batch")
     p.add_argument("--components", default="experts", help="experts[,dense] by GPTQ; others RTN")
     p.add_argument("--actorder", action="store_true", help="GPTQ act-order (QMoE: hurts at ternary)")
@@ -73,92 +76,26 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model(args.model, config=args.preset)
 
 
-def _pad_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    n = max(1, max(len(r) for r in rows))
-    ids = np.zeros((len(rows), n), np.int32)
-    mask = np.zeros((len(rows), n), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
-def synthetic_batches(vocab: int, samples: int, seq_len: int, batch_size: int, seed: int = 0) -> list[dict]:
-    """Zipf-distributed ids with local repetition (seeded); decoder = start token + half-length targets."""
-    rng = np.random.default_rng(seed)
-    t = max(2, seq_len // 2)
-    out = []
-    for s in range(0, samples, batch_size):
-        b = min(batch_size, samples - s)
-        ids = np.minimum(rng.zipf(1.3, size=(b, seq_len + t)), vocab - 1).astype(np.int32)
-        ids = np.where(rng.random(ids.shape) < 0.3, np.roll(ids, 1, axis=1), ids)
-        ids = np.maximum(ids, 2)
-        dec = np.concatenate([np.zeros((b, 1), np.int32), ids[:, seq_len:seq_len + t - 1]], axis=1)
-        out.append({"input_ids": ids[:, :seq_len], "decoder_input_ids": dec})
-    return out
-
-
-def jsonl_batches(path: str, samples: int, batch_size: int) -> list[dict]:
-    rows_in, rows_dec = [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    enc = [int(t) for t in r["input_ids"]]
-                    if "decoder_input_ids" in r:
-                        dec = [int(t) for t in r["decoder_input_ids"]]
-                    else:
-                        dec = [0] + [int(t) for t in r["targets"]][:-1]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{ln}: expected input_ids and decoder_input_ids/targets id lists ({e})"
-                                    ) from None
-                rows_in.append(enc)
-                rows_dec.append(dec)
-                if len(rows_in) >= samples:
-                    break
-    except OSError as e:
-        raise DataError(f"{path}: cannot read calibration data ({e.strerror})") from None
-    if not rows_in:
-        raise DataError(f"{path}: no calibration sample")
-    out = []
-    for s in range(0, len(rows_in), batch_size):
-        ids, am = _pad_rows(rows_in[s:s + batch_size])
-        dids, dm = _pad_rows(rows_dec[s:s + batch_size])
-        dm[:, 0] = 1  # the decoder start token (id 0) is a real position
-        out.append({"input_ids": ids, "attention_mask": am, "decoder_input_ids": dids, "decoder_attention_mask": dm})
-    return out
-
-
-def corpus_batches(corpus_dir: str, vocab: int, samples: int, seq_len: int, batch_size: int, seed: int) -> list[dict]:
-    from moqe_jax.data.corpus import english_sentences
-    from moqe_jax.data.span_corruption import mlm_batches
-    from moqe_jax.data.tokenizer import Tokenizer
-
-    tok = Tokenizer(os.path.join(corpus_dir, "tokenizer"))
-    if tok.vocab_size > vocab:
-        raise DataError(f"{corpus_dir}: tokenizer vocabulary {tok.vocab_size} > model vocabulary {vocab}")
-    sents = english_sentences(corpus_dir)
-    token_lists = tok.encode_batch(sents[: max(4 * samples, 1000)])
-    it = mlm_batches(token_lists, tok.vocab_size, batch_size, inputs_length=seq_len, seed=seed)
-    out = []
-    for s in range(0, samples, batch_size):
-        b = next(it)
-        n = min(batch_size, samples - s)
-        out.append({"input_ids": b["input_ids"][:n], "decoder_input_ids": b["decoder_input_ids"][:n]})
-    return out
-
-
 def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
+    """The batches named by ``--calib-data`` (sources: ``moqe_jax.calibration``)."""
+    from moqe_jax.calibration import calibration_batches, jsonl_batches, synthetic_batches
+
     if args.samples <= 0:
         raise DataError("--samples must be positive")
     src = args.calib_data
     if src == "synthetic":
         return synthetic_batches(vocab, args.samples, args.seq_len, args.batch_size, args.seed)
     if src == "corpus":
-        return corpus_batches(args.corpus_dir, vocab, args.samples, args.seq_len, args.batch_size, args.seed)
+        from moqe_jax.data.corpus import english_sentences, read_jsonl
+        from moqe_jax.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(os.path.join(args.corpus_dir, "tokenizer"))
+        if tok.vocab_size > vocab:
+            raise DataError(f"{args.corpus_dir}: tokenizer vocabulary {tok.vocab_size} > model vocabulary {vocab}")
+        texts = read_jsonl(os.path.join(args.corpus_dir, "train.jsonl")) if args.calib_mode == "mt" \
+            else english_sentences(args.corpus_dir)
+        return calibration_batches(tok, texts, mode=args.calib_mode, n=args.samples, batch_size=args.batch_size,
+                                   seed=args.seed, max_len=args.seq_len)
     if src.endswith(".jsonl"):
         return jsonl_batches(src, args.samples, args.batch_size)
     raise DataError(f"--calib-data {src!r}: use synthetic, corpus or a PATH.jsonl")

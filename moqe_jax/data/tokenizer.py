@@ -22,7 +22,8 @@ import numpy as np
 
 from moqe_jax.errors import DataError
 
-__all__ = ["Tokenizer", "train_tokenizer", "PAD_ID", "EOS_ID", "UNK_ID", "NUM_EXTRA_IDS", "LANG_TAGS"]
+__all__ = ["Tokenizer", "train_tokenizer", "encode_text", "tokenizer_vocab_size", "PAD_ID", "EOS_ID", "UNK_ID",
+           "NUM_EXTRA_IDS", "LANG_TAGS"]
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_EXTRA_IDS = 100
@@ -127,6 +128,26 @@ class Tokenizer:
 
     def decode_batch(self, batch: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(row) for row in batch]
+
+
+def encode_text(tok: object, text: str) -> list[int]:
+    """Ids of ``text`` from a :class:`Tokenizer` or a raw SentencePiece processor (``out_type=int``)."""
+    try:
+        ids = tok.encode(text, out_type=int)  # type: ignore[attr-defined]
+    except TypeError:
+        ids = tok.encode(text)  # type: ignore[attr-defined]
+    return [int(i) for i in ids]
+
+
+def tokenizer_vocab_size(tok: object) -> int:
+    """Vocabulary size of a :class:`Tokenizer`, a SentencePiece processor or a wrapper exposing ``vocab_size``."""
+    for name in ("vocab_size", "get_piece_size", "piece_size"):
+        v = getattr(tok, name, None)
+        if v is None:
+            continue
+        v = v() if callable(v) else v
+        return int(v)
+    raise DataError(f"cannot tell the vocabulary size of tokenizer {type(tok).__name__}")
 
 
 def _sample(sentences: Sequence[str], max_sentences: int) -> list[str]:
