@@ -13,6 +13,10 @@ bias), ``kv``, ``vocab`` (V) and ``expert`` (E). ``LOGICAL_RULES`` maps them ont
 
 Mesh axes missing from the mesh are dropped from the rules (replication). `check_fits` raises a
 one-line `ConfigError` *before any compute* when a config cannot be laid out on a mesh.
+
+Packed weights (``QuantizedTensor``, ``Sub1Tensor``) get a spec per array leaf: every leaf whose leading
+axis is the logical expert axis is split over ``expert``, everything else inside a packed weight is
+replicated (packed rows and groups never split across devices).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moqe_jax.errors import ConfigError
+from moqe_jax.packed import is_packed
 
 __all__ = ["MESH_AXES", "LOGICAL_RULES", "BATCH_AXES", "parse_mesh", "make_mesh", "logical_axes", "param_axes",
            "logical_to_spec", "param_specs", "param_shardings", "batch_sharding", "replicated", "check_fits",
@@ -104,8 +109,10 @@ def _path_str(kp: Sequence[Any]) -> str:
 
 
 def param_axes(params: Any) -> Any:
-    """Tree of logical-axis tuples matching ``params`` (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(lambda kp, x: logical_axes(_path_str(kp), len(x.shape)), params)
+    """Tree of logical-axis tuples matching ``params`` (arrays or ShapeDtypeStructs); a packed weight gets
+    the axes of its logical ``[*batch, K, N]`` shape."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: logical_axes(_path_str(kp), len(x.shape)), params,
+                                            is_leaf=is_packed)
 
 
 def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
@@ -126,11 +133,25 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int]
     return P(*out)
 
 
+def _packed_specs(w: Any, axes: Sequence[str | None], mesh: Mesh, where: str) -> Any:
+    """``w``'s pytree with a `PartitionSpec` per array leaf (see the module docstring)."""
+    experts = w.shape[0] if axes and axes[0] == "expert" else None
+
+    def one(a: Any) -> P:
+        lead = ("expert",) if experts is not None and a.ndim and a.shape[0] == experts else (None,)
+        return logical_to_spec(lead + (None,) * (a.ndim - 1), mesh, a.shape, where) if a.ndim else P()
+
+    return jax.tree_util.tree_map(one, w)
+
+
 def param_specs(params: Any, mesh: Mesh) -> Any:
-    """Tree of `PartitionSpec` for a param tree."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: logical_to_spec(logical_axes(_path_str(kp), len(x.shape)), mesh, x.shape, _path_str(kp)),
-        params)
+    """Tree of `PartitionSpec` for a param tree (packed weights: a spec per array leaf)."""
+    def spec(kp: Any, x: Any) -> Any:
+        path = _path_str(kp)
+        axes = logical_axes(path, len(x.shape))
+        return _packed_specs(x, axes, mesh, path) if is_packed(x) else logical_to_spec(axes, mesh, x.shape, path)
+
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_packed)
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

@@ -8,6 +8,7 @@ Modules:
     ``encoder_final``, ``decode_embed``, ``decoder_layer``, ``decoder_final``); see its docstring.
   * ``decode``     — greedy / beam search with a KV cache.
   * ``api``        — the jitted ``forward``, ``param_shapes``, ``param_counts`` (``Model``: ``moqe_jax.api``).
-  * ``partitioning`` — logical axis names per parameter, mesh rules, ``shard_params``.
   * ``components`` — parameter path -> paper component.
+
+Sharding rules (logical axes -> mesh) live in ``moqe_jax.sharding``.
 """
