@@ -24,7 +24,7 @@ for s in "${stages[@]}"; do
 import numpy as np, jax, jax.numpy as jnp
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
-from pallas_kernels.dequant_matmul import quant_matmul
+from benchmarks.kernels import quant_matmul
 rng = np.random.default_rng()
 for m, spec in ((1, QuantSpec(4)), (3, QuantSpec(3, symmetric=False)), (20, QuantSpec(2)), (1, QuantSpec("ternary")),
                 (1, QuantSpec(8, "log")), (16, QuantSpec(4, symmetric=False, granularity=128))):
@@ -33,7 +33,7 @@ for m, spec in ((1, QuantSpec(4)), (3, QuantSpec(3, symmetric=False)), (20, Quan
     z = (-rng.uniform(.5, 1, (g, n)) if spec.is_ternary else rng.integers(0, spec.maxq + 1, (g, n))) if spec.has_zeros else None
     qt = QuantizedTensor.from_codes(rng.integers(0, spec.maxq + 1, (k, n)), rng.uniform(.5, 1, (g, n)), z, spec)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = np.asarray(quant_matmul(x, qt, poison=True), np.float64)
+    y = np.asarray(quant_matmul(x, qt, interpret=False), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(qt.dequantize(), np.float64)
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     print(f"probe m={m} {spec.describe()}: rel err {err:.2e}")

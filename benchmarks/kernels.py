@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import jax
@@ -25,10 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import copy_bandwidth, device_info, n_sets_for, time_rotated, write_results
+from moqe_jax import ops
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
-from pallas_kernels.dequant_matmul import Blocks, grouped_quant_matmul, plan_blocks, quant_matmul
+from pallas_kernels.dequant_matmul import Blocks, plan_blocks, qmm
+from pallas_kernels.dequant_matmul import quant_matmul as raw_quant_matmul
+
+XPREP = os.environ.get("MOQE_KERNEL_XPREP", "0") == "1"  # XLA residue split instead of strided loads (GPU fallback)
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (2080, 6144), (4096, 10240)]
 BATCHES = [1, 16, 64]
@@ -36,6 +41,22 @@ FORMATS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int3": QuantSpec(3), "in
            "ternary": QuantSpec("ternary"), "int4-g128": QuantSpec(4, symmetric=False, granularity=128)}
 ALL_M_FORMATS = ("int4", "int2", "ternary")  # formats timed at every batch; the others at M=1 only
 SWEEP_FMA = [(32, 64), (64, 64), (64, 128), (128, 32), (128, 64), (256, 32)]  # (BN, BKr) tried by --sweep
+
+
+def quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool, blocks: Blocks | None = None) -> jax.Array:
+    """The kernel on a 2-D ``w`` (its raw operands from ``moqe_jax.ops``)."""
+    arrays, layout = ops.kernel_operands(w)
+    return raw_quant_matmul(x, *arrays, **layout, blocks=blocks, interpret=interpret, xprep=XPREP)
+
+
+def grouped_quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool) -> jax.Array:
+    arrays, layout = ops.kernel_operands(w)
+    return qmm(x, *arrays, **layout, interpret=interpret, xprep=XPREP)
+
+
+def _plan(m: int, k: int, n: int, e: int, spec: QuantSpec) -> Blocks:
+    return plan_blocks(m, k, n, e, code_bits=spec.code_bits,
+                       group_size=None if spec.granularity == "channel" else spec.group_size(k))
 
 
 def random_qt(key: jax.Array, spec: QuantSpec, k: int, n: int) -> QuantizedTensor:
@@ -91,7 +112,7 @@ def run(quick: bool, out: str, shapes=None, batches=None, formats=None, sweep: b
                 nbytes = ws[0].nbytes + io_bytes
                 sets = list(zip(xs, ws, strict=False))
                 t_k = time_rotated(lambda x, w: quant_matmul(x, w, interpret=interpret), sets, quick=quick)
-                b = plan_blocks(m, k, n, 1, ws[0].spec)
+                b = _plan(m, k, n, 1, ws[0].spec)
                 rows.append([f"{k}x{n}", m, f"{fmt} kernel", t_k * 1e6, nbytes / t_k / 1e9, 100 * nbytes / t_k / bw,
                              t_bf16 / t_k, f"{b.mode} bm{b.bm} bn{b.bn} bkr{b.bkr} s{b.splits} w{b.num_warps}"])
                 print(rows[-1], flush=True)
@@ -138,7 +159,7 @@ def grouped_rows(k: int, n: int, m: int, bw: float, interpret: bool, e: int = 8)
         w = jax.vmap(lambda kk, s=spec: random_qt(kk, s, k, n))(jax.random.split(key, e))
         t = time_rotated(lambda a, ww: grouped_quant_matmul(a, ww, interpret=interpret), [(x, w)]) / e
         nb = (w.nbytes + io) / e
-        blk = plan_blocks(m, k, n, e, spec)
+        blk = _plan(m, k, n, e, spec)
         rows.append([f"{k}x{n}", m, f"{fmt} grouped kernel ×{e} (per matrix)", t * 1e6, nb / t / 1e9,
                      100 * nb / t / bw, t_b / t, f"{blk.mode} bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits}"])
         print(rows[-1], flush=True)

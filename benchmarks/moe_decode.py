@@ -6,7 +6,7 @@ Two expert layouts:
 * ``capacity``: the model's layout (Flaxformer): tokens scattered into ``[E, C, D]``, every expert computed
   (``moqe_jax.ops.grouped_qmatmul``; the kernel's grouped launch over all E experts);
 * ``active``: one slot per token, slot ``b`` multiplies by ``W[expert[b]]`` — only chosen experts are read
-  (kernel: ``indexed_quant_matmul``, one launch; bf16 XLA: gather the chosen experts' weights, then a
+  (kernel: ``moqe_jax.ops.indexed_qmatmul``, one launch; bf16 XLA: gather the chosen experts' weights, then a
   batched dot).
 
 Routing uses ``moqe_jax.model.routing`` (top-1, in-order priority, capacity of spec §4.8).
@@ -28,8 +28,7 @@ from benchmarks.kernels import random_qt
 from moqe_jax import ops
 from moqe_jax.model import routing
 from moqe_jax.packed.spec import QuantSpec
-from pallas_kernels import backend, dispatch
-from pallas_kernels.dequant_matmul import indexed_quant_matmul
+from pallas_kernels import backend
 
 CAPACITY_FACTOR = 2.0  # switch eval capacity factor
 MIN_CAPACITY = 4
@@ -65,7 +64,7 @@ def layer_active(x, router, wi, wo, *, impl: str):
             return jnp.einsum("bcd,bdf->bcf", a, ops.dequantize_weight(w[ids], a.dtype))
     else:
         def mm(a, w):
-            return indexed_quant_matmul(a, w, ids, interpret=(impl == "interpret"))
+            return ops.indexed_qmatmul(a, w, ids, mode=impl)
     h = jax.nn.relu(mm(xs, wi))
     o = mm(h, wo)[:, 0]
     return o.astype(jnp.float32) * r.gate[0][:, None]
@@ -143,7 +142,6 @@ def main(argv=None) -> int:
         print("no GPU kernels: use --quick on CPU", file=sys.stderr)
     out = a.out or ("moe_decode_quick" if a.quick else "moe_decode_" + jax.devices()[0].platform)
     run(a.quick, out, [int(v) for v in a.batches.split(",")] if a.batches else None)
-    _ = dispatch  # the capacity path goes through moqe_jax.ops -> pallas_kernels.dispatch
     return 0
 
 

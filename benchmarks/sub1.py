@@ -157,9 +157,9 @@ def _with_x(rng: np.random.Generator, wsets, e: int, k: int, m: int):
 
 def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple[str, list[str]]:
     from benchmarks.common import n_sets_for, time_rotated
-    from pallas_kernels.sub1_matmul import grouped_sub1_matmul, sub1_matmul
+    from moqe_jax import ops
 
-    interpret = jax.default_backend() != "gpu"
+    mode = "pallas" if jax.default_backend() == "gpu" else "interpret"
     rng = np.random.default_rng(1)
     lines = ["## Decode-fused sub1 kernel vs XLA bf16 (µs per matmul)", "",
              "Timing: several independent weight sets (≥ 3× L2 of bytes for bf16) rotated inside one jitted call, "
@@ -182,7 +182,7 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple
                     return jnp.dot(x, wb, preferred_element_type=jnp.float32)
 
                 def f_s(x, wb, st):
-                    return sub1_matmul(x, st, interpret=interpret)
+                    return ops.qmatmul(x, st, mode=mode)
 
                 def f_x(x, wb, st):
                     return jnp.dot(x, st.dequantize(jnp.bfloat16), preferred_element_type=jnp.float32)
@@ -192,7 +192,7 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple
                     return jnp.einsum("eck,ekn->ecn", x, wb, preferred_element_type=jnp.float32)
 
                 def f_s(x, wb, st):
-                    return grouped_sub1_matmul(x, st, interpret=interpret)
+                    return ops.grouped_qmatmul(x, st, mode=mode)
 
                 def f_x(x, wb, st):
                     return jnp.einsum("eck,ekn->ecn", x, st.dequantize(jnp.bfloat16),
@@ -214,6 +214,8 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple
 def block_sweep(reps: int) -> str:
     """Block / warps / prefetch / num_stages sweep for M = 1 on the 128-expert stacks (GPU only)."""
     from benchmarks.common import time_rotated
+    from moqe_jax import ops
+    from moqe_jax.packed.sub1_dict import NZ_SLOTS
     from pallas_kernels.sub1_matmul import choose_blocks, sub1_matmul_rows
 
     rng = np.random.default_rng(2)
@@ -222,14 +224,15 @@ def block_sweep(reps: int) -> str:
     for name, e, k, n in (("base wi, 128 experts", 128, 768, 3072), ("base wo, 128 experts", 128, 3072, 768)):
         wsets, _ = _make_weights(rng, e, k, n, 2)
         xs = [(jnp.asarray(rng.normal(size=(e, k, 1)), jnp.bfloat16), st) for _, st in wsets]
-        auto = choose_blocks(e * n, 1, k)
+        auto = choose_blocks(e * n, 1, k, NZ_SLOTS)
         configs = [(*auto, False, 1), (*auto, True, 1), (*auto, True, 3), (8, 8, 2, True, 1), (8, 8, 2, False, 3),
                    (32, 8, 4, False, 1), (32, 8, 4, True, 1), (16, 16, 2, True, 1), (32, 16, 4, True, 1),
                    (8, 32, 4, True, 1), (32, 32, 8, True, 1)]
         for br, cw, warps, pre, stages in dict.fromkeys(configs):
             try:
                 t = time_rotated(lambda x, st, br=br, cw=cw, w=warps, p=pre, s=stages: sub1_matmul_rows(
-                    x, st, blocks=(br, cw), num_warps=w, prefetch=p, num_stages=s), xs, reps=reps)
+                    x, *ops.kernel_operands(st)[0], **ops.kernel_operands(st)[1], blocks=(br, cw), num_warps=w,
+                    prefetch=p, num_stages=s), xs, reps=reps)
                 tag = " (auto)" if (br, cw, warps, pre, stages) == (*auto, False, 1) else ""
                 lines.append(f"| {name} | {br}{tag} | {cw} | {warps} | {pre} | {stages} | {t * 1e6:.1f} |")
             except Exception as exc:  # noqa: BLE001 - report and go on

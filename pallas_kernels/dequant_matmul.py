@@ -103,8 +103,8 @@ def plan_blocks(m: int, k: int, n: int, e: int, *, code_bits: int, group_size: i
     BM                    fma: M; dot: next pow2 ≥ M, at least 16 (Triton dot), ≤ 64
     BN                    fma: largest of 128/64/32 giving ≥ 264 programs, else 32, and
                           M·BKr·BN ≤ 4096 accumulators (BN shrinks first, then BKr);
-                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N (v2 tried
-                          halving BN instead of split-K: M=16 got slower, 52 vs 36 µs)
+                          dot: 128, 64 when M > 16, ≥ 32 and ≤ next pow2 ≥ N (split-K
+                          rather than a smaller BN)
     BKr (packed rows)     128 (int8 and 3-bit planes: 64), ≤ next pow2 of the packed
                           height, ≥ 16, ≤ the group's power-of-two part / p
     splits (split-K)      only when the N×M×E grid has < 132 programs (one extra XLA
@@ -118,8 +118,8 @@ def plan_blocks(m: int, k: int, n: int, e: int, *, code_bits: int, group_size: i
     bkr = max(16, min(bkr, _pow2_ceil(rv), _max_bkr(code_bits, group_size)))
     n_kt = -(-rv // bkr)
     if m <= FMA_MAX_M:
-        # register budget: the m accumulators [bkr, bn] f32 hold ≤ 32 values per thread (4 warps); the H100
-        # run of 09:46 showed bm=4 × [128, 128] spilling catastrophically (17 ms per MoE layer).
+        # register budget: the m accumulators [bkr, bn] f32 hold ≤ 32 values per thread (4 warps); more spills
+        # (measured in benchmarks/results/KERNEL_NOTES.md, v2)
         bn = max(32, min(128, _pow2_ceil(n)))
         while bn > 32 and -(-n // bn) * e < _TARGET_PROGRAMS:
             bn //= 2
