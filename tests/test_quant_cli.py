@@ -11,7 +11,8 @@ from moqe_jax.config import SwitchConfig
 from moqe_jax.model.api import param_shapes
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
+from moqe_jax.quant.policy import quantize_model_rtn
+from moqe_jax.tree import flatten_params
 
 
 def test_projected_report_from_preset(capsys):
@@ -60,8 +61,8 @@ def test_quantize_saved_model_roundtrip(tmp_path, capsys, seed):
     spec = QuantSpec(3, "log", 16, mse=True)
     ref = quantize_model_rtn(api.load_model(str(src)), spec, ("experts", "self_attn"),
                              overrides={"^decoder/layers_1/mlp/expert": QuantSpec(8, "log", 16, mse=True)})
-    fl, _ = flatten_params(loaded.params)
-    fr, _ = flatten_params(ref.params)
+    fl = flatten_params(loaded.params)
+    fr = flatten_params(ref.params)
     assert fl.keys() == fr.keys()
     nq = 0
     for path, leaf in fr.items():

@@ -15,8 +15,9 @@ from moqe_jax.model.components import component_of
 from moqe_jax.model.switch import init_params
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.policy import flatten_params, parse_components, plan_quantization, quantize_model_rtn
+from moqe_jax.quant.policy import parse_components, plan_quantization, quantize_model_rtn
 from moqe_jax.quant.rtn import quantize_tensor
+from moqe_jax.tree import flatten_params
 
 
 def shapes(name="tiny", **kw):
@@ -26,7 +27,7 @@ def shapes(name="tiny", **kw):
 
 def test_default_is_experts_only_and_components_select_exactly():
     tree = shapes()
-    flat, _ = flatten_params(tree)
+    flat = flatten_params(tree)
     plan = plan_quantization(tree, QuantSpec(4))
     experts = {p for p in flat if component_of(p) == "experts"}
     assert set(plan) == experts and len(experts) == 4  # wi/wo of the encoder and decoder MoE layers
@@ -77,8 +78,8 @@ def test_quantize_model_rtn_on_tiny_switch(seed):
     spec = QuantSpec(8, symmetric=False)
     q = quantize_model_rtn(model, spec, ("experts", "dense"))
     assert isinstance(q, api.Model) and q.config == model.config
-    fq, _ = flatten_params(q.params)
-    ff, _ = flatten_params(model.params)
+    fq = flatten_params(q.params)
+    ff = flatten_params(model.params)
     assert fq.keys() == ff.keys()
     nq = 0
     for path, leaf in fq.items():

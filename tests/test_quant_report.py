@@ -13,8 +13,9 @@ from moqe_jax.config import SwitchConfig
 from moqe_jax.model.api import param_shapes
 from moqe_jax.model.components import component_of
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.policy import flatten_params, quantize_model_rtn
+from moqe_jax.quant.policy import quantize_model_rtn
 from moqe_jax.quant.report import moqe_5p3b_config, projected_report, size_report
+from moqe_jax.tree import flatten_params
 
 
 def _live_bytes() -> int:
@@ -77,7 +78,7 @@ def test_real_tiny_report_equals_nbytes_and_projection(spec, comps, seed):
     model = _random_tiny(seed)
     q = quantize_model_rtn(model, spec, comps)
     rep = q.size_report()
-    flat, _ = flatten_params(q.params)
+    flat = flatten_params(q.params)
     real = {}
     for path, leaf in flat.items():
         c = component_of(path)

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +122,8 @@ class _Progress:
         tree, _ = store.load_params(self.state_dir)
 
         def seq(d: dict | None) -> list[Any]:
-            return [d[k] for k in sorted(d or {}, key=int)]
+            d = d or {}
+            return [d[k] for k in sorted(d, key=int)]
 
         return seq(tree.get("hidden")), seq(tree.get("encoded")) or None
 
@@ -131,7 +132,7 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
                         checkpoint_dir: str | os.PathLike | None = None, max_tokens_factor: float = 4,
                         percdamp: float = 0.1, actorder: bool = False, group_experts: int = 16, mesh: Any = None, *,
                         blocksize: int = 128, true_sequential: bool = False,
-                        special_token_min_id: int | None | str = "auto", resume: bool = True,
+                        special_token_min_id: int | None | Literal["auto"] = "auto", resume: bool = True,
                         on_layer_done: Callable[[str], None] | None = None) -> tuple[M, CalibrationReport]:
     """QMoE: compress ``model`` layer by layer with routing-aware GPTQ -> ``(new model, CalibrationReport)``.
 
@@ -149,7 +150,7 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
     rtn_comps = tuple(c for c in comps if c not in GPTQ_COMPONENTS)
     gptq_comps = tuple(c for c in comps if c in GPTQ_COMPONENTS)
     batches = validate_batches(calib, cfg.vocab_size)
-    special = default_special_min_id(cfg.vocab_size) if special_token_min_id == "auto" else special_token_min_id
+    special = default_special_min_id(cfg.vocab_size) if isinstance(special_token_min_id, str) else special_token_min_id
     opts = GPTQOptions(max_tokens_factor=float(max_tokens_factor), percdamp=float(percdamp), actorder=bool(actorder),
                        group_experts=int(group_experts or 0), blocksize=int(blocksize),
                        true_sequential=bool(true_sequential))

@@ -18,30 +18,25 @@ experts on a model that has none (or whose paths were renamed) and silently quan
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-import jax
 
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import component_of
-from moqe_jax.packed.qtensor import is_quantized
+from moqe_jax.packed import is_packed
 from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.progress import progress
 from moqe_jax.quant.rtn import LOG_MSE_STEPS, as_spec, quantize_tensor
+from moqe_jax.tree import flatten_params, unflatten_params
 
 __all__ = [
     "DEFAULT_COMPONENTS",
     "QUANTIZABLE_COMPONENTS",
-    "flatten_params",
-    "unflatten_params",
     "parse_components",
     "plan_quantization",
     "quantize_params",
     "quantize_model_rtn",
-    "progress",
 ]
 
 DEFAULT_COMPONENTS: tuple[str, ...] = ("experts",)
@@ -49,17 +44,6 @@ QUANTIZABLE_COMPONENTS: tuple[str, ...] = ("experts", "dense", "self_attn", "cro
                                            "router", "relpos")
 _ALIASES = {"attention": ("self_attn", "cross_attn"), "attn": ("self_attn", "cross_attn"),
             "expert": ("experts",), "ffn": ("dense",), "embedding": ("embeddings",)}
-
-
-def progress(it: Iterable, total: int | None = None, desc: str = "") -> Iterable:
-    """tqdm progress bar, disabled when stderr is not a tty or ``MOQE_NO_PROGRESS=1``."""
-    if os.environ.get("MOQE_NO_PROGRESS") == "1" or not sys.stderr.isatty():
-        return it
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, total=total, desc=desc, leave=False)
 
 
 def parse_components(components: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -82,22 +66,6 @@ def parse_components(components: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-# ---- flat path view of a params tree ------------------------------------------------------------
-def _key(k: Any) -> str:
-    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-
-def flatten_params(params: Any) -> tuple[dict[str, Any], Any]:
-    """``({"encoder/layers_1/mlp/expert/wi/kernel": leaf, ...}, treedef)``; packed weights are leaves."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-    flat = {"/".join(_key(k) for k in path): leaf for path, leaf in leaves}
-    return flat, treedef
-
-
-def unflatten_params(flat: Mapping[str, Any], treedef: Any) -> Any:
-    return jax.tree_util.tree_unflatten(treedef, list(flat.values()))
-
-
 def _component(path: str) -> str | None:
     try:
         return component_of(path)
@@ -116,12 +84,14 @@ def plan_quantization(params: Any, spec: QuantSpec | None, components: str | Seq
             rules.append((pat, re.compile(pat), None if ospec is None else as_spec(ospec)))
         except re.error as e:
             raise QuantizationError(f"bad override regex {pat!r}: {e}") from None
-    flat, _ = flatten_params(params)
+    flat = flatten_params(params)
     hits = dict.fromkeys(comps, 0)
     rule_hits = {pat: 0 for pat, _, _ in rules}
     present: set[str] = set()
     plan: dict[str, QuantSpec] = {}
     for path, leaf in flat.items():
+        if leaf is None:
+            continue
         comp = _component(path)
         if comp:
             present.add(comp)
@@ -140,7 +110,7 @@ def plan_quantization(params: Any, spec: QuantSpec | None, components: str | Seq
             continue
         if comp == "norms" or len(getattr(leaf, "shape", ())) < 2:
             raise QuantizationError(f"{path}: a {len(getattr(leaf, 'shape', ()))}-D parameter cannot be quantized")
-        if is_quantized(leaf):
+        if is_packed(leaf):
             raise QuantizationError(f"{path}: already quantized ({leaf!r}); quantize the float model instead")
         plan[path] = chosen
     for comp, n in hits.items():
@@ -161,11 +131,10 @@ def quantize_params(params: Any, spec: QuantSpec, components: str | Sequence[str
                     plan: Mapping[str, QuantSpec] | None = None) -> Any:
     """RTN-quantize the selected leaves of a params tree -> new tree with ``QuantizedTensor`` leaves."""
     plan = dict(plan) if plan is not None else plan_quantization(params, spec, components, overrides)
-    flat, treedef = flatten_params(params)
-    out = dict(flat)
+    flat = flatten_params(params)
     for path in progress(list(plan), total=len(plan), desc="quantize"):
-        out[path] = quantize_tensor(flat[path], plan[path], name=path, log_steps=log_steps)
-    return unflatten_params(out, treedef)
+        flat[path] = quantize_tensor(flat[path], plan[path], name=path, log_steps=log_steps)
+    return unflatten_params(flat)
 
 
 def quantize_model_rtn(model: Any, spec: QuantSpec, components: str | Sequence[str] | None = DEFAULT_COMPONENTS,

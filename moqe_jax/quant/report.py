@@ -28,10 +28,11 @@ import numpy as np
 
 from moqe_jax.errors import QuantizationError
 from moqe_jax.model.components import COMPONENTS, component_of
-from moqe_jax.packed.qtensor import is_quantized
+from moqe_jax.packed import is_packed
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.policy import DEFAULT_COMPONENTS, flatten_params, plan_quantization, unflatten_params
+from moqe_jax.quant.policy import DEFAULT_COMPONENTS, plan_quantization
 from moqe_jax.quant.rtn import as_spec, quantize_tensor
+from moqe_jax.tree import flatten_params, unflatten_params
 
 __all__ = ["ComponentSize", "SizeReport", "size_report", "projected_report", "moqe_5p3b_config", "leaf_nbytes"]
 
@@ -144,14 +145,10 @@ class SizeReport:
 
 def leaf_nbytes(leaf: Any, float_dtype: str | None = "bfloat16") -> tuple[int, int, str]:
     """``(params, stored bytes, format)`` of one parameter leaf."""
-    if is_quantized(leaf):
-        n = int(math.prod(leaf.shape))
-        nb = getattr(leaf, "nbytes", None)
-        if nb is None:  # codec without nbytes: sum its array leaves
-            nb = sum(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(leaf))
+    if is_packed(leaf):
         spec = getattr(leaf, "spec", None)
         fmt = spec.describe() if spec is not None else type(leaf).__name__
-        return n, int(nb), fmt
+        return int(math.prod(leaf.shape)), int(leaf.nbytes), fmt
     shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
     n = int(math.prod(shape))
     dt = jnp.dtype(float_dtype) if float_dtype else jnp.dtype(getattr(leaf, "dtype", np.float32))
@@ -163,16 +160,17 @@ def size_report(model_or_params: Any, config: Any = None, *, float_dtype: str | 
     """Per-component parameter counts and storage of a model or params tree (real ``nbytes``)."""
     params = getattr(model_or_params, "params", model_or_params)
     config = config if config is not None else getattr(model_or_params, "config", None)
-    flat, _ = flatten_params(params)
     comps: dict[str, ComponentSize] = {}
-    for path, leaf in flat.items():
+    for path, leaf in flatten_params(params).items():
+        if leaf is None:
+            continue
         try:
             comp = component_of(path)
         except KeyError:
             comp = "other"
         n, nb, fmt = leaf_nbytes(leaf, float_dtype)
         row = comps.setdefault(comp, ComponentSize(comp))
-        row.add(ComponentSize(comp, n, n if is_quantized(leaf) else 0, nb, {fmt}))
+        row.add(ComponentSize(comp, n, n if is_packed(leaf) else 0, nb, {fmt}))
     order = [*COMPONENTS, "other"]
     comps = {c: comps[c] for c in order if c in comps}
     return SizeReport(comps, name or getattr(config, "name", "") or "", float_dtype)
@@ -210,13 +208,13 @@ def projected_report(config: Any, spec: QuantSpec | None, components: str | Sequ
     if spec is not None:
         spec = as_spec(spec)
         plan = plan_quantization(shapes, spec, components, overrides)
-        flat, treedef = flatten_params(shapes)
+        flat = flatten_params(shapes)
         for path, sp in plan.items():
             sds = flat[path]
             if not isinstance(sds, jax.ShapeDtypeStruct):
                 raise QuantizationError(f"{path}: expected an abstract shape, got {type(sds).__name__}")
             flat[path] = quantize_tensor(sds, sp, name=path)
-        shapes = unflatten_params(flat, treedef)
+        shapes = unflatten_params(flat)
     rep = size_report(shapes, cfg, float_dtype=float_dtype)
     rep.projected = True
     return rep

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,7 @@ def _grouped(w: jax.Array, spec: QuantSpec) -> jax.Array:
 def _codes_grouped(wg: jax.Array, s: jax.Array, z: jax.Array | None, spec: QuantSpec) -> jax.Array:
     """Codes for grouped weights ``[*b, G, gs, N]`` with params ``[*b, G, 1, N]`` (uint8)."""
     if spec.is_ternary:
+        assert z is not None  # ternary grids always have w_min
         return jnp.where(wg > s / 2, 2, jnp.where(wg < z / 2, 1, 0)).astype(jnp.uint8)
     b = int(spec.bits)
     if spec.scheme == "log":
@@ -116,6 +117,7 @@ def _codes_grouped(wg: jax.Array, s: jax.Array, z: jax.Array | None, spec: Quant
         mid = 1 << (b - 1)
         q = jnp.clip(jnp.round(wg / s), -mid, mid - 1) + mid
     else:
+        assert z is not None  # asymmetric grids have a zero-point
         q = jnp.clip(jnp.round(wg / s) + z, 0, maxq)
     return q.astype(jnp.uint8)
 
@@ -185,6 +187,7 @@ def _params_grouped(wg: jax.Array, spec: QuantSpec, log_steps: int) -> tuple[jax
     dead = (lo == 0) & (hi == 0)
     lo = jnp.where(dead, -1.0, lo)
     hi = jnp.where(dead, 1.0, hi)
+    z: jax.Array | None
     if spec.is_ternary:
         s, z = hi, lo
     else:
@@ -209,6 +212,14 @@ def find_params(w: jax.Array, spec: QuantSpec, *, log_steps: int = LOG_MSE_STEPS
     s = s[..., 0, :]
     z = None if (z is None or not spec.has_zeros) else z[..., 0, :]
     return s, z
+
+
+@overload
+def _expand(a: jax.Array, k: int) -> jax.Array: ...
+
+
+@overload
+def _expand(a: None, k: int) -> None: ...
 
 
 def _expand(a: jax.Array | None, k: int) -> jax.Array | None:
@@ -253,6 +264,7 @@ def representable_range(scales: jax.Array, zeros: jax.Array | None, spec: QuantS
                         ) -> tuple[jax.Array, jax.Array]:
     """``(lo, hi)`` per ``[*b, G, N]``: the smallest/largest value the grid can represent."""
     if spec.is_ternary:
+        assert zeros is not None
         return zeros, scales
     b = int(spec.bits)
     if spec.scheme == "log":
@@ -260,6 +272,7 @@ def representable_range(scales: jax.Array, zeros: jax.Array | None, spec: QuantS
     if spec.symmetric:
         mid = float(1 << (b - 1))
         return -mid * scales, (mid - 1) * scales
+    assert zeros is not None
     return scales * (0.0 - zeros), scales * (spec.maxq - zeros)
 
 
@@ -289,7 +302,7 @@ def quantize_tensor(w: Any, spec: Any, name: str | None = None, *, log_steps: in
         raise QuantizationError(f"{label}: cannot quantize a {len(shape)}-D tensor {list(shape)} (need [*batch, K, N])")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise QuantizationError(f"{label}: cannot quantize dtype {dtype} (need a float tensor)")
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
         dtype = jnp.dtype(jnp.float32)  # NumPy float64 input: JAX computes and returns float32
     k = shape[-2]
     gs = spec.group_size(k)

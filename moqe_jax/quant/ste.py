@@ -27,14 +27,9 @@ import jax.numpy as jnp
 
 from moqe_jax.packed.qtensor import expand_groups
 from moqe_jax.packed.spec import QuantSpec
-from moqe_jax.quant.policy import (
-    DEFAULT_COMPONENTS,
-    flatten_params,
-    plan_quantization,
-    quantize_model_rtn,
-    unflatten_params,
-)
+from moqe_jax.quant.policy import DEFAULT_COMPONENTS, plan_quantization, quantize_model_rtn
 from moqe_jax.quant.rtn import LOG_MSE_STEPS, as_spec, dequantize_grouped, quantize_arrays, representable_range
+from moqe_jax.tree import flatten_params, unflatten_params
 
 __all__ = ["fake_quant", "fake_quant_params", "export_qat"]
 
@@ -73,10 +68,10 @@ def fake_quant_params(params: Any, spec: QuantSpec, components: str | Sequence[s
     ``fake_quant(leaf)``; differentiable (STE), usable inside ``jax.jit``/``jax.grad``."""
     spec = as_spec(spec)
     plan = plan_quantization(params, spec, components, overrides)
-    flat, treedef = flatten_params(params)
+    flat = flatten_params(params)
     for path, sp in plan.items():
         flat[path] = fake_quant(flat[path], sp, clip_grad, log_steps)
-    return unflatten_params(flat, treedef)
+    return unflatten_params(flat)
 
 
 def export_qat(params_or_model: Any, spec: QuantSpec, components: str | Sequence[str] | None = DEFAULT_COMPONENTS,
