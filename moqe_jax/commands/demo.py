@@ -39,15 +39,17 @@ def _demo(args: argparse.Namespace) -> int:
         raise MoqeError(f"bundled model not found at {model_dir}; train it with `{TRAIN_HINT}` "
                         "or pass --model DIR")
     from moqe_jax.api import load_model
+    from moqe_jax.calibration import calibration_batches
+    from moqe_jax.data.corpus import read_jsonl
     from moqe_jax.data.locate import find_or_build_corpus, resolve_tokenizer
-    from moqe_jax.evaluate import calibration_batches, evaluate_model, load_tokenizer
+    from moqe_jax.evaluate import evaluate_model, load_tokenizer
     from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import compress_sub1, quantize
 
     data = find_or_build_corpus(args.data)
     tok = load_tokenizer(resolve_tokenizer(args.tokenizer, str(model_dir), data))
     t0 = time.perf_counter()
-    model = load_model(model_dir)
+    model = load_model(model_dir).with_kernels(args.kernels)
     print(f"loaded {model!r} from {model_dir}")
     _print_size(model)
 
@@ -57,7 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
         ("experts 2-bit RTN (MoQE)", lambda: quantize(model, QuantSpec(bits=2), components=("experts",))),
         ("experts ternary GPTQ → sub-1-bit (QMoE)", lambda: compress_sub1(quantize(
             model, QuantSpec(bits="ternary"), components=("experts",), method="gptq",
-            calib=calibration_batches(tok, data, args.calib, args.batch_size, args.seed)), verbose=False)[0]),
+            calib=calibration_batches(tok, read_jsonl(Path(data) / "train.jsonl"), n=args.calib,
+                                      batch_size=args.batch_size, seed=args.seed)), verbose=False)[0]),
     ]
     rows = []
     bar = progress(total=len(steps), desc="demo")
