@@ -254,10 +254,10 @@ def _experts_quantized(model: Any) -> bool:
     import jax
 
     from moqe_jax.model.components import component_of
-    from moqe_jax.packed.qtensor import is_quantized
+    from moqe_jax.packed import is_packed
 
-    flat = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_quantized)[0]
-    return any(is_quantized(leaf) for path, leaf in flat if component_of(path) == "experts")
+    flat = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_packed)[0]
+    return any(is_packed(leaf) for path, leaf in flat if component_of(path) == "experts")
 
 
 def claims(run: Runner, f2: dict, f3: dict | None, t2: list[dict], bits: list[int], out: Path,

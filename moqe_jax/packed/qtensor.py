@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.packed.base import is_packed, register_packed
+from moqe_jax.packed.base import register_packed
 from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import codes as kernel_codes
 
@@ -228,7 +228,3 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (f"QuantizedTensor({self.spec.describe()}, shape={self.shape}, "
                 f"{self.bits_per_param:.3f} bits/param)")
-
-
-#: Old name of :func:`moqe_jax.packed.base.is_packed` (true for every registered packed type).
-is_quantized = is_packed
