@@ -12,8 +12,8 @@ Compilation is excluded (one warm-up call each). Shapes: ``--shape small`` (CPU-
 ``--shape small-mt`` (the bundled model's experts, E=8, 256×1024 / 1024×256) or
 ``--shape base128`` (switch-base-128 expert stacks: E=128, ``wi`` 768×3072 and ``wo`` 3072×768; GPU).
 
-  python benchmarks/gptq_solver.py                       # CPU, small shapes
-  python benchmarks/gptq_solver.py --shape base128       # GPU run (writes gptq_solver_gpu.md)
+  python -m benchmarks.gptq_solver                       # CPU, small shapes
+  python -m benchmarks.gptq_solver --shape base128       # GPU run (writes gptq_solver_gpu.md)
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import device_info, write_results  # noqa: E402
-from moqe_jax.packed.spec import QuantSpec  # noqa: E402
-from moqe_jax.quant.gptq import _batched_fn, actorder_perm, solve_one_jit  # noqa: E402
+from benchmarks.common import device_info, write_results
+from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.quant.gptq import _batched_fn, actorder_perm, solve_one_jit
 
 SHAPES = {
     "small": [("wi 64x256", 64, 256), ("wo 256x64", 256, 64)],

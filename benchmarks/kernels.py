@@ -5,8 +5,8 @@ matmul (weight sets rotated so L2 does not hold them, see benchmarks/common.py),
 that must move (packed + scales + zeros + x + y; bf16: the bf16 weight), % of the measured copy bandwidth and
 the speedup over XLA bf16. ``--quick`` runs tiny shapes (interpret mode on CPU) as a smoke test.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--quick] [--out kernels_h100] [--sweep]
-    PYTHONPATH=. python benchmarks/kernels.py --compare NEW.json BASE.json --out kernels_v3_vs_v2
+    python -m benchmarks.kernels [--quick] [--out kernels_h100] [--sweep]
+    python -m benchmarks.kernels --compare NEW.json BASE.json --out kernels_v3_vs_v2
 
 ``--sweep`` adds GEMV (fma) tilings of the largest shape at M=1 (int4, int2) beside the planned one;
 ``--compare`` joins two result files of this or any benchmark (rows keyed by the columns before ``time µs``)

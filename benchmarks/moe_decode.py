@@ -11,7 +11,7 @@ Two expert layouts:
 
 Routing uses ``moqe_jax.model.routing`` (top-1, in-order priority, capacity of spec §4.8).
 
-    PYTHONPATH=. python benchmarks/moe_decode.py [--quick]
+    python -m benchmarks.moe_decode [--quick]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Writes a base-128-shaped fixture (E=128, D=768, F=3072, V=32128, bf16 on disk, T
 ``--layers`` encoder and decoder layers (odd ones sparse; default 2+2 = 2 sparse + 2 dense), then
 measures each read in a fresh subprocess (``ru_maxrss`` minus the RSS after imports).
 
-    python benchmarks/t5x_lazy_rss.py [--dir /tmp/t5x_rss] [--layers 2] [--keep]
+    python -m benchmarks.t5x_lazy_rss [--dir /tmp/t5x_rss] [--layers 2] [--keep]
 """
 
 from __future__ import annotations

@@ -15,14 +15,10 @@ parameters differ). Outputs: ``<out>/moqe_*.{md,png,json}``. ``--quick`` = CI mo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval.common import (  # noqa: E402
+from eval.common import (
     Setup,
     Timer,
     add_common_args,

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval.common import (  # noqa: E402
+from eval.common import (
     Timer,
     add_common_args,
     command_line,

@@ -10,7 +10,7 @@ matrix (each expert's ``wi``/``wo`` separately) we measure, in float64:
 * outlier fraction — share of weights with ``|w - mean| > 3·std`` (0.27 % for a Gaussian).
 
 Groups: MoE experts, MoE dense FFN (the non-MoE layers), dense-twin FFN, and the dense twin's FFN
-at the layers that are sparse in the MoE. ``python eval/weight_stats.py`` writes
+at the layers that are sparse in the MoE. ``python -m eval.weight_stats`` writes
 ``docs/results/moqe_fig1_weights.{png,md}``.
 """
 
