@@ -87,19 +87,20 @@ class Model:
         return out
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, num_beams: int = 1, attention_mask: Any = None,
-                 length_penalty: float = 0.6) -> np.ndarray:
-        """Greedy (``num_beams=1``) or beam-search decoding with a KV cache; ``[B, max_new_tokens]`` ids
-        (after EOS: pad id)."""
+                 length_penalty: float = 0.6, *, eos_id: int | None = None, min_new_tokens: int = 0,
+                 routing_mode: str | None = None, bucket: bool | None = None,
+                 max_cache_len: int = 4096) -> np.ndarray:
+        """Greedy (``num_beams=1``) or beam-search decoding with a KV cache in one compiled loop;
+        ``[B, max_new_tokens]`` NumPy ids (after EOS: pad id). ``eos_id`` (default the config's),
+        ``min_new_tokens`` (EOS banned before), ``routing_mode`` (default "dropless" for a "t5x" config when
+        available), ``bucket`` (pad shapes to power-of-two buckets; default on except under "t5x"
+        capacity), ``max_cache_len`` (bound on ``max_new_tokens``). See ``moqe_jax.model.decode``."""
         from moqe_jax.model import decode
 
-        ids = _as_ids(input_ids, "input_ids")
-        am = _as_mask(attention_mask, ids.shape)
-        if num_beams <= 1:
-            out = decode.greedy_search(self.config, self.params, ids, int(max_new_tokens), am, kernels=self.kernels)
-        else:
-            out = decode.beam_search(self.config, self.params, ids, int(max_new_tokens), int(num_beams), am,
-                                     float(length_penalty), kernels=self.kernels)
-        return np.asarray(out)
+        return decode.generate(self.config, self.params, input_ids, max_new_tokens, num_beams, attention_mask,
+                               length_penalty, eos_id=eos_id, min_new_tokens=min_new_tokens,
+                               routing_mode=routing_mode, bucket=bucket, max_cache_len=max_cache_len,
+                               kernels=self.kernels)
 
     # ---- reports / persistence --------------------------------------------------------------------
     def size_report(self) -> Any:
@@ -107,8 +108,15 @@ class Model:
 
         return size_report(self)
 
-    def save(self, directory: str | os.PathLike, format: str = "orbax") -> str:
-        return save_model(self, directory, format=format)
+    def save(self, directory: str | os.PathLike, format: str = "orbax", overwrite: bool = False) -> str:
+        return save_model(self, directory, format=format, overwrite=overwrite)
+
+    def to_hf(self, directory: str | os.PathLike, dtype: str = "float32") -> str:
+        """Export for Hugging Face transformers: ``config.json`` + ``model.safetensors`` in HF's names, packed
+        weights dequantized (``moqe_jax.checkpoint.hf_export``); returns the directory."""
+        from moqe_jax.checkpoint.hf_export import export_hf
+
+        return export_hf(self, directory, dtype=dtype)
 
     def param_counts(self) -> dict[str, int]:
         return param_counts(self.config)
@@ -119,23 +127,33 @@ class Model:
 
 def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = None, *,
                sharding: Any = None) -> Model:
-    """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config`` or preset name required) or a
+    """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config``, preset name or JSON file, else the
+    ``config.json`` that ``moqe convert --to-t5x`` writes next to it) or a
     directory written by :func:`save_model`. ``sharding`` (saved directories only): a
     ``jax.sharding.Sharding`` for every tensor or ``fn(name, shape) -> Sharding`` (Orbax sharded restore)."""
     src = os.fspath(source)
-    cfg = SwitchConfig.preset(config) if isinstance(config, str) else config
+    if isinstance(config, str):
+        cfg = read_config_file(config) if os.path.isfile(config) else SwitchConfig.preset(config)
+    else:
+        cfg = config
     if sharding is not None and src.startswith(("hf:", "t5x:")):
         raise ConfigError(f"{src}: sharding= applies to saved model directories only")
     if src.startswith("hf:"):
         from moqe_jax.checkpoint.hf import load_hf
 
-        return Model(*load_hf(src[3:], config=cfg))
+        cfg, params = load_hf(src[3:], config=cfg)
+        store.warn_nonfinite(params, src)
+        return Model(cfg, params)
     if src.startswith("t5x:"):
         from moqe_jax.checkpoint.t5x import load_t5x
 
+        cfg = cfg or t5x_config(src[4:])
         if cfg is None:
-            raise ConfigError(f"{src}: T5X checkpoints carry no config; pass config= (a SwitchConfig or preset name)")
-        return Model(*load_t5x(src[4:], cfg))
+            raise ConfigError(f"{src}: T5X checkpoints carry no config and no {CONFIG_FILE} was found next to it; "
+                              "pass config= (a SwitchConfig, preset name or config JSON file)")
+        params = load_t5x(src[4:], cfg)
+        store.warn_nonfinite(params[1], src)
+        return Model(*params)
     try:
         return Model(*store.load(src, sharding))
     except CheckpointError as e:
@@ -144,7 +162,55 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         raise CheckpointError(f"{e} (use hf:DIR, t5x:DIR or a saved model dir)") from None
 
 
-def save_model(model: Model, directory: str | os.PathLike, format: str = "orbax") -> str:
+#: The config written next to an exported T5X checkpoint (``moqe convert --to-t5x``), read back by ``t5x:DIR``.
+CONFIG_FILE = "config.json"
+
+
+def read_config_file(path: str | os.PathLike) -> SwitchConfig:
+    """A ``SwitchConfig`` from a JSON file: ``SwitchConfig.to_json()`` output, a Hugging Face ``config.json``
+    (``model_type`` key) or a saved model's manifest (``config`` key)."""
+    import json
+
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: a config file holds a JSON object")
+    if "model_type" in d:
+        return SwitchConfig.from_hf(d)
+    if isinstance(d.get("config"), dict) and "leaves" in d:
+        d = d["config"]
+    try:
+        return SwitchConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{p}: bad config ({e})") from None
+
+
+def t5x_config(path: str | os.PathLike) -> SwitchConfig | None:
+    """The config written next to a T5X checkpoint, or None: ``config.json`` in ``path`` or, when ``path`` is a
+    step directory (``checkpoint_N``, ``N``) or its ``checkpoint`` file, in the directories above it."""
+    import re
+
+    p = os.path.abspath(os.fspath(path))
+    while True:
+        if os.path.isfile(os.path.join(p, CONFIG_FILE)):
+            return read_config_file(os.path.join(p, CONFIG_FILE))
+        base = os.path.basename(p)
+        if base != "checkpoint" and not re.fullmatch(r"(checkpoint_)?\d+", base):
+            return None
+        p = os.path.dirname(p)
+
+
+def save_model(model: Model, directory: str | os.PathLike, format: str = "orbax", overwrite: bool = False) -> str:
     """Config + (quantized) params, atomically, as ``format`` ``"orbax"`` or ``"safetensors"``; returns the
-    directory (layout: ``moqe_jax.checkpoint.store``)."""
-    return store.save_params(model.params, directory, config=model.config.to_dict(), format=format)
+    directory (layout: ``moqe_jax.checkpoint.store``). Files the store did not write are kept; a non-empty
+    directory that is not a saved model is refused unless ``overwrite=True``."""
+    return store.save_params(model.params, directory, config=model.config.to_dict(), format=format,
+                             overwrite=overwrite)

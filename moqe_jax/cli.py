@@ -13,12 +13,15 @@ import importlib
 import os
 import sys
 
+from moqe_jax import __version__
+
 COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moqe", description="MoQE / QMoE: quantize and compress Mixture-of-Experts models in JAX.")
+    parser.add_argument("--version", action="version", version=f"moqe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"moqe_jax.commands.{name}").register(sub)

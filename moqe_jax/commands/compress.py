@@ -4,8 +4,8 @@
   moqe compress MODEL --bits 2 --calib-data corpus --corpus-dir work_data/corpus --samples 1024 --out DIR
   moqe compress MODEL --bits ternary --calib-data calib.jsonl --samples 512 --resume --out DIR
 
-MODEL: anything ``moqe_jax.load_model`` accepts (``hf:DIR``, ``t5x:DIR`` with ``--preset``, a saved
-model directory) or ``init:PRESET`` (randomly initialised; smoke tests). Calibration data:
+MODEL: ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), a saved model directory, ``default``
+(the bundled model) or ``init:PRESET`` (randomly initialised; smoke tests). Calibration data:
 ``synthetic`` (Zipf-distributed token ids, seeded), ``PATH.jsonl`` (one JSON object per line with
 ``input_ids`` and ``decoder_input_ids`` — or ``targets``, shifted right — as id lists) or ``corpus``
 (a dataset built by ``moqe data``, ``--corpus-dir``: its training translation pairs, as for the README's
@@ -23,18 +23,21 @@ import shutil
 import time
 from typing import Any
 
+from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args
 from moqe_jax.errors import DataError, QuantizationError
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("compress", help="QMoE: GPTQ (or RTN) of the experts to 2-bit/ternary",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="hf:DIR, t5x:DIR (needs --preset), a saved model directory or init:PRESET")
-    p.add_argument("--preset", help="config preset of a t5x: MODEL")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_config_args(p)
     p.add_argument("--bits", default="ternary", help="2, 3, 4 or ternary (default ternary)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--calib-data", default="synthetic", help="synthetic | PATH.jsonl | corpus (default synthetic)")
-    p.add_argument("--corpus-dir", default="work_data/corpus", help="dataset dir for --calib-data corpus")
+    p.add_argument("--corpus-dir", default=None,
+                   help="dataset dir for --calib-data corpus (default $MOQE_DATA, work_data/corpus, data/corpus, "
+                        "the corpus `moqe demo` caches)")
     p.add_argument("--calib-mode", choices=("mt", "span"), default="mt",
                    help="--calib-data corpus: mt = training translation pairs (how the README's QMoE numbers were "
                         "calibrated), span = span-corrupted English")
@@ -69,11 +72,7 @@ def spec_from_bits(bits: str) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from moqe_jax.api import Model, load_model
-
-    if args.model.startswith("init:"):
-        return Model.init(args.model[5:], seed=args.seed)
-    return load_model(args.model, config=args.preset)
+    return load_model_args(args, seed=args.seed)
 
 
 def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
@@ -87,8 +86,10 @@ def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
         return synthetic_batches(vocab, args.samples, args.seq_len, args.batch_size, args.seed)
     if src == "corpus":
         from moqe_jax.data.corpus import english_sentences, read_jsonl
+        from moqe_jax.data.locate import resolve_corpus
         from moqe_jax.data.tokenizer import Tokenizer
 
+        args.corpus_dir = resolve_corpus(args.corpus_dir, "train.jsonl", "tokenizer")
         tok = Tokenizer(os.path.join(args.corpus_dir, "tokenizer"))
         if tok.vocab_size > vocab:
             raise DataError(f"{args.corpus_dir}: tokenizer vocabulary {tok.vocab_size} > model vocabulary {vocab}")

@@ -1,9 +1,15 @@
 """``moqe convert``: T5X / Hugging Face / saved model -> a saved model directory (Orbax or safetensors),
-or (``--to-t5x``) a legacy T5X checkpoint written with our fixture writer.
+a legacy T5X checkpoint (``--to-t5x``) or a Hugging Face directory (``--to-hf``).
 
     moqe convert --from t5x:gs-copy/switch_base_8/checkpoint_500100 --config switch-base-8 --to out/base8
     moqe convert --from hf:switch-base-8 --to out/base8.st --format safetensors
     moqe convert --from out/base8 --to-t5x out/t5x_export [--dtype bfloat16]
+    moqe convert --from out/base8-4bit --to-hf out/hf_export     # transformers loads it (dequantized)
+
+Every output carries its config, so every command reads it back with no ``--config``: a saved model in its
+manifest, a T5X export in ``config.json`` next to ``checkpoint_<step>/`` (SwitchConfig fields), a Hugging Face
+export in its ``config.json``. ``--to-hf`` dequantizes packed weights; transformers' logits then equal ours
+with ``--set routing_mode=hf`` (HF routes per sequence with a fixed expert capacity).
 """
 
 from __future__ import annotations
@@ -13,41 +19,51 @@ import os
 import shutil
 from typing import Any
 
-from moqe_jax.errors import CheckpointError
+from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("convert", help="convert T5X / HF checkpoints to a saved model (Orbax/safetensors)",
+    p = subparsers.add_parser("convert", help="convert between saved model, T5X and Hugging Face formats",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="source", required=True, help="t5x:PATH, hf:PATH or a saved model directory")
+    p.add_argument("--from", dest="source", required=True, metavar="MODEL", help=MODEL_HELP)
     dst = p.add_mutually_exclusive_group(required=True)
     dst.add_argument("--to", help="output directory (saved model)")
-    dst.add_argument("--to-t5x", help="output directory for a legacy T5X checkpoint (checkpoint_<step>/)")
-    p.add_argument("--config", help="config preset name (required for t5x: sources), e.g. switch-base-8")
+    dst.add_argument("--to-t5x", help="output directory for a legacy T5X checkpoint (checkpoint_<step>/ + config.json)")
+    dst.add_argument("--to-hf", help="output directory for a Hugging Face Switch model (config.json + safetensors)")
+    add_config_args(p)
     p.add_argument("--format", choices=("orbax", "safetensors"), default="orbax", help="storage format for --to")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="array dtype for --to-t5x")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="array dtype for --to-t5x / --to-hf")
     p.add_argument("--step", type=int, default=0, help="step number for --to-t5x")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moqe_jax.api import load_model, save_model
-    from moqe_jax.checkpoint.store import disk_size
+def _to_t5x(model: Any, directory: str, step: int, dtype: str) -> str:
+    from moqe_jax.api import CONFIG_FILE
     from moqe_jax.checkpoint.t5x_writer import export_t5x
 
-    src = args.source
-    if src.startswith("t5x:") and not args.config:
-        raise CheckpointError(f"{src}: T5X checkpoints carry no config; pass --config PRESET")
-    model = load_model(src, args.config)
+    created = not os.path.exists(directory)
+    try:
+        out = export_t5x(model.params, directory, step=step, dtype=dtype)
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(model.config.to_json())
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from moqe_jax.api import save_model
+    from moqe_jax.checkpoint.store import disk_size
+
+    model = load_model_args(args, args.source)
     if args.to_t5x:
-        created = not os.path.exists(args.to_t5x)
-        try:
-            out = export_t5x(model.params, args.to_t5x, step=args.step, dtype=args.dtype)
-        except BaseException:
-            if created:
-                shutil.rmtree(args.to_t5x, ignore_errors=True)
-            raise
+        out = _to_t5x(model, args.to_t5x, args.step, args.dtype)
+    elif args.to_hf:
+        out = model.to_hf(args.to_hf, dtype=args.dtype)
     else:
         out = save_model(model, args.to, format=args.format)
-    print(f"wrote {out} ({disk_size(out) / 2**20:.2f} MiB)")
+    print(f"wrote {out} ({disk_size(out) / 1e6:.2f} MB)")
     return 0

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args, local_dir, model_source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="BLEU/chrF per direction, MT token CE and MLM loss of a (quantized) model")
-    p.add_argument("model", help="model dir saved by `moqe quantize/compress/train`, hf:DIR, t5x:DIR, or 'default' "
-                                 "(the bundled MoE model)")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--data", default=None,
-                   help="corpus dir from `moqe data build` (default $MOQE_DATA, work_data/corpus, data/corpus)")
+                   help="corpus dir from `moqe data build` (default $MOQE_DATA, work_data/corpus, data/corpus, "
+                        "the corpus `moqe demo` caches)")
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model/dir (default: MODEL/tokenizer, the bundled tokenizer, DATA/tokenizer)")
-    p.add_argument("--config", default=None, help="preset name or config for t5x:DIR models")
+    add_config_args(p)
     p.add_argument("--directions", default="all", help="'all' or a comma list, e.g. en-de,de-en")
     p.add_argument("--samples", type=int, default=100, help="test sentences per direction (default 100; 0 = all)")
     p.add_argument("--split", default="test", choices=("test", "valid", "train"))
@@ -35,16 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moqe_jax.api import load_model
-    from moqe_jax.data.locate import BUNDLED, resolve_data, resolve_tokenizer
+    from moqe_jax.data.locate import resolve_data, resolve_tokenizer
     from moqe_jax.evaluate import evaluate_model, format_result
 
-    src = str(BUNDLED / "moe") if args.model == "default" else args.model
+    src = model_source(args.model)
     need_data = not args.no_bleu or args.mt_loss or args.mlm
     data = resolve_data(args.data) if need_data else None
-    local = src if os.path.isdir(src) else (src.split(":", 1)[1] if ":" in src else None)
-    tok = resolve_tokenizer(args.tokenizer, local, data)
-    model = load_model(src, config=args.config).with_kernels(args.kernels)
+    tok = resolve_tokenizer(args.tokenizer, local_dir(src), data)
+    model = load_model_args(args, src)
     res = evaluate_model(model, tokenizer=tok, data=data, directions=args.directions,
                          samples=args.samples or None, split=args.split, bleu=not args.no_bleu,
                          mt_loss=args.mt_loss, mlm=args.mlm, batch_size=args.batch_size, num_beams=args.beams,

@@ -1,7 +1,9 @@
 """``moqe info``: parameter counts per component (and, for a saved/HF/T5X model, storage facts).
 
 ``moqe info --preset switch-c-2048 [--json]`` works without allocating weights (``jax.eval_shape``).
-``moqe info PATH`` accepts ``hf:DIR``, ``t5x:DIR`` (with ``--preset``) or a ``Model.save`` directory.
+``moqe info MODEL`` accepts ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), a ``Model.save``
+directory or ``default`` (the bundled model); ``--config NAME|FILE.json`` alone reports a config's counts.
+Byte sizes use decimal units (MB = 10^6 bytes), as the size report does.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import json
 from collections import Counter
 from typing import Any
 
+from moqe_jax.commands.common import MODEL_HELP, add_config_args, config_from_args, load_model_args, local_dir
 from moqe_jax.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="model / size report (parameter counts per component)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", nargs="?", help="hf:DIR, t5x:DIR or a saved model directory")
-    p.add_argument("--preset", help="config preset (e.g. switch-base-8); the config for t5x: sources")
+    p.add_argument("path", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    add_config_args(p, "config preset name or JSON file: reported alone without MODEL; the config of a t5x: "
+                       "MODEL that has no config.json")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -31,7 +35,8 @@ def _fmt(n: float) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Decimal units (MB = 10^6 bytes), the size report's."""
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
@@ -67,8 +72,8 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
 
         leaves = jax.tree_util.tree_leaves(model.params, is_leaf=is_packed)
         out["dtypes"] = dict(Counter(_leaf_kind(x) for x in leaves))
-        if source is not None:
-            p = source.split(":", 1)[1] if source.startswith(("hf:", "t5x:")) else source
+        p = local_dir(source) if source is not None else None
+        if p is not None:
             out["disk_bytes"] = disk_size(p)
         if any(is_packed(x) for x in leaves):
             rep = model.size_report()
@@ -83,7 +88,7 @@ def _print_text(d: dict[str, Any]) -> None:
           f"layers={c['num_layers']}+{c['num_decoder_layers']} experts={c['num_experts']} "
           f"act={c['activation']} vocab={c['vocab_size']} tied={c['tie_word_embeddings']}")
     print(f"sparse layers: encoder {d['sparse_layers']['encoder']} decoder {d['sparse_layers']['decoder']}")
-    print(f"{'component':<12} {'params':>12} {'bf16':>12} {'share':>7}")
+    print(f"{'component':<12} {'params':>12} {'bf16':>12} {'share':>7}   (bytes: MB = 10^6)")
     for k, v in d["components"].items():
         print(f"{k:<12} {_fmt(v['params']):>12} {_fmt_bytes(v['bytes_bf16']):>12} "
               f"{100 * v['params'] / d['total_params']:6.2f}%")
@@ -97,18 +102,13 @@ def _print_text(d: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moqe_jax.config import SwitchConfig
-
     if args.path is None:
-        if not args.preset:
-            raise ConfigError("give a model PATH (hf:DIR, t5x:DIR, saved dir) or --preset NAME")
-        d = info_dict(SwitchConfig.preset(args.preset))
+        cfg = config_from_args(args)
+        if cfg is None:
+            raise ConfigError("give a MODEL (hf:DIR, t5x:DIR, saved dir, default) or --config NAME|FILE.json")
+        d = info_dict(cfg)
     else:
-        from moqe_jax.api import load_model
-
-        if args.path.startswith("t5x:") and not args.preset:
-            raise ConfigError(f"{args.path}: T5X checkpoints carry no config; add --preset NAME (e.g. switch-base-8)")
-        model = load_model(args.path, config=args.preset)
+        model = load_model_args(args, args.path)
         d = info_dict(model.config, model, args.path)
     if args.json:
         d.pop("size_report_text", None)

@@ -1,14 +1,14 @@
 """``moqe quantize``: MoQE round-to-nearest quantization of a model's experts (or other components).
 
   moqe quantize MODEL --bits 4 --scheme linear --granularity channel --components experts --out DIR [--report]
-  moqe quantize --preset switch-base-128 --bits 2 --report      # projected size, no weights allocated
-  moqe quantize --preset moqe-5.3b --bits 2 --report            # MoQE's 5.3B MT config (docs/MOQE.md §3)
+  moqe quantize --config switch-base-128 --bits 2 --report      # projected size, no weights allocated
+  moqe quantize --config moqe-5.3b --bits 2 --report            # MoQE's 5.3B MT config (docs/MOQE.md §3)
 
-MODEL: anything ``moqe_jax.load_model`` accepts (``hf:DIR``, ``t5x:DIR`` with ``--preset``, or a
-directory written by ``Model.save``). Linear is symmetric absmax by default (MoQE/FasterTransformer);
-``--asymmetric`` gives GPTQ/QMoE's min-max grid with a zero-point; ``--mse`` searches the clipping
-range (linear/ternary) or refines the log scale (Marian). ``--override REGEX=BITS|float`` (repeatable)
-sets a per-path bit width or keeps matching parameters in float.
+MODEL: ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), a directory written by ``Model.save``
+or ``default`` (the bundled model); with no MODEL, ``--config NAME|FILE.json`` gives the projected report.
+Linear is symmetric absmax by default (MoQE/FasterTransformer); ``--asymmetric`` gives GPTQ/QMoE's min-max
+grid with a zero-point; ``--mse`` searches the clipping range (linear/ternary) or refines the log scale (Marian).
+``--override REGEX=BITS|float`` (repeatable) sets a per-path bit width or keeps matching parameters in float.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import argparse
 import json
 from typing import Any
 
+from moqe_jax.commands.common import MODEL_HELP, add_config_args, config_from_args, load_model_args
 from moqe_jax.errors import QuantizationError
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("quantize", help="MoQE RTN quantization (experts by default) / projected size report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="hf:DIR, t5x:DIR (needs --preset) or a saved model directory")
-    p.add_argument("--preset", help="config preset (projected report when no MODEL; the config of a t5x: MODEL)")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    add_config_args(p, "config preset name or JSON file (projected report when no MODEL; the config of a t5x: "
+                       "MODEL without config.json)")
     p.add_argument("--bits", default="4", help="8, 4, 3, 2 or ternary (default 4)")
     p.add_argument("--scheme", choices=("linear", "log"), default="linear")
     p.add_argument("--granularity", default="channel", help="channel or group:N (groups of N along the input axis)")
@@ -72,22 +74,22 @@ def run(args: argparse.Namespace) -> int:
     comps = parse_components(args.components)
     overrides = parse_overrides(args.override, spec)
     if args.model is None:
-        if not args.preset:
-            raise QuantizationError("give a MODEL to quantize, or --preset NAME for a projected size report")
+        if not args.config:
+            raise QuantizationError("give a MODEL to quantize, or --config NAME|FILE.json for a projected size report")
         if args.out:
             raise QuantizationError("--out needs a MODEL (a preset alone has no weights); drop --out or give MODEL")
         from moqe_jax.quant.report import projected_report
 
-        rep = projected_report(args.preset, spec, comps, overrides=overrides)
+        plain = not args.set and not args.config.endswith(".json")  # names projected_report knows (moqe-5.3b)
+        rep = projected_report(args.config if plain else config_from_args(args), spec, comps, overrides=overrides)
         print(rep.to_json() if args.json else rep.format_table())
         return 0
     if not args.out and not args.report:
         raise QuantizationError("nothing to do: pass --out DIR to save and/or --report")
-    from moqe_jax.api import load_model
     from moqe_jax.quant.policy import quantize_model_rtn
     from moqe_jax.quant.report import size_report
 
-    model = load_model(args.model, config=args.preset)
+    model = load_model_args(args)
     qmodel = quantize_model_rtn(model, spec, comps, overrides=overrides)
     if args.out:
         qmodel.save(args.out)

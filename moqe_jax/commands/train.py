@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from moqe_jax.commands.common import add_config_args, apply_sets, config_value, parse_sets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a Switch model (MoE or dense) on the MT corpus, or QAT its experts")
-    p.add_argument("--config", default="small-mt", help="preset name or a config JSON file (default small-mt)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a SwitchConfig field, e.g. --set d_ff=384 (repeatable)")
+    add_config_args(p, "preset name or a config JSON file (default small-mt; ignored with --init)", default="small-mt")
     p.add_argument("--data", required=True, help="corpus directory from `moqe data build` (or 'synthetic')")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default <data>/tokenizer)")
     p.add_argument("--steps", type=int, required=True)
@@ -43,31 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _value(s: str) -> Any:
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
-
-
-def _config(args: argparse.Namespace) -> Any:
-    from pathlib import Path
-
-    from moqe_jax.config import SwitchConfig
-    from moqe_jax.errors import ConfigError
-
-    over = {}
-    for kv in args.set:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
-        over[k.strip()] = _value(v.strip())
-    if Path(args.config).is_file():
-        cfg = SwitchConfig.from_dict(json.loads(Path(args.config).read_text()))
-        return cfg.replace(**over) if over else cfg
-    return SwitchConfig.preset(args.config, **over)
-
-
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -88,12 +62,10 @@ def _train(args: argparse.Namespace) -> int:
         from moqe_jax.api import load_model
 
         m = load_model(args.init)
-        cfg = m.config
-        if args.set:
-            cfg = cfg.replace(**{k: _value(v) for k, _, v in (s.partition("=") for s in args.set)})
+        cfg = apply_sets(m.config, parse_sets(args.set))
         init_params = m.params
     else:
-        cfg = _config(args)
+        cfg = apply_sets(config_value(args.config), parse_sets(args.set))
     lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adafactor" else 1e-3)
     gran: Any = int(args.qat_granularity) if str(args.qat_granularity).isdigit() else args.qat_granularity
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,

@@ -8,29 +8,46 @@ from pathlib import Path
 
 from moqe_jax.errors import DataError, MoqeError
 
-__all__ = ["BUNDLED", "DATA_CANDIDATES", "default_data_dir", "resolve_data", "find_or_build_corpus",
-           "resolve_tokenizer"]
+__all__ = ["BUNDLED", "DATA_CANDIDATES", "cached_corpus_dir", "default_data_dir", "resolve_data",
+           "resolve_corpus", "find_or_build_corpus", "resolve_tokenizer"]
 
 #: The bundled default models (``moe/``, ``dense/``), their ``tokenizer/`` and ``sample.jsonl`` (package data).
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "default"
 DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
 
 
-def default_data_dir() -> str | None:
-    """The corpus to evaluate on when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and
-    ``data/corpus`` (relative to the working directory), the first that holds ``test.jsonl``."""
-    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES):
-        if d and (Path(d) / "test.jsonl").is_file():
+def cached_corpus_dir() -> Path:
+    """Where :func:`find_or_build_corpus` (``moqe demo``) caches the corpus: ``$XDG_CACHE_HOME/moqe/corpus``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
+
+
+def default_data_dir(need: str = "test.jsonl") -> str | None:
+    """The corpus to use when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and ``data/corpus``
+    (relative to the working directory), then the corpus ``moqe demo`` cached; the first that holds ``need``."""
+    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES, str(cached_corpus_dir())):
+        if d and (Path(d) / need).exists():
             return d
     return None
 
 
+def _build_hint(d: str, missing: str) -> str:
+    return (f"{d}: no corpus here ({missing} missing); build it with `moqe data build --out {d}` (or run "
+            f"`moqe demo` once, which caches one in {cached_corpus_dir()})")
+
+
+def resolve_corpus(arg: str | None, *need: str) -> str:
+    """``arg``, else :func:`default_data_dir`; must hold every file/dir in ``need`` (default ``test.jsonl``)."""
+    need = need or ("test.jsonl",)
+    d = arg or default_data_dir(need[0]) or "work_data/corpus"
+    for n in need:
+        if not (Path(d) / n).exists():
+            raise DataError(_build_hint(d, n))
+    return d
+
+
 def resolve_data(arg: str | None) -> str:
     """``arg``, else :func:`default_data_dir`; must hold ``test.jsonl``."""
-    d = arg or default_data_dir() or "work_data/corpus"
-    if not (Path(d) / "test.jsonl").is_file():
-        raise DataError(f"{d}: no corpus here (test.jsonl missing); build it with `moqe data build --out {d}`")
-    return d
+    return resolve_corpus(arg, "test.jsonl")
 
 
 def find_or_build_corpus(arg: str | None) -> str:
@@ -43,7 +60,7 @@ def find_or_build_corpus(arg: str | None) -> str:
     found = default_data_dir()
     if found:
         return found
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
+    cache = cached_corpus_dir()
     if not (cache / "test.jsonl").is_file():
         from moqe_jax.data.corpus import build_corpus
 

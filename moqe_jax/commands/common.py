@@ -1,0 +1,126 @@
+"""Arguments every model-taking command shares: ``MODEL`` (``default`` = the bundled model), ``--config
+NAME|FILE.json`` and ``--set KEY=VALUE`` — defined once here, used by info, convert, quantize, compress, eval
+(and train's ``--config``/``--set``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from moqe_jax.errors import ConfigError
+
+MODEL_HELP = ("hf:DIR, t5x:DIR (its config.json, or --config), a saved model directory, init:PRESET (random "
+              "weights) or 'default' (the bundled MoE model)")
+
+
+def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, default: str | None = None) -> None:
+    """``--config NAME|FILE.json`` (alias ``--preset``) and repeatable ``--set KEY=VALUE``."""
+    p.add_argument("--config", "--preset", dest="config", default=default, metavar="NAME|FILE.json",
+                   help=config_help or "config preset name or JSON file (SwitchConfig, HF config.json or a saved "
+                                       "model's manifest); needed only for a t5x: MODEL without config.json")
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a SwitchConfig field, e.g. --set routing_mode=hf (repeatable; JSON values)")
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: json(v) or the string v}``."""
+    out: dict[str, Any] = {}
+    for kv in items or []:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
+        try:
+            out[k.strip()] = json.loads(v.strip())
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def config_value(name: str | None) -> Any:
+    """``--config`` as a ``SwitchConfig`` (preset name or JSON file), or None."""
+    if not name:
+        return None
+    from moqe_jax.api import read_config_file
+    from moqe_jax.config import SwitchConfig
+
+    if os.path.isfile(name):
+        return read_config_file(name)
+    if name.endswith(".json"):
+        raise ConfigError(f"--config {name}: no such file")
+    return SwitchConfig.preset(name)
+
+
+def apply_sets(cfg: Any, sets: dict[str, Any]) -> Any:
+    return cfg.replace(**sets) if sets else cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """``--config`` + ``--set`` as a ``SwitchConfig``, or None when no ``--config`` was given."""
+    cfg = config_value(args.config)
+    return None if cfg is None else apply_sets(cfg, parse_sets(args.set))
+
+
+def model_source(name: str) -> str:
+    """``default`` -> the bundled MoE model's directory; anything else unchanged."""
+    if name == "default":
+        from moqe_jax.data.locate import BUNDLED
+
+        return str(BUNDLED / "moe")
+    return name
+
+
+def local_dir(source: str) -> str | None:
+    """The local directory a model source names (for its tokenizer/ and disk size), if any."""
+    src = model_source(source)
+    if src.startswith("init:"):
+        return None
+    return src.split(":", 1)[1] if src.startswith(("hf:", "t5x:")) else src
+
+
+def _check_shapes(model: Any, cfg: Any, src: str) -> None:
+    from moqe_jax.model.api import param_shapes
+    from moqe_jax.tree import flatten_params
+
+    want = param_shapes(cfg)
+    have = {k: tuple(v.shape) for k, v in flatten_params(model.params).items()}
+    for p in sorted(set(want) | set(have)):
+        if p not in have:
+            raise ConfigError(f"{src}: config {cfg.name} has parameter {p}, the model does not")
+        if p not in want:
+            raise ConfigError(f"{src}: model parameter {p} is not in config {cfg.name}")
+        if tuple(want[p]) != have[p]:
+            raise ConfigError(f"{src}: {p} has shape {list(have[p])}, config {cfg.name} expects {list(want[p])}")
+
+
+def load_model_args(args: argparse.Namespace, source: str | None = None, seed: int = 0) -> Any:
+    """The ``Model`` named by ``source`` (default ``args.model``) with ``args.config``/``args.set`` applied:
+    ``--config`` is the config of a ``t5x:``/``hf:``/``init:`` source and replaces a saved model's (shapes must
+    agree); ``--set`` overrides fields of whichever config the model ends up with."""
+    from moqe_jax.api import Model, load_model, t5x_config
+    from moqe_jax.config import SwitchConfig
+
+    src = model_source(source if source is not None else args.model)
+    base = config_value(getattr(args, "config", None))
+    sets = parse_sets(getattr(args, "set", None))
+    kernels = getattr(args, "kernels", "auto")
+    if src.startswith("init:"):
+        cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)
+        return Model.init(cfg, seed=seed).with_kernels(kernels)
+    if src.startswith("t5x:"):
+        base = base or t5x_config(src[4:])
+        if base is None:
+            raise ConfigError(f"{src}: T5X checkpoints carry no config and no config.json was found next to it; "
+                              "pass --config NAME|FILE.json (e.g. --config switch-base-8)")
+        return load_model(src, apply_sets(base, sets)).with_kernels(kernels)
+    if src.startswith("hf:"):
+        if sets and base is None:
+            base = SwitchConfig.from_hf(src[3:])
+        return load_model(src, None if base is None else apply_sets(base, sets)).with_kernels(kernels)
+    model = load_model(src)
+    if base is None and not sets:
+        return model.with_kernels(kernels)
+    cfg = apply_sets(base or model.config, sets)
+    _check_shapes(model, cfg, src)
+    return model.replace(config=cfg).with_kernels(kernels)
