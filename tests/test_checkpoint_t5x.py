@@ -71,7 +71,7 @@ def test_roundtrip_every_branch(tmp_path, tree):
         str(tmp_path), tree, step=7, chunks="odd", dtypes=dtypes,
         inline=["encoder/encoder_norm/scale"], legacy_path=["decoder/decoder_norm/scale"],
         gcs=["encoder/relpos_bias/rel_embedding"], gfile=["decoder/relpos_bias/rel_embedding"],
-        chunked_array=["encoder/layers_0/mlp/wi/kernel"], skip_chunks={WI: {(1, 0, 1)}})
+        chunked_array=["encoder/layers_0/mlp/wi/kernel"], skip_chunks={WI: {(1, 0, 1)}}, fill_value=0)
     assert os.path.basename(out) == "checkpoint_7"
     raw = msgpack_flax.unpackb(open(os.path.join(out, "checkpoint"), "rb").read())
     tgt = raw["optimizer"]["target"]
@@ -81,7 +81,10 @@ def test_roundtrip_every_branch(tmp_path, tree):
         "bucket": "t5x-dummy-bucket", "driver": "gcs", "path": "target.encoder.relpos_bias.rel_embedding/"}
     assert not os.path.exists(os.path.join(out, "target.encoder.layers_1.mlp.expert.wi.kernel", "1.0.1"))
 
-    ck = T5XCheckpoint(str(tmp_path))  # parent dir form
+    with pytest.raises(CheckpointError, match=r"1\.0\.1: zarr chunk file is missing") as e:
+        T5XCheckpoint(str(tmp_path)).read(WI)  # a missing chunk is an error by default (issue 16)
+    _one_line(e)
+    ck = T5XCheckpoint(str(tmp_path), allow_missing_chunks=True)  # parent dir form
     assert ck.step == 7 and ck.version == 3 and set(ck) == set(tree)
     for p, want in tree.items():
         info = ck.info(p)
@@ -91,10 +94,10 @@ def test_roundtrip_every_branch(tmp_path, tree):
         exp = want.astype(dt).copy()
         if p == WI:
             c = odd_chunk_shape(want.shape)
-            exp[c[0]:2 * c[0], :c[1], c[2]:2 * c[2]] = 0  # missing chunk = fill (null -> 0)
+            exp[c[0]:2 * c[0], :c[1], c[2]:2 * c[2]] = 0  # missing chunk = the declared fill value 0
         assert got.dtype == dt and np.array_equal(got, exp), p
     # nested float32 tree for the model
-    full = load_t5x_params(out, progress=False)
+    full = load_t5x_params(out, progress=False, allow_missing_chunks=True)
     assert full["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"].dtype == np.float32
     np.testing.assert_array_equal(full["token_embedder"]["embedding"],
                                   tree["token_embedder/embedding"].astype(BF16).astype(np.float32))
@@ -256,31 +259,36 @@ def test_bad_inputs(tmp_path, tree):
         T5XCheckpoint(d).read("decoder/decoder_norm/scale")
 
 
-def test_orbax_format_is_rejected(tmp_path):
+def test_orbax_format_errors(tmp_path):
+    """Orbax-format checkpoints are read (tests/test_t5x_orbax.py); broken ones get one line naming Orbax."""
     d = tmp_path / "orbax" / "checkpoint_10"
     os.makedirs(d / "state")
     (d / "state" / "_METADATA").write_text("{}")
     (d / "state" / "manifest.ocdbt").write_bytes(b"")
     for p in (d, d.parent):
-        with pytest.raises(CheckpointError, match="Orbax-format") as e:
+        with pytest.raises(CheckpointError, match="corrupt Orbax metadata") as e:
             T5XCheckpoint(str(p))
         _one_line(e)
-    # a real Orbax CheckpointManager directory (and one of its steps)
+    # a real Orbax CheckpointManager directory (and one of its steps) without T5X parameters
     import orbax.checkpoint as ocp
     mngr = ocp.CheckpointManager(str(tmp_path / "real"), options=ocp.CheckpointManagerOptions(create=True))
     mngr.save(3, args=ocp.args.StandardSave({"w": np.arange(4.0)}))
     mngr.wait_until_finished()
     mngr.close()
     for p in (tmp_path / "real", tmp_path / "real" / "3"):
-        with pytest.raises(CheckpointError, match="Orbax-format"):
+        with pytest.raises(CheckpointError, match="Orbax-format T5X checkpoint without parameters under 'target'"):
             T5XCheckpoint(str(p))
-    # early Orbax/Flax format: msgpack with PLACEHOLDER:// leaves
+    # early Orbax/Flax format: msgpack with PLACEHOLDER:// leaves whose array directory is missing
     d2 = tmp_path / "early"
     os.makedirs(d2)
     (d2 / "checkpoint").write_bytes(msgpack.packb({"_optimizer": {"target": {"w": "PLACEHOLDER://_optimizer.target.w"}},
                                                    "flax_mutables": None}))
-    with pytest.raises(CheckpointError, match="Orbax-format"):
+    with pytest.raises(CheckpointError, match="_optimizer.target.w does not exist"):
         T5XCheckpoint(str(d2))
+    # a run directory with neither layout says what it looked for, Orbax step dirs included
+    os.makedirs(tmp_path / "empty" / "logs")
+    with pytest.raises(CheckpointError, match=r"checkpoint_<step> or Orbax <step> directories"):
+        T5XCheckpoint(str(tmp_path / "empty"))
 
 
 def test_tree_mismatch_names_first_path(tmp_path, tree):
@@ -319,12 +327,14 @@ def test_zarr_partial_chunk_reads(tmp_path, compressor):
         np.testing.assert_array_equal(za.read(idx), a[idx], err_msg=str(idx))
         np.testing.assert_array_equal(za.read(idx, np.float32), a[idx].astype(np.float32))
     if compressor == "gzip":
-        # multi-member gzip chunk (valid gzip; tensorstore writes one member, readers must not care)
+        # multi-member gzip chunk: valid gzip that no zarr writer produces (tensorstore, numcodecs and T5X
+        # write one member); tensorstore reads only the first member, so it is one clear error, never zeros
         fn = os.path.join(d, "0.0.0")
         raw = gzip.decompress(open(fn, "rb").read())
         open(fn, "wb").write(gzip.compress(raw[:100]) + gzip.compress(raw[100:]))
-        np.testing.assert_array_equal(za.read((3, slice(0, 4), slice(0, 5))), a[3, :4, :5])
-        np.testing.assert_array_equal(za.read(), a)
+        with pytest.raises(CheckpointError, match="0.0.0: corrupt gzip chunk") as e:
+            za.read((3, slice(0, 4), slice(0, 5)))
+        _one_line(e)
         # truncated chunk: streaming read fails with one line naming the file
         open(fn, "wb").write(gzip.compress(raw)[:40])
         with pytest.raises(CheckpointError, match="0.0.0") as e:

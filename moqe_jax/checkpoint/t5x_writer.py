@@ -2,10 +2,14 @@
 
 ``checkpoint_<step>/checkpoint`` = flax msgpack ``{'version': 3, 'optimizer': {'state': {'step': int32,
 'param_states': {}}, 'target': <tensorstore spec dicts>}}`` and one zarr v2 directory
-``target.<dotted.path>/`` per array (gzip, chosen chunk shapes, padded edge chunks). Options emit every
-leaf form a reader must handle: inline ext-1 arrays, legacy top-level ``path`` specs, ``gcs`` specs with
-the dummy bucket, ``gfile`` specs, ``__msgpack_chunked_array__`` leaves, missing chunk files.
-The step directory is written as ``checkpoint_<step>.tmp-<time>`` and renamed at the end (like T5X).
+``target.<dotted.path>/`` per array, written with tensorstore (gzip by default; zlib, zstd, blosc; chosen
+chunk shapes, padded edge chunks); the msgpack file with ``flax.serialization``. Options emit every leaf form
+a reader must handle: inline ext-1 arrays, legacy top-level ``path`` specs, ``gcs`` specs with the dummy
+bucket, ``gfile`` specs, ``__msgpack_chunked_array__`` leaves, missing chunk files. The step directory is
+written as ``checkpoint_<step>.tmp-<time>`` and renamed at the end (like T5X).
+
+:func:`write_orbax_t5x` writes the same parameters as an Orbax-format T5X step with orbax-checkpoint
+(``ocdbt``, per-parameter ``zarr`` dirs with ``_METADATA``, or the 2023 ``placeholder`` layout).
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ def odd_chunk_shape(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...
     return tuple(n if n <= 2 else n // 2 + 1 for n in shape)
 
 
-def _spec(rel: str, arr: np.ndarray, chunks: tuple[int, ...], form: str) -> dict:
+def _spec(rel: str, arr: np.ndarray, chunks: tuple[int, ...], form: str, compressor: dict | None) -> dict:
     dname = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
-    meta = {"chunks": list(chunks), "compressor": {"id": "gzip", "level": 1}, "shape": list(arr.shape)}
+    meta = {"chunks": list(chunks), "compressor": compressor, "shape": list(arr.shape)}
     spec: dict[str, Any] = {"driver": "zarr", "dtype": dname, "metadata": meta}
     if form == "file":
         spec["kvstore"] = {"driver": "file", "path": rel + "/"}
@@ -83,6 +87,8 @@ def write_t5x_checkpoint(
     chunked_array: Iterable[str] = (),
     chunked_array_bytes: int = 64,
     skip_chunks: dict[str, set[tuple[int, ...]]] | None = None,
+    compressor: str | None = "gzip",
+    fill_value: float | None = None,
     version: int = 3,
     spec_hook: Callable[[str, dict], dict] | None = None,
     progress: bool = False,
@@ -95,7 +101,8 @@ def write_t5x_checkpoint(
       chunks: ``"t5x"`` (T5X's 64 MiB rule), ``"odd"`` (non-dividing chunks), a per-path dict or a function.
       dtype / dtypes: on-disk dtype for all / some arrays (e.g. ``ml_dtypes.bfloat16``); default: as given.
       inline, legacy_path, gcs, gfile, chunked_array: paths stored in those leaf forms (default: ``file`` specs).
-      skip_chunks: per path, chunk grid indices whose files are left out (read back as zeros).
+      skip_chunks: per path, chunk grid indices whose files are left out (an incomplete copy).
+      compressor: gzip (T5X's), zlib, zstd, blosc or None; fill_value: declared in every ``.zarray`` (T5X: null).
       spec_hook: edit each spec dict before it is serialised (bad-input tests).
     """
     if isinstance(params, dict):
@@ -127,10 +134,11 @@ def write_t5x_checkpoint(
             else:
                 ch = chunks(path, arr)
             rel = "target." + path.replace("/", ".")
-            write_zarr(os.path.join(tmp, rel), arr, ch, skip_chunks=(skip_chunks or {}).get(path))
+            meta = write_zarr(os.path.join(tmp, rel), arr, ch, compressor=compressor,
+                              skip_chunks=(skip_chunks or {}).get(path), fill_value=fill_value)
             form = ("legacy" if path in legacy_path else "gcs" if path in gcs else "gfile" if path in gfile
                     else "file")
-            spec = _spec(rel, arr, tuple(ch), form)
+            spec = _spec(rel, arr, tuple(ch), form, meta["compressor"])
             target[path] = spec_hook(path, spec) if spec_hook else spec
         state = {"step": np.int32(step), "param_states": {}}
         tree = {"version": version, "optimizer": {"state": state, "target": unflatten_params(target)}}
@@ -159,3 +167,37 @@ def export_t5x(params: dict, directory: str, step: int = 0, dtype: str = "float3
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     return write_t5x_checkpoint(directory, {p: np.asarray(v) for p, v in flat.items()}, step=step, dtype=dt,
                                 progress=True)
+
+
+def write_orbax_t5x(directory: str, params: dict[str, Any], step: int = 1, *, layout: str = "ocdbt",
+                    item: str = "", dtype: Any = None) -> str:
+    """Write ``params`` (nested or ``'a/b'``-flat) as an Orbax-format T5X step ``directory/<step>`` with
+    orbax-checkpoint: tree ``{'target': params, 'state': {'step': int32}}``.
+
+    ``layout``: ``"ocdbt"`` (current T5X), ``"zarr"`` (one zarr/zstd directory per parameter plus
+    ``_METADATA``) or ``"placeholder"`` (2023: ``"zarr"`` arrays, no ``_METADATA``, and a msgpack
+    ``checkpoint`` file whose leaves are ``PLACEHOLDER://<name>`` strings under ``_optimizer/target``).
+    ``item``: a subdirectory for the tree (T5X writes ``state``).
+    """
+    import orbax.checkpoint as ocp
+
+    if layout not in ("ocdbt", "zarr", "placeholder"):
+        raise ValueError(f"unknown Orbax layout {layout!r} (ocdbt, zarr, placeholder)")
+    flat = flatten_params(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
+    flat = {p: np.asarray(v) if dtype is None else np.asarray(v).astype(dtype) for p, v in flat.items()}
+    top = "_optimizer" if layout == "placeholder" else None
+    tree: dict[str, Any] = {"target": unflatten_params(flat), "state": {"step": np.int32(step)}}
+    if top:
+        tree = {top: tree}
+    step_dir = os.path.join(os.path.abspath(directory), str(step))
+    out = os.path.join(step_dir, item) if item else step_dir
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=layout == "ocdbt")) as ck:
+        ck.save(out, args=ocp.args.PyTreeSave(tree), force=True)
+    if layout == "placeholder":
+        os.remove(os.path.join(out, "_METADATA"))
+        ph = {p: f"PLACEHOLDER://{top}.target.{p.replace('/', '.')}" for p in flat}
+        msg = {top: {"target": unflatten_params(ph), "state": {"step": np.int32(step)}}, "flax_mutables": None}
+        with open(os.path.join(out, "checkpoint"), "wb") as f:
+            f.write(packb(msg))
+    return step_dir
