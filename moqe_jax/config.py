@@ -22,10 +22,11 @@ from typing import Any
 
 from moqe_jax.errors import ConfigError
 
-__all__ = ["SwitchConfig", "sparse_layer_indices"]
+__all__ = ["SwitchConfig", "sparse_layer_indices", "ROUTING_MODES"]
 
 _ACTIVATIONS = ("relu", "gated-gelu")
 _DTYPES = ("bfloat16", "float32", "float16")
+ROUTING_MODES = ("t5x", "hf", "dropless")
 
 
 @functools.cache
@@ -74,7 +75,9 @@ class SwitchConfig:
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
     num_expert_replicas: int = 1
-    routing_mode: str = "t5x"  # "t5x" (Flaxformer groups/capacity) | "hf" (per-sequence, fixed capacity)
+    # "t5x" (Flaxformer groups/capacity) | "hf" (per-sequence, fixed capacity) | "dropless" (T5X router, no
+    # capacity: only the experts that received tokens run; generation's default)
+    routing_mode: str = "t5x"
     hf_expert_capacity: int = 64
     dtype: str = "bfloat16"
     aux_loss_factor: float = 0.01
@@ -100,8 +103,8 @@ class SwitchConfig:
                 raise ConfigError(f"SwitchConfig.{f} must be a non-negative integer, got {v!r}")
         if self.activation not in _ACTIVATIONS:
             raise ConfigError(f"SwitchConfig.activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
-        if self.routing_mode not in ("t5x", "hf"):
-            raise ConfigError(f"SwitchConfig.routing_mode must be 't5x' or 'hf', got {self.routing_mode!r}")
+        if self.routing_mode not in ROUTING_MODES:
+            raise ConfigError(f"SwitchConfig.routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"SwitchConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for f in ("train_capacity_factor", "eval_capacity_factor"):

@@ -1,6 +1,7 @@
 """Matmuls with (possibly packed) weights: the one kernel dispatch point (docs/ARCHITECTURE.md, "ops").
 
-``y = x @ W`` where ``W`` is a float array or a packed weight (:class:`~moqe_jax.packed.PackedWeight`).
+``y = x @ W`` where ``W`` is a float array or a packed weight (:class:`~moqe_jax.packed.PackedWeight`);
+``ragged_qmatmul`` is the dropless MoE form (rows sorted by expert, one group of rows per expert).
 ``mode`` is a static argument (part of the trace, never a process global):
 
 * ``"xla"``: reference — decode/dequantize with XLA, then ``jnp.dot`` (a float W is cast to ``x.dtype``
@@ -34,7 +35,8 @@ from pallas_kernels import dequant_matmul as dq
 from pallas_kernels import sub1_matmul as s1
 
 __all__ = ["KERNEL_MODES", "KernelMode", "KernelError", "check_mode", "resolve_mode", "qmatmul", "grouped_qmatmul",
-           "indexed_qmatmul", "dequantize_weight", "explain", "kernel_operands", "register_kernels"]
+           "indexed_qmatmul", "ragged_qmatmul", "ragged_plan", "dequantize_weight", "explain", "kernel_operands",
+           "register_kernels"]
 
 KernelMode = Literal["auto", "xla", "pallas", "interpret"]
 KERNEL_MODES: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
@@ -249,3 +251,101 @@ def indexed_qmatmul(x: jax.Array, w: MaybePacked, expert_ids: jax.Array, *, mode
         return y
     wf = dequantize_weight(w, x.dtype)[expert_ids]
     return jnp.einsum("ack,akn->acn", x, wf, preferred_element_type=preferred_element_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ragged (dropless) grouped matmul: rows sorted by expert
+# ---------------------------------------------------------------------------------------------
+RaggedPlan = Literal["slots", "indexed", "tiles"]
+
+
+def _ragged_tile(m: int, e: int) -> int:
+    """Rows per tile of the tiled path: about ``m / e`` rows (so padding work stays ≤ ~2× the rows), 8 … 128."""
+    t = 8
+    while t < 128 and t * e < m:
+        t *= 2
+    return t
+
+
+def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPlan:
+    """Static choice of :func:`ragged_qmatmul` for these shapes (shapes and mode only, never values).
+
+    * ``"indexed"``: fewer rows than experts and a Pallas kernel handles ``w``: one launch of the indexed
+      kernel, row ``i`` times ``W[expert(i)]`` (the kernel reads only the listed experts);
+    * ``"slots"``: fewer rows than experts otherwise: a loop over rows, each reading (and, for packed
+      weights, decoding) only its own expert ``W[e]`` (a dynamic slice: no gather of all E experts);
+    * ``"tiles"``: otherwise (megablox-style): tiles of ``tm`` sorted rows × the experts they touch; each
+      work item reads one expert and multiplies one tile, rows of other experts masked out.
+    """
+    m, e = x.shape[0], w.shape[0]
+    if m < e:
+        if is_packed(w) and resolve_mode(mode) != "xla" and explain(x[:, None, :], w, "indexed") is None:
+            return "indexed"
+        return "slots"
+    return "tiles"
+
+
+def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode: str = "auto",
+                   preferred_element_type: Any = None) -> jax.Array:
+    """Grouped matmul over rows sorted by expert: ``x [M, K]``, ``W [E, K, N]``, ``group_sizes [E]`` -> ``[M, N]``.
+
+    Rows ``offset[e] … offset[e] + group_sizes[e] - 1`` (``offset`` = exclusive cumsum) multiply ``W[e]``
+    (the semantics of ``jax.lax.ragged_dot``); rows past ``sum(group_sizes)`` give 0. Only the experts with
+    rows are read; no path dequantizes all E experts. ``jax.lax.ragged_dot`` itself is not used: on CPU (and,
+    per docs/JAX_NOTES.md §5, on GPU) it lowers to a dense masked dot over all E groups (O(E) the work).
+    Per row, the result is that row times its expert's (dequantized) weight, exactly as ``qmatmul`` computes
+    it for one expert. The path is chosen statically by :func:`ragged_plan`.
+    """
+    check_mode(mode)
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"ragged_qmatmul needs x [M, K] and W [E, K, N], got {list(x.shape)} and {list(w.shape)}")
+    if tuple(jnp.shape(group_sizes)) != (w.shape[0],):
+        raise ValueError(f"group_sizes {list(jnp.shape(group_sizes))} must be [E] = [{w.shape[0]}]")
+    m, e, n = x.shape[0], w.shape[0], w.shape[2]
+    out_dt = x.dtype if preferred_element_type is None else preferred_element_type
+    if m == 0:
+        return jnp.zeros((0, n), out_dt)
+    gs = jnp.asarray(group_sizes, jnp.int32)
+    ends = jnp.cumsum(gs)
+    plan = ragged_plan(x, w, mode=mode)
+    if plan in ("indexed", "slots"):
+        row_expert = jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+        live = row_expert < e
+        ids = jnp.minimum(row_expert, e - 1)
+        if plan == "indexed":
+            y = indexed_qmatmul(x[:, None, :], w, ids, mode=mode, preferred_element_type=preferred_element_type)[:, 0]
+        else:
+            def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+                xi, ei = args
+                return qmatmul(xi[None], w[ei], mode=mode, preferred_element_type=preferred_element_type)[0]
+            y = jax.lax.map(one, (x, ids))
+        return jnp.where(live[:, None], y, jnp.zeros((), y.dtype))
+    # tiles: work item = (tile of tm sorted rows, one expert whose rows overlap the tile)
+    tm = _ragged_tile(m, e)
+    n_tiles = -(-m // tm)
+    xp = jnp.pad(x, ((0, n_tiles * tm - m), (0, 0)))
+    starts = ends - gs
+    first = starts // tm
+    n_items_g = jnp.where(gs > 0, (ends - 1) // tm - first + 1, 0)
+    item_end = jnp.cumsum(n_items_g)
+    n_items = item_end[-1]
+    static_items = n_tiles + min(e, m) - 1  # ≥ the real count: tiles + one extra per group boundary
+    rows = jnp.arange(tm, dtype=jnp.int32)
+
+    def body(out: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
+        g = jnp.minimum(jnp.searchsorted(item_end, i, side="right"), e - 1).astype(jnp.int32)
+        tile = first[g] + i - (item_end[g] - n_items_g[g])
+
+        def work(out: jax.Array) -> jax.Array:
+            r0 = tile * tm
+            xt = jax.lax.dynamic_slice_in_dim(xp, r0, tm)
+            yt = qmatmul(xt, w[g], mode=mode, preferred_element_type=preferred_element_type).astype(out.dtype)
+            mine = ((r0 + rows) >= starts[g]) & ((r0 + rows) < ends[g])
+            cur = jax.lax.dynamic_slice_in_dim(out, r0, tm)
+            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], yt, cur), r0, 0)
+
+        return jax.lax.cond(i < n_items, work, lambda o: o, out), None
+
+    out0 = jnp.zeros((n_tiles * tm, n), out_dt)
+    out, _ = jax.lax.scan(body, out0, jnp.arange(static_items, dtype=jnp.int32))
+    return out[:m]

@@ -238,54 +238,76 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked expert MLPs ``expert/{wi,wo}/kernel [E, D, F] / [E, F, D]`` applied to ``[E, N, D]``."""
+    """Stacked expert MLPs ``expert/{wi,wo}/kernel [E, D, F] / [E, F, D]``.
 
-    cfg: SwitchConfig
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        c = self.cfg
-        e, d, f = c.num_experts, c.d_model, c.d_ff
-        x = x.astype(c.jnp_dtype)
-
-        def kernel(name: str, shape: tuple[int, ...]) -> Array:
-            return Kernel(shape, expert_kernel_init, name=name)()
-
-        if c.gated:
-            h = activation(ops.grouped_qmatmul(x, kernel("wi_0", (e, d, f)), mode=self.kernels),
-                           ops.grouped_qmatmul(x, kernel("wi_1", (e, d, f)), mode=self.kernels))
-        else:
-            h = activation(ops.grouped_qmatmul(x, kernel("wi", (e, d, f)), mode=self.kernels))
-        return ops.grouped_qmatmul(h, kernel("wo", (e, f, d)), mode=self.kernels)
-
-
-class MoeLayer(nn.Module):
-    """Switch top-1 MoE layer (Flaxformer ``MoeLayer`` + ``TokensChooseMaskedRouter``, spec §4.8–4.9).
-
-    ``routing_mode="t5x"``: ``_maybe_pad``, batch-major groups, banker's-rounded capacity, dropped -> 0,
-    f32 combine (output f32). ``"hf"``: one group per sequence, capacity ``hf_expert_capacity``, gate
-    multiply in the activation dtype (HF ≥ PR #37123 / #48421 semantics).
+    ``__call__``: capacity layout ``[E, N, D]`` (``ops.grouped_qmatmul``); ``ragged``: rows sorted by expert
+    ``[M, D]`` with ``group_sizes [E]`` (``ops.ragged_qmatmul``: only experts with rows are read). Same
+    dtype policy in both: input cast to the activation dtype, weights dequantized to it.
     """
 
     cfg: SwitchConfig
     kernels: str = "auto"
 
     def setup(self) -> None:
+        c = self.cfg
+        e, d, f = c.num_experts, c.d_model, c.d_ff
+        if c.gated:
+            self.wi_0 = Kernel((e, d, f), expert_kernel_init)
+            self.wi_1 = Kernel((e, d, f), expert_kernel_init)
+        else:
+            self.wi = Kernel((e, d, f), expert_kernel_init)
+        self.wo = Kernel((e, f, d), expert_kernel_init)
+
+    def _mlp(self, x: Array, mm: Any) -> Array:
+        x = x.astype(self.cfg.jnp_dtype)
+        if self.cfg.gated:
+            h = activation(mm(x, self.wi_0()), mm(x, self.wi_1()))
+        else:
+            h = activation(mm(x, self.wi()))
+        return mm(h, self.wo())
+
+    def __call__(self, x: Array) -> Array:
+        return self._mlp(x, lambda a, w: ops.grouped_qmatmul(a, w, mode=self.kernels))
+
+    def ragged(self, x: Array, group_sizes: Array) -> Array:
+        return self._mlp(x, lambda a, w: ops.ragged_qmatmul(a, w, group_sizes, mode=self.kernels))
+
+
+class MoeLayer(nn.Module):
+    """Switch top-1 MoE layer (Flaxformer ``MoeLayer`` + ``TokensChooseMaskedRouter``, spec §4.8–4.9).
+
+    ``routing_mode="t5x"``: ``_maybe_pad``, batch-major groups, banker's-rounded capacity, dropped -> 0,
+    f32 combine (output f32), experts run on the ``[E, G·C, D]`` capacity layout.
+    ``"dropless"``: the same router (f32 logits, softmax, argmax, gate) and combine (f32, output f32), no
+    capacity and no padding: token slots sorted by expert, only the experts that received tokens run
+    (``ops.ragged_qmatmul``). Equals ``"t5x"`` whenever ``"t5x"`` drops no token; the one difference is that
+    a token the capacity rule would drop is kept. Aux loss is computed over one group per sequence.
+    ``"hf"``: one group per sequence, capacity ``hf_expert_capacity`` (a mask over the sorted slots:
+    dropped slots go to no expert), gate multiply in the activation dtype, output in the input dtype
+    (HF ≥ PR #37123 / #48421 semantics).
+    """
+
+    cfg: SwitchConfig
+    kernels: str = "auto"
+    num_selected: int = 1  # experts per token (k); the Switch router is top-1
+
+    def setup(self) -> None:
         self.router = Router(self.cfg)
         self.expert = Experts(self.cfg, self.kernels)
 
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
+        if self.cfg.routing_mode == "t5x":
+            return self._capacity(x, train)
+        return self._sorted(x)
+
+    def _capacity(self, x: Array, train: bool) -> tuple[Array, dict]:
         c = self.cfg
         b, l, d = x.shape
         e = c.num_experts
-        if c.routing_mode == "hf":
-            lay = routing.hf_layout(b, l, c.hf_expert_capacity)
-        else:
-            cf = c.train_capacity_factor if train else c.eval_capacity_factor
-            lay = routing.group_layout(b, l, e, max_group_size=c.max_group_size, capacity_factor=cf,
-                                       min_expert_capacity=c.min_expert_capacity,
-                                       num_expert_replicas=c.num_expert_replicas)
+        cf = c.train_capacity_factor if train else c.eval_capacity_factor
+        lay = routing.group_layout(b, l, e, max_group_size=c.max_group_size, capacity_factor=cf,
+                                   min_expert_capacity=c.min_expert_capacity,
+                                   num_expert_replicas=c.num_expert_replicas)
         xp = jnp.pad(x, ((0, lay.pad_batch), (0, lay.pad_seq), (0, 0))) if (lay.pad_batch or lay.pad_seq) else x
         bp, lp = xp.shape[:2]
         g, s, cap = lay.groups, lay.group_size, lay.capacity
@@ -301,31 +323,60 @@ class MoeLayer(nn.Module):
         ex_out = self.expert(ex_in)  # [E, G·C, D]
         ex_out = ex_out.reshape(e, g, cap, d).transpose(1, 0, 2, 3).reshape(g, e * cap, d)
         y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S,D]
-        if c.routing_mode == "hf":
-            y = y * r.gate.astype(y.dtype)[..., None]
-            out = jnp.where(r.kept[..., None], y, jnp.zeros((), y.dtype)).astype(x.dtype)
-        else:
-            y = y.astype(jnp.float32) * r.gate[..., None]
-            out = jnp.where(r.kept[..., None], y, 0.0)
+        y = y.astype(jnp.float32) * r.gate[..., None]
+        out = jnp.where(r.kept[..., None], y, 0.0)
         out = out.reshape(bp, lp, d)[:b, :l]
-        # aux losses / metrics (spec §4.9), over all (padded) tokens
-        onehot = jax.nn.one_hot(r.expert, e, dtype=jnp.float32)
+        return out, self._info(x, logits, probs, r.expert, r.gate, r.kept, lambda a: a.reshape(bp, lp)[:b, :l])
+
+    def _sorted(self, x: Array) -> tuple[Array, dict]:
+        """``"dropless"`` and ``"hf"``: slots sorted by expert, one ragged grouped matmul over active experts."""
+        c = self.cfg
+        b, l, d = x.shape
+        e, k = c.num_experts, self.num_selected
+        logits = self.router(x)  # [B,L,E] f32
+        probs = jax.nn.softmax(logits, axis=-1)
+        if c.routing_mode == "hf":  # per-sequence capacity, in-order priority (the t5x router per group)
+            if k != 1:
+                raise ValueError("routing_mode='hf' is top-1 (HF Switch); num_selected must be 1")
+            r = routing.top1_route(probs, c.hf_expert_capacity)
+            expert, gate, kept = r.expert[..., None], r.gate[..., None], r.kept[..., None]
+        else:
+            expert, gate = routing.topk_choice(probs, k)  # [B,L,k]
+            kept = jnp.ones(expert.shape, bool)
+        slots = routing.sort_slots(jnp.where(kept, expert, e).reshape(b * l, k), e)
+        xs = x.reshape(b * l, d)[slots.token]  # [T·k, D] sorted by expert
+        ys = self.expert.ragged(xs, slots.group_sizes)
+        y = routing.unsort_slots(ys, slots.order, k).reshape(b, l, k, d)
+        if c.routing_mode == "hf":
+            y = y * gate.astype(y.dtype)[..., None]
+            out = jnp.where(kept[..., None], y, jnp.zeros((), y.dtype))[..., 0, :].astype(x.dtype)
+        else:
+            y = y.astype(jnp.float32) * gate[..., None]
+            out = jnp.sum(jnp.where(kept[..., None], y, 0.0), axis=2) if k > 1 else y[..., 0, :]
+        return out, self._info(x, logits, probs, expert[..., 0], gate[..., 0], kept[..., 0], lambda a: a)
+
+    def _info(self, x: Array, logits: Array, probs: Array, expert: Array, gate: Array, kept: Array,
+              view: Any) -> dict:
+        """Aux losses / metrics (spec §4.9) over the ``[G, S]`` groups (all, incl. padded, tokens; the sorted
+        modes: one group per sequence); ``view`` maps a ``[G, S]`` array to the ``[B, L]`` tokens."""
+        e = self.cfg.num_experts
+        onehot = jax.nn.one_hot(expert, e, dtype=jnp.float32)
         aux = jnp.mean(jnp.mean(onehot, axis=1) * jnp.mean(probs, axis=1)) * (e ** 2)
         z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
-        kept_f = r.kept.astype(jnp.float32)
+        kept_f = kept.astype(jnp.float32)
         info = {
             "inputs": x,
-            "expert": r.expert.reshape(bp, lp)[:b, :l],
-            "gate": r.gate.reshape(bp, lp)[:b, :l],
-            "kept": r.kept.reshape(bp, lp)[:b, :l],
+            "expert": view(expert),
+            "gate": view(gate),
+            "kept": view(kept),
             "aux_loss": aux,
             "z_loss": z,
-            "dropped_fraction": jnp.sum(~r.kept).astype(jnp.float32) / r.kept.size,
+            "dropped_fraction": jnp.sum(~kept).astype(jnp.float32) / kept.size,
             "expert_usage": jnp.mean(onehot * kept_f[..., None], axis=(0, 1)),
-            "router_confidence": jnp.mean(r.gate),
+            "router_confidence": jnp.mean(gate),
         }
-        self.sow("intermediates", "moe", {k: info[k] for k in ("inputs", "expert", "gate", "kept")})
-        return out, info
+        self.sow("intermediates", "moe", {n: info[n] for n in ("inputs", "expert", "gate", "kept")})
+        return info
 
 
 def _mlp(cfg: SwitchConfig, sparse: bool, kernels: str) -> nn.Module:
