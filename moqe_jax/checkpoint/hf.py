@@ -7,29 +7,27 @@ Flax kernels ``[in, out]``; per-expert ``experts.expert_{j}.{wi,wo}`` are stacke
 ``decoder.lm_head.weight``. Tied copies (``encoder/decoder.embed_tokens``, tied ``lm_head``) may be
 present or missing. Tensors of any float dtype (bf16/f16/f32) are accepted and stored as float32.
 
-Safetensors files are parsed by a small reader so a truncated/corrupt file gives one clear line;
-``.bin`` files are read only with ``torch.load(weights_only=True)``.
+Safetensors files are read with the safetensors library (a truncated/corrupt file gives one clear line);
+``.bin`` files are read only with ``torch.load(weights_only=True)``. Weight files named by the shard index
+must be regular files inside the model directory (no absolute or ``..`` paths, no symlink leaving it, no FIFO).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import stat
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from moqe_jax.checkpoint.zarr import check_confined
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError, MoqeError
 from moqe_jax.tree import unflatten_params
 
 __all__ = ["load_hf", "load_hf_params", "read_hf_tensors", "read_safetensors", "hf_name_map"]
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
 
 def _bf16() -> Any:
     import ml_dtypes
@@ -38,45 +36,24 @@ def _bf16() -> Any:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as NumPy arrays (bf16 as ``ml_dtypes.bfloat16``)."""
+    """All tensors of one ``.safetensors`` file as NumPy arrays (bf16 as ``ml_dtypes.bfloat16``), through the
+    safetensors library (``safe_open``; it validates the header, dtypes and offsets). A FIFO or device is
+    refused before it is opened (it would hang), and every failure is one line naming the file."""
+    from safetensors import safe_open
+
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
-                                      f"file has {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: corrupt safetensors header") from None
-            data = f.read()
+        st = os.stat(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt, shape, (b0, b1) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
-        if dt == "BF16":
-            npdt = np.dtype(_bf16())
-        elif dt in _ST_DTYPES:
-            npdt = np.dtype(_ST_DTYPES[dt])
-        else:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        if b1 > len(data):
-            raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r} needs bytes up to "
-                                  f"{8 + n + b1}, file has {size})")
-        if b1 - b0 != int(np.prod(shape)) * npdt.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} byte range does not match shape {shape} {dt}")
-        out[name] = np.frombuffer(data, npdt, count=int(np.prod(shape)), offset=b0).reshape(shape)
-    return out
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (FIFO/device); refusing to read it")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError for corrupt files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg}); re-download or re-save "
+                              "it") from None
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
@@ -109,14 +86,21 @@ def _weight_files(d: str) -> list[str]:
                     wm = json.load(f)["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{p}: corrupt shard index (needs a 'weight_map')") from None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(f"{p}: corrupt shard index ('weight_map' must map names to file names)")
             files = sorted(set(wm.values()))
             for fn in files:
-                if not os.path.exists(os.path.join(d, fn)):
+                if os.path.isabs(fn) or os.path.normpath(fn).split(os.sep)[0] == "..":
+                    raise CheckpointError(f"{p}: shard {fn!r} is a path leaving the model directory {d}; shards "
+                                          "must be files inside it")
+                if not os.path.lexists(os.path.join(d, fn)):
                     raise CheckpointError(f"{p}: shard {fn} is missing")
+                check_confined(os.path.join(d, fn), d, what="shard", recursive=False, hint=_HINT)
             return [os.path.join(d, fn) for fn in files]
     for single in ("model.safetensors", "pytorch_model.bin"):
         p = os.path.join(d, single)
-        if os.path.exists(p):
+        if os.path.lexists(p):
+            check_confined(p, d, what="weight file", recursive=False, hint=_HINT)
             return [p]
     raise CheckpointError(f"{d}: no model.safetensors / pytorch_model.bin (or shard index) found")
 
@@ -132,6 +116,8 @@ def read_hf_tensors(d: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             where[k] = p
     return tensors, where
 
+
+_HINT = "copy the weight files into the model directory"
 
 Transform = Callable[[list[np.ndarray]], np.ndarray]
 

@@ -46,7 +46,11 @@ def ts_error(e: BaseException, where: str, compressor: str | None = None) -> Che
     return CheckpointError(f"{where}: {msg}")
 
 
-def check_confined(path: str, root: str, *, what: str = "array", recursive: bool = True) -> None:
+_OUTSIDE_HINT = "pass allow_outside=True to trust it"
+
+
+def check_confined(path: str, root: str, *, what: str = "array", recursive: bool = True,
+                   hint: str = _OUTSIDE_HINT) -> None:
     """``path`` (and, if a directory, every entry below it) must resolve inside ``root`` and be a regular
     file or directory: no symlink leaving the checkpoint, no FIFO/device that would hang or leak a file."""
     real_root = os.path.realpath(root)
@@ -55,7 +59,7 @@ def check_confined(path: str, root: str, *, what: str = "array", recursive: bool
         rp = os.path.realpath(p)
         if rp != real_root and not rp.startswith(real_root + os.sep):
             raise CheckpointError(f"{p}: {what} resolves to {rp}, outside the checkpoint directory {root} (a "
-                                  "symlink or path leaving the checkpoint; pass allow_outside=True to trust it)")
+                                  f"symlink or path leaving the checkpoint; {hint})")
         try:
             st = os.stat(p)
         except OSError as e:
