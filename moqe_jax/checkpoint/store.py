@@ -17,12 +17,16 @@ the previous checkpoint loadable (:func:`load` also recovers a save killed betwe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import struct
 import uuid
+import warnings
+import zlib
 from typing import Any
 
 import ml_dtypes
@@ -34,12 +38,13 @@ from moqe_jax.packed import is_packed, packed_type
 from moqe_jax.tree import flatten_params, unflatten_params
 
 __all__ = ["load", "save_params", "load_params", "read_manifest", "disk_size", "MANIFEST", "write_safetensors",
-           "read_safetensors"]
+           "read_safetensors", "check_params", "warn_nonfinite", "NonFiniteWeightsWarning"]
 
 MANIFEST = "moqe_model.json"
 FORMAT_VERSION = 1
 SAFETENSORS_FILE = "model.safetensors"
 ORBAX_DIR = "params"
+_OWN = frozenset({MANIFEST, SAFETENSORS_FILE, ORBAX_DIR})  # what a save writes; anything else is the user's
 _log = logging.getLogger(__name__)
 
 
@@ -58,6 +63,20 @@ def _np_dtype(name: str, where: str) -> np.dtype:
 
 def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def _crc32(a: np.ndarray) -> int:
+    """CRC-32 of an array's little-endian C-order bytes (the bytes the store writes)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.byteswap().view(a.dtype.newbyteorder("<"))
+    return zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def _manifest_digest(man: dict) -> str:
+    """sha256 of the manifest's canonical JSON (without its ``checksums`` entry and private ``_`` keys)."""
+    body = {k: v for k, v in man.items() if k != "checksums" and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _entries(params: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
@@ -80,14 +99,14 @@ def _entries(params: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
                     raise CheckpointError(f"{path}: packed field name {name!r} contains '/' or '::'")
                 a = _to_numpy(a)
                 tensors[f"{path}::{name}"] = a
-                fields[name] = {"shape": list(a.shape), "dtype": _dtype_name(a.dtype)}
+                fields[name] = {"shape": list(a.shape), "dtype": _dtype_name(a.dtype), "crc32": _crc32(a)}
             leaves[path] = {"kind": "packed", "type": meta["type"], "meta": meta, "fields": fields}
         else:
             a = _to_numpy(leaf)
             if a.dtype.hasobject:
                 raise CheckpointError(f"{path}: cannot store a {type(leaf).__name__} leaf")
             tensors[path] = a
-            leaves[path] = {"kind": "array", "shape": list(a.shape), "dtype": _dtype_name(a.dtype)}
+            leaves[path] = {"kind": "array", "shape": list(a.shape), "dtype": _dtype_name(a.dtype), "crc32": _crc32(a)}
     return tensors, leaves
 
 
@@ -160,10 +179,31 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         os.fsync(f.fileno())
 
 
+def _st_entry(path: str, name: str, ent: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, validated as the reference library does."""
+    bad = f"{path}: bad safetensors entry for {name!r}"
+    if not isinstance(ent, dict) or not isinstance(ent.get("dtype"), str) or ent["dtype"] not in _ST_NP:
+        raise CheckpointError(f"{bad} (expected an object with a known dtype, shape and data_offsets)")
+    shape, offs = ent.get("shape"), ent.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                              for s in shape):
+        raise CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in offs) or offs[0] > offs[1]:
+        raise CheckpointError(f"{bad}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
+    return _np_dtype(_ST_NP[ent["dtype"]], path), tuple(shape), offs[0], offs[1]
+
+
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file (memory-mapped) -> ``(tensors, metadata)``; validates every offset."""
+    """Read a safetensors file (memory-mapped) -> ``(tensors, metadata)``.
+
+    The header is validated like the reference library: every entry has a known dtype, non-negative dims and
+    offsets that match its size; the entries tile the data section exactly (contiguous, no overlap or alias)."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
@@ -176,20 +216,28 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise CheckpointError(f"{path}: missing safetensors file") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
     base = 8 + n
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-    out = {}
-    for name, ent in header.items():
-        try:
-            dt = _np_dtype(_ST_NP[ent["dtype"]], path)
-            shape = tuple(int(s) for s in ent["shape"])
-            b, e = (int(x) for x in ent["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: bad safetensors entry for {name} ({err!r})") from err
-        if e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize or b < 0 or base + e > size:
+    ents = {name: _st_entry(path, name, ent) for name, ent in header.items()}
+    pos = 0
+    for name, (dt, shape, b, e) in sorted(ents.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize or base + e > size:
             raise CheckpointError(f"{path}: tensor {name} offsets [{b}, {e}) do not fit {dt.name}{list(shape)} "
                                   f"or the file size {size}")
+        if b != pos:
+            raise CheckpointError(f"{path}: tensor {name} at [{b}, {e}) "
+                                  f"{'overlaps another tensor' if b < pos else 'leaves a gap'}: the data "
+                                  "offsets must be contiguous")
+        pos = e
+    if base + pos != size:
+        raise CheckpointError(f"{path}: {size - base - pos} trailing bytes after the last tensor (corrupt file)")
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
+    out = {}
+    for name, (dt, shape, b, e) in ents.items():
         out[name] = np.asarray(data[base + b:base + e]).view(dt.newbyteorder("<") if dt.itemsize > 1 and
                                                               dt.kind != "V" else dt).reshape(shape)
     return out, meta
@@ -220,7 +268,56 @@ def _fsync_dir(d: str) -> None:
 def _siblings(directory: str, tag: str) -> list[str]:
     parent, name = os.path.split(directory)
     pre = f".{name}.{tag}-"
-    return [os.path.join(parent, e) for e in os.listdir(parent or ".") if e.startswith(pre)]
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return []
+    return [os.path.join(parent, e) for e in entries if e.startswith(pre)]
+
+
+def _complete(d: str) -> bool:
+    """A save writes its manifest last (before the renames): a directory with one holds a whole model."""
+    return os.path.isfile(os.path.join(d, MANIFEST))
+
+
+def _newest_first(dirs: list[str]) -> list[str]:
+    def mtime(d: str) -> float:
+        try:
+            return os.path.getmtime(d)
+        except OSError:
+            return 0.0
+    return sorted(dirs, key=mtime, reverse=True)
+
+
+def _leftovers(directory: str) -> list[str]:
+    """Complete models left beside ``directory`` by a save killed between its renames: the new one (tmp)
+    first, then the previous one (old)."""
+    return [d for tag in ("tmp", "old") for d in _newest_first(_siblings(directory, tag)) if _complete(d)]
+
+
+def _recover(directory: str) -> str | None:
+    """If ``directory`` is missing but a killed save left a complete model beside it, rename it back into
+    place and return ``directory``; if the parent is read-only, return the leftover itself. None otherwise."""
+    if os.path.lexists(directory):
+        return None
+    for cand in _leftovers(directory):
+        try:
+            os.rename(cand, directory)
+        except OSError:
+            _log.warning("%s: reading the copy %s left by an interrupted save", directory, cand)
+            return cand
+        with contextlib.suppress(OSError):
+            _fsync_dir(os.path.dirname(directory) or ".")
+        _log.warning("%s: recovered from %s, left by an interrupted save", directory, os.path.basename(cand))
+        return directory
+    return None
+
+
+def _cleanup(directory: str, keep: str | None = None) -> None:
+    """Remove the hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` leftovers of earlier (killed) saves."""
+    for d in _siblings(directory, "tmp") + _siblings(directory, "old"):
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _rename(src: str, dst: str) -> None:
@@ -228,37 +325,65 @@ def _rename(src: str, dst: str) -> None:
 
 
 def _commit(tmp: str, directory: str) -> None:
-    """Swap ``tmp`` into ``directory``: old -> .NAME.old-ID, tmp -> NAME, delete old."""
+    """Swap ``tmp`` into ``directory``: old -> .NAME.old-ID, tmp -> NAME, delete old.
+
+    A kill between the two renames leaves NAME missing and both complete copies beside it; the next load or
+    save renames the newer one back (:func:`_recover`)."""
     parent = os.path.dirname(directory) or "."
     old = None
     if os.path.exists(directory):
         old = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex[:8]}")
         _rename(directory, old)
-    _rename(tmp, directory)
+    try:
+        _rename(tmp, directory)
+    except Exception:
+        if old:  # put the previous model back (a kill here is recovered by _recover instead)
+            with contextlib.suppress(OSError):
+                _rename(old, directory)
+        raise
     _fsync_dir(parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _copy_user_files(directory: str, tmp: str) -> None:
+    """Copy what the user keeps in ``directory`` (anything a save does not write, e.g. ``tokenizer/``) into
+    the new model directory ``tmp``, so replacing the model never deletes it."""
+    for e in os.listdir(directory):
+        if e in _OWN:
+            continue
+        src, dst = os.path.join(directory, e), os.path.join(tmp, e)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
 # ---- public API ---------------------------------------------------------------------------------------
 
 def save_params(params: dict, directory: str | os.PathLike, config: dict | None = None, format: str = "orbax",
-                extra: dict | None = None) -> str:
-    """Atomically write ``params`` (float and/or packed leaves) + manifest to ``directory``; return it."""
+                extra: dict | None = None, overwrite: bool = False) -> str:
+    """Atomically write ``params`` (float and/or packed leaves) + manifest to ``directory``; return it.
+
+    Re-saving over a saved model replaces the files the store writes (``moqe_model.json``, ``params/``,
+    ``model.safetensors``) and keeps every other file in the directory (e.g. ``tokenizer/``). A non-empty
+    directory that is not a saved model is refused unless ``overwrite=True`` (its files are then kept too)."""
     if format not in ("orbax", "safetensors"):
         raise CheckpointError(f"unknown checkpoint format {format!r} (orbax or safetensors)")
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
+    _recover(directory)  # a previous save killed between its renames
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(f"{directory} exists and is not a directory")
-    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MANIFEST)):
-        raise CheckpointError(f"{directory} is a non-empty directory that is not a saved model; refusing to replace it")
-    for stale in _siblings(directory, "tmp"):  # leftovers of killed saves
-        shutil.rmtree(stale, ignore_errors=True)
+    if os.path.isdir(directory) and os.listdir(directory) and not _complete(directory) and not overwrite:
+        raise CheckpointError(f"{directory} is a non-empty directory that is not a saved model; refusing to replace "
+                              "it (pass overwrite=True / --overwrite to write the model into it; its files are kept)")
+    _cleanup(directory)  # leftovers of killed saves (the model in place is complete)
     tensors, leaves = _entries(params)
     manifest = {"format_version": FORMAT_VERSION, "format": format, "config": config, "leaves": leaves,
                 **(extra or {})}
+    manifest["checksums"] = {"manifest_sha256": _manifest_digest(manifest)}
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
@@ -267,7 +392,9 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
                               {"format": "moqe", "moqe_manifest": json.dumps(manifest, sort_keys=True)})
         else:
             _orbax_save(os.path.join(tmp, ORBAX_DIR), tensors)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        if os.path.isdir(directory):
+            _copy_user_files(directory, tmp)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:  # last: marks tmp complete
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -333,16 +460,65 @@ def _orbax_restore(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]]
 
 def _resolve_dir(directory: str) -> str:
     """The directory to load; recovers a save that was killed between its two renames."""
-    if os.path.isfile(os.path.join(directory, MANIFEST)):
+    if _complete(directory):
         return directory
-    olds = [d for d in _siblings(directory, "old") if os.path.isfile(os.path.join(d, MANIFEST))] \
-        if os.path.isdir(os.path.dirname(directory) or ".") else []
-    if not os.path.exists(directory) and olds:
-        _log.warning("%s: recovering the previous checkpoint %s left by an interrupted save", directory, olds[0])
-        return max(olds, key=os.path.getmtime)
+    rec = _recover(directory)
+    if rec is not None:
+        return rec
     if not os.path.exists(directory):
         raise CheckpointError(f"{directory}: no such saved model directory")
     raise CheckpointError(f"{directory}: not a saved moqe model (no {MANIFEST})")
+
+
+def _shape(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v)
+
+
+def _check_manifest(man: Any, fn: str) -> None:
+    """The manifest validated as data (types and ranges) with one-line errors naming the file."""
+    if not isinstance(man, dict):
+        raise CheckpointError(f"{fn}: the manifest must be a JSON object, got a {type(man).__name__}")
+    if man.get("format_version") != FORMAT_VERSION or "leaves" not in man:
+        raise CheckpointError(f"{fn}: unsupported manifest (format_version {man.get('format_version')!r})")
+    if man.get("format") not in ("orbax", "safetensors"):
+        raise CheckpointError(f"{fn}: unknown storage format {man.get('format')!r} (orbax or safetensors)")
+    if man.get("config") is not None and not isinstance(man["config"], dict):
+        raise CheckpointError(f"{fn}: 'config' must be a JSON object")
+    if not isinstance(man["leaves"], dict):
+        raise CheckpointError(f"{fn}: 'leaves' must be a JSON object")
+
+    def tensor(ent: Any, what: str) -> None:
+        if not isinstance(ent, dict) or not _shape(ent.get("shape")) or not isinstance(ent.get("dtype"), str):
+            raise CheckpointError(f"{fn}: {what}: needs 'shape' (list of non-negative integers) and 'dtype'")
+        _np_dtype(ent["dtype"], f"{fn}: {what}")
+        crc = ent.get("crc32")
+        if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
+            raise CheckpointError(f"{fn}: {what}: 'crc32' must be an integer")
+
+    for path, ent in man["leaves"].items():
+        if not isinstance(ent, dict):
+            raise CheckpointError(f"{fn}: leaf {path}: expected a JSON object, got a {type(ent).__name__}")
+        kind = ent.get("kind")
+        if kind == "array":
+            tensor(ent, f"leaf {path}")
+        elif kind == "packed":
+            if not isinstance(ent.get("type"), str) or not isinstance(ent.get("meta"), dict) \
+                    or not isinstance(ent.get("fields"), dict):
+                raise CheckpointError(f"{fn}: leaf {path}: a packed leaf needs 'type', 'meta' and 'fields'")
+            for name, f in ent["fields"].items():
+                tensor(f, f"leaf {path}::{name}")
+        elif kind != "none":
+            raise CheckpointError(f"{fn}: leaf {path}: unknown manifest leaf kind {kind!r}")
+    sums = man.get("checksums")
+    if sums is not None and (not isinstance(sums, dict) or not isinstance(sums.get("manifest_sha256"), str)):
+        raise CheckpointError(f"{fn}: 'checksums' must be an object with 'manifest_sha256'")
+
+
+def _check_digest(man: dict) -> None:
+    sums = man.get("checksums")
+    if sums is not None and sums["manifest_sha256"] != _manifest_digest(man):
+        raise CheckpointError(f"{os.path.join(man['_dir'], MANIFEST)}: manifest checksum mismatch: the manifest was "
+                              "edited or is corrupt (re-save the model from its source)")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -352,17 +528,39 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     try:
         with open(fn, encoding="utf-8") as f:
             man = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{fn}: corrupt JSON ({e})") from e
-    if not isinstance(man, dict) or man.get("format_version") != FORMAT_VERSION or "leaves" not in man:
-        raise CheckpointError(f"{fn}: unsupported manifest (format_version {man.get('format_version')!r})")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{fn}: corrupt JSON ({e})".splitlines()[0]) from e
+    _check_manifest(man, fn)
     man["_dir"] = d
     return man
 
 
+def _verify(tensors: dict[str, Any], man: dict) -> None:
+    """Each tensor against its manifest entry: shape, dtype and (when stored) CRC-32 of its bytes."""
+    d = man["_dir"]
+    for path, ent in man["leaves"].items():
+        kind = ent.get("kind")
+        items = [(path, ent)] if kind == "array" else \
+            [(f"{path}::{n}", f) for n, f in ent["fields"].items()] if kind == "packed" else []
+        for key, e in items:
+            t = tensors.get(key)
+            if t is None:
+                continue  # reported by _rebuild
+            want_dt = _np_dtype(e["dtype"], key)
+            if tuple(t.shape) != tuple(e["shape"]) or np.dtype(t.dtype) != want_dt:
+                raise CheckpointError(f"{d}: tensor {key} is {np.dtype(t.dtype).name}{list(t.shape)}, the manifest "
+                                      f"says {want_dt.name}{list(e['shape'])} (dtype or shape relabelled)")
+            if e.get("crc32") is not None and isinstance(t, np.ndarray) and _crc32(t) != e["crc32"]:
+                raise CheckpointError(f"{d}: tensor {key} fails its checksum (bit rot or an edited file); "
+                                      "re-save or re-download the model")
+
+
 def load_params(directory: str | os.PathLike, sharding: Any = None) -> tuple[dict, dict]:
     """``(params, manifest)``. ``sharding``: None (NumPy arrays), a ``jax.sharding.Sharding`` for every
-    tensor, or ``fn(name, shape) -> Sharding`` (Orbax sharded restore; safetensors is placed after reading)."""
+    tensor, or ``fn(name, shape) -> Sharding`` (Orbax sharded restore; safetensors is placed after reading).
+
+    Every tensor is checked against the manifest (shape, dtype, and the CRC-32 of its bytes when the manifest
+    has one; a sharded Orbax restore skips the CRC)."""
     man = read_manifest(directory)
     d = man["_dir"]
     specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -374,25 +572,72 @@ def load_params(directory: str | os.PathLike, sharding: Any = None) -> tuple[dic
                 specs[f"{path}::{name}"] = (tuple(f["shape"]), _np_dtype(f["dtype"], f"{path}::{name}"))
     if man["format"] == "safetensors":
         tensors, _ = read_safetensors(os.path.join(d, SAFETENSORS_FILE))
-        for k, (shape, dt) in specs.items():
-            if k in tensors and (tensors[k].shape != shape or tensors[k].dtype != dt):
-                raise CheckpointError(f"{d}: tensor {k} is {tensors[k].dtype}{list(tensors[k].shape)}, manifest says "
-                                      f"{dt}{list(shape)}")
+        _verify(tensors, man)
         if sharding is not None:
             import jax
 
             tensors = {k: jax.device_put(v, sharding(k, v.shape) if callable(sharding) else sharding)
                        for k, v in tensors.items()}
-    elif man["format"] == "orbax":
-        tensors = _orbax_restore(os.path.join(d, ORBAX_DIR), specs, sharding)
     else:
-        raise CheckpointError(f"{d}: unknown storage format {man['format']!r}")
-    return _rebuild(tensors, man["leaves"], d), man
+        tensors = _orbax_restore(os.path.join(d, ORBAX_DIR), specs, sharding)
+        _verify(tensors, man)
+    params = _rebuild(tensors, man["leaves"], d)
+    _check_digest(man)
+    return params, man
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A loaded model has NaN/inf weights (it will produce NaN logits)."""
+
+
+def warn_nonfinite(params: dict, where: str) -> list[str]:
+    """Warn (:class:`NonFiniteWeightsWarning`) naming the float tensors (packed: their float fields) that hold
+    NaN/inf; returns their paths."""
+    bad = []
+    for path, leaf in flatten_params(params).items():
+        if leaf is None:
+            continue
+        arrays = leaf.to_arrays()[0] if is_packed(leaf) else {"": leaf}
+        for name, a in arrays.items():
+            if a is None or not np.issubdtype(np.dtype(a.dtype), np.inexact) and np.dtype(a.dtype).kind != "V":
+                continue
+            if not bool(np.all(np.isfinite(np.asarray(a, np.float32)))):
+                bad.append(f"{path}::{name}" if name else path)
+    if bad:
+        names = ", ".join(ascii(b)[1:-1] for b in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        warnings.warn(f"{where}: non-finite values (NaN/inf) in {len(bad)} tensor(s): {names}; the model's outputs "
+                      "will be NaN", NonFiniteWeightsWarning, stacklevel=3)
+    return bad
+
+
+def check_params(cfg: SwitchConfig, params: dict, where: str) -> None:
+    """``params`` against the shapes ``cfg`` implies (``param_shapes``) and float dtypes for float leaves."""
+    from moqe_jax.model.api import param_shapes
+
+    want = param_shapes(cfg)
+    flat = {k: v for k, v in flatten_params(params).items() if v is not None}
+    missing = sorted(set(want) - set(flat))
+    extra = sorted(set(flat) - set(want))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        n = len(missing) + len(extra)
+        raise CheckpointError(f"{where}: parameters do not match the config ({what}"
+                              f"{f' and {n - 1} more' if n > 1 else ''})")
+    for k, shape in want.items():
+        leaf = flat[k]
+        if tuple(leaf.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {k} has shape {list(leaf.shape)}, the config implies {list(shape)} "
+                                  "(the config does not match the weights)")
+        if not is_packed(leaf):
+            dt = np.dtype(leaf.dtype)
+            if not (np.issubdtype(dt, np.floating) or dt == np.dtype(ml_dtypes.bfloat16)):
+                raise CheckpointError(f"{where}: {k} has dtype {dt.name}; float weights expected")
 
 
 def load(directory: str | os.PathLike, sharding: Any = None) -> tuple[SwitchConfig, dict]:
     """``(config, params)`` of a directory written by :func:`save_params` with a config (bit-exact);
-    ``sharding`` as in :func:`load_params`."""
+    ``sharding`` as in :func:`load_params`. The params are checked against the config (shapes, dtypes) and
+    non-finite weights are warned about (:func:`warn_nonfinite`)."""
     params, man = load_params(directory, sharding)
     if not isinstance(man.get("config"), dict):
         raise CheckpointError(f"{man['_dir']}: manifest has no model config")
@@ -400,6 +645,8 @@ def load(directory: str | os.PathLike, sharding: Any = None) -> tuple[SwitchConf
         cfg = SwitchConfig.from_dict(man["config"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{man['_dir']}: bad config in {MANIFEST}: {e}".splitlines()[0]) from e
+    check_params(cfg, params, man["_dir"])
+    warn_nonfinite(params, man["_dir"])
     return cfg, params
 
 
