@@ -75,7 +75,7 @@ def _orbax_item(d: str) -> str | None:
 
 
 def _is_step(d: str) -> bool:
-    return os.path.isfile(os.path.join(d, "checkpoint")) or _orbax_item(d) is not None
+    return os.path.lexists(os.path.join(d, "checkpoint")) or _orbax_item(d) is not None
 
 
 def resolve_step_dir(path: str) -> tuple[str, str | None]:
