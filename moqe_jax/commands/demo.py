@@ -78,13 +78,13 @@ def _demo(args: argparse.Namespace) -> int:
     bar.close()
     base = rows[0][1]
     print()
-    print(f"{'model':<42}{'size MiB':>9}{'×':>6}{'expert bits/param':>18}{'BLEU':>7}{'chrF':>7}{'tok/s':>8}"
+    print(f"{'model':<42}{'size MB':>9}{'×':>6}{'expert bits/param':>18}{'BLEU':>7}{'chrF':>7}{'tok/s':>8}"
           f"{'quant s':>8}")
     for label, total, exp, bleu, chrf, tps, qs in rows:
-        print(f"{label:<42}{total / 2**20:>9.2f}{base / total:>6.2f}{exp:>18.3f}{bleu:>7.2f}{chrf:>7.2f}"
+        print(f"{label:<42}{total / 1e6:>9.2f}{base / total:>6.2f}{exp:>18.3f}{bleu:>7.2f}{chrf:>7.2f}"
               f"{tps:>8.0f}{qs:>8.1f}")
     print(f"\nBLEU: sacrebleu corpus BLEU averaged over directions ({args.directions}), {args.samples} test "
-          f"sentences each, greedy decoding. Size: real packed bytes, bf16 for non-expert weights. "
+          f"sentences each, greedy decoding. Size: real packed bytes (MB = 10^6 bytes), bf16 for non-expert weights. "
           f"Total {time.perf_counter() - t0:.0f} s.")
     return 0
 

@@ -177,6 +177,13 @@ def _progress(it: Iterable, total: int, desc: str, enable: bool | None = None) -
     return tqdm(it, total=total, desc=desc)
 
 
+def _status(msg: str) -> None:
+    """One status line on stderr (a phase that would otherwise be silent for seconds)."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _isatty() -> bool:
     import sys
 
@@ -196,6 +203,7 @@ def collect_pairs(locale_dir: str | os.PathLike, langs: Sequence[str] = LANGS, p
         jobs += [(lang, f) for f in files]
     if not jobs:
         raise DataError(f"{root}: no <lang>/LC_MESSAGES/*.mo catalogs for any of {', '.join(langs)}")
+    _status(f"reading {len(jobs)} gettext catalogs under {root} ...")
     stats = CorpusStats()
     out: dict[str, list[tuple[str, str]]] = {lang: [] for lang in langs}
     seen: dict[str, set[str]] = {lang: set() for lang in langs}

@@ -62,9 +62,12 @@ def find_or_build_corpus(arg: str | None) -> str:
         return found
     cache = cached_corpus_dir()
     if not (cache / "test.jsonl").is_file():
+        import sys
+
         from moqe_jax.data.corpus import build_corpus
 
-        print(f"building the gettext corpus from /usr/share/locale into {cache} (once) ...", flush=True)
+        print(f"building the gettext corpus from /usr/share/locale into {cache} (once) ...", file=sys.stderr,
+              flush=True)
         build_corpus("/usr/share/locale", cache)
     return str(cache)
 

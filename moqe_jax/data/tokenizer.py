@@ -172,6 +172,10 @@ def train_tokenizer(sentences: Sequence[str], out_dir: str | os.PathLike, vocab_
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     prefix = str(out / "spm")
+    import sys
+
+    print(f"training the SentencePiece tokenizer on {len(sample)} sentences (vocab {vocab_size}; about a minute "
+          "for the full corpus) ...", file=sys.stderr, flush=True)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sample), model_prefix=prefix, model_type="unigram",

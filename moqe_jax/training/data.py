@@ -12,6 +12,7 @@ import numpy as np
 
 from moqe_jax import sharding as shd
 from moqe_jax.errors import DataError
+from moqe_jax.progress import write
 from moqe_jax.training.config import TrainConfig
 
 __all__ = ["Batch", "TrainData", "SyntheticData", "MTData", "MLMData", "load_mt_data", "load_mlm_data"]
@@ -89,6 +90,10 @@ def _encode_split(corpus_dir: Path, split: str, tok: Any, max_len: int) -> tuple
         src = np.split(z["src"], s_off[1:-1])
         tgt = np.split(z["tgt"], t_off[1:-1])
         return src, tgt
+    import jax
+
+    if jax.process_index() == 0:
+        write(f"tokenizing the {split} split of {corpus_dir} (once; cached in {cache.name}) ...")
     rows = read_jsonl(corpus_dir / f"{split}.jsonl")
     src, tgt = encode_pairs(rows, tok, max_len)
     try:
@@ -171,6 +176,8 @@ def load_mlm_data(corpus_dir: str | os.PathLike, tc: TrainConfig, inputs_length:
     from moqe_jax.data.tokenizer import Tokenizer
 
     d = Path(corpus_dir)
+    if not (d / "english.txt").is_file():
+        raise DataError(f"{d}: no english.txt (build the corpus with `moqe data build --out {d}`)")
     tok = Tokenizer(tokenizer_dir or d / "tokenizer")
     train_en = english_sentences(d)
     valid_en = sorted({r["en"] for r in read_jsonl(d / "valid.jsonl")})

@@ -200,6 +200,8 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
             m = to_host(metrics)
             tok_acc += float(m["tokens"])
             rec = {"step": step + 1, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
+    if start < end:  # the first step compiles (about a minute on a laptop CPU for small-mt): say so
+        log(f"training {cfg.name} steps {start + 1}..{end}: compiling the train step ...")
                    "expert_usage": [round(float(u), 4) for u in np.ravel(m["expert_usage"])]}
             history.append(rec)
             bar.update(1)
