@@ -254,7 +254,7 @@ class T5XCheckpoint:
         self.zarr3 = bool(meta.get("use_zarr3", False))
         if not self.allow_outside:
             check_confined(item, self.dir, what="Orbax checkpoint file")
-        tree = {}
+        tree: dict[str, Any] = {}
         for entry in tree_meta.values():
             try:
                 keys = tuple(str(k["key"]) for k in entry["key_metadata"])
@@ -408,7 +408,7 @@ class T5XCheckpoint:
     def read_slice(self, path: str, index: Any = None, dtype: Any = None) -> np.ndarray:
         """Read ``path[index]`` (ints / unit-step slices), touching only the chunks that intersect it."""
         info = self.info(path)
-        if info.source == "inline":
+        if info.inline is not None:
             out = info.inline if index is None else info.inline[index]
             return np.asarray(out) if dtype is None else np.asarray(out).astype(dtype, copy=False)
         return self._open(info).read(index, dtype)

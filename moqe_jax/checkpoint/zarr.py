@@ -83,7 +83,7 @@ def _normalize_index(index: Any, shape: tuple[int, ...], where: str) -> tuple[An
         index = index[:i] + (slice(None),) * (len(shape) - len(index) + 1) + index[i + 1:]
     if len(index) > len(shape):
         raise CheckpointError(f"{where}: index {index!r} has more entries than the array rank {len(shape)}")
-    out = []
+    out: list[Any] = []
     for ix, n in zip(index, shape, strict=False):
         if isinstance(ix, (int, np.integer)):
             if not -n <= int(ix) < n:
