@@ -227,3 +227,28 @@ def test_bad_checkpoints(hf_dir, tmp_path):
     os.remove(os.path.join(dst, "model.safetensors"))
     _one_line_error(lambda: load_hf(dst), "no model.safetensors")
     _one_line_error(lambda: load_hf(str(tmp_path / "nope")), "nope")
+
+
+def test_weight_files_confined_to_the_model_dir(hf_dir, tmp_path):
+    """Shard-index entries must be files inside the model directory; a FIFO is refused, not opened (issue 16)."""
+    from safetensors.numpy import save_file
+
+    d, _ = hf_dir
+    tensors = read_safetensors(os.path.join(d, "model.safetensors"))
+    outside = str(tmp_path / "outside.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, outside)
+    for name, entry in (("abs", outside), ("dotdot", "../outside.safetensors"), ("link", "model-1.safetensors")):
+        dst = _copy(d, tmp_path, name)
+        os.remove(os.path.join(dst, "model.safetensors"))
+        if name == "link":
+            os.symlink(outside, os.path.join(dst, entry))
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": dict.fromkeys(tensors, entry)}, f)
+        msg = _one_line_error(lambda dst=dst: load_hf(dst), "model.safetensors.index.json" if name != "link" else
+                              "model-1.safetensors")
+        assert ("outside the checkpoint directory" if name == "link" else "leaving the model directory") in msg
+    dst = _copy(d, tmp_path, "fifo")
+    os.remove(os.path.join(dst, "model.safetensors"))
+    os.mkfifo(os.path.join(dst, "model.safetensors"))
+    _one_line_error(lambda: load_hf(dst), "model.safetensors", "not a regular file")
+    _one_line_error(lambda: read_safetensors(os.path.join(dst, "model.safetensors")), "not a regular file")
