@@ -1,4 +1,4 @@
-"""Hugging Face Switch export (docs/FORMATS.md §"Exports"): ``config.json`` + ``model.safetensors``.
+"""Hugging Face Switch export (docs/FORMATS.md §4): ``config.json`` + ``model.safetensors``.
 
 The reverse of :mod:`moqe_jax.checkpoint.hf`, through the same name map (``hf_name_map``: T5X path ->
 HF tensor names + the transform to the Flax layout); each transform is undone here, never re-listed.
