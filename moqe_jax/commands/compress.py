@@ -75,6 +75,27 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model_args(args, seed=args.seed)
 
 
+def _calib_tokenizer(args: argparse.Namespace) -> str:
+    """The corpus's ``tokenizer/``, else the model's, else the bundled one for the bundled model (the corpus that
+    ``moqe demo`` caches has no tokenizer of its own)."""
+    from pathlib import Path
+
+    from moqe_jax.commands.common import local_dir, model_source
+    from moqe_jax.data.locate import BUNDLED
+
+    cands = [Path(args.corpus_dir) / "tokenizer"]
+    model_dir = local_dir(args.model)
+    if model_dir:
+        cands.append(Path(model_dir) / "tokenizer")
+        if Path(model_source(args.model)).resolve().parent == BUNDLED.resolve():
+            cands.append(BUNDLED / "tokenizer")
+    for c in cands:
+        if c.exists():
+            return str(c)
+    raise DataError(f"{args.corpus_dir}: no tokenizer/ here or next to the model; build the corpus with its "
+                    f"tokenizer with `moqe data build --out {args.corpus_dir}`")
+
+
 def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
     """The batches named by ``--calib-data`` (sources: ``moqe_jax.calibration``)."""
     from moqe_jax.calibration import calibration_batches, jsonl_batches, synthetic_batches
@@ -89,10 +110,11 @@ def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
         from moqe_jax.data.locate import resolve_corpus
         from moqe_jax.data.tokenizer import Tokenizer
 
-        args.corpus_dir = resolve_corpus(args.corpus_dir, "train.jsonl", "tokenizer")
-        tok = Tokenizer(os.path.join(args.corpus_dir, "tokenizer"))
+        args.corpus_dir = resolve_corpus(args.corpus_dir, "train.jsonl")
+        tok_dir = _calib_tokenizer(args)
+        tok = Tokenizer(tok_dir)
         if tok.vocab_size > vocab:
-            raise DataError(f"{args.corpus_dir}: tokenizer vocabulary {tok.vocab_size} > model vocabulary {vocab}")
+            raise DataError(f"{tok_dir}: tokenizer vocabulary {tok.vocab_size} > model vocabulary {vocab}")
         texts = read_jsonl(os.path.join(args.corpus_dir, "train.jsonl")) if args.calib_mode == "mt" \
             else english_sentences(args.corpus_dir)
         return calibration_batches(tok, texts, mode=args.calib_mode, n=args.samples, batch_size=args.batch_size,
