@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moqe_jax.commands.common import add_config_args, apply_sets, config_value, parse_sets
+from moqe_jax.commands.common import add_config_args, apply_sets, config_value, model_source, parse_sets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.init:
         from moqe_jax.api import load_model
 
-        m = load_model(args.init)
+        m = load_model(model_source(args.init))
         cfg = apply_sets(m.config, parse_sets(args.set))
         init_params = m.params
     else:
