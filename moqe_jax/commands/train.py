@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qat-bits", default=None, help="STE QAT of --qat-components to this many bits (or 'ternary')")
     p.add_argument("--qat-components", default="experts")
     p.add_argument("--qat-granularity", default="channel", help="'channel' or a group size")
-    p.add_argument("--init", default=None, help="start from this saved model directory (required for QAT)")
+    p.add_argument("--init", default=None, help="start from this saved model directory or 'default' (required for QAT)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=500)
