@@ -233,9 +233,13 @@ def _ids(seed, b, l, t):
     return ids, dec
 
 
-@pytest.mark.parametrize("kind", ["float", "int4", "int2", "sub1"])
-@pytest.mark.parametrize("e,b,l,t", [(4, 2, 12, 7), (16, 1, 3, 2)])  # tiles path; slots path (B·L < E)
-def test_dropless_logits_equal_t5x_without_drops(seed, kind, e, b, l, t):
+TILES, SLOTS = (4, 2, 12, 7), (16, 1, 3, 2)  # E, B, L, T: tiles path; slots path (B·L < E, decode-like)
+
+
+@pytest.mark.parametrize("kind,shape", [("float", TILES), ("float", SLOTS), ("int4", TILES), ("int4", SLOTS),
+                                        ("int2", SLOTS), ("sub1", TILES), ("sub1", SLOTS)])
+def test_dropless_logits_equal_t5x_without_drops(seed, kind, shape):
+    e, b, l, t = shape
     t5x, dl = _models(seed, kind, e)
     ids, dec = _ids(seed + 1, b, l, t)
     y_ref, aux = jax.jit(lambda m: m.apply(ids, dec))(t5x)
