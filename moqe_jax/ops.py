@@ -267,6 +267,11 @@ def _ragged_tile(m: int, e: int) -> int:
     return t
 
 
+def _expert(w: MaybePacked, i: jax.Array) -> MaybePacked:
+    """``W[i]`` of a stacked weight (traced ``i``: a dynamic slice; packed leaves are expert-aligned)."""
+    return cast(Any, w)[i]
+
+
 def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPlan:
     """Static choice of :func:`ragged_qmatmul` for these shapes (shapes and mode only, never values).
 
@@ -317,7 +322,7 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
         else:
             def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
                 xi, ei = args
-                return qmatmul(xi[None], w[ei], mode=mode, preferred_element_type=preferred_element_type)[0]
+                return qmatmul(xi[None], _expert(w, ei), mode=mode, preferred_element_type=preferred_element_type)[0]
             y = jax.lax.map(one, (x, ids))
         return jnp.where(live[:, None], y, jnp.zeros((), y.dtype))
     # tiles: work item = (tile of tm sorted rows, one expert whose rows overlap the tile)
@@ -339,7 +344,7 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
         def work(out: jax.Array) -> jax.Array:
             r0 = tile * tm
             xt = jax.lax.dynamic_slice_in_dim(xp, r0, tm)
-            yt = qmatmul(xt, w[g], mode=mode, preferred_element_type=preferred_element_type).astype(out.dtype)
+            yt = qmatmul(xt, _expert(w, g), mode=mode, preferred_element_type=preferred_element_type).astype(out.dtype)
             mine = ((r0 + rows) >= starts[g]) & ((r0 + rows) < ends[g])
             cur = jax.lax.dynamic_slice_in_dim(out, r0, tm)
             return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], yt, cur), r0, 0)
