@@ -76,15 +76,17 @@ def check_confined(path: str, root: str, *, what: str = "array", recursive: bool
 
 
 def _normalize_index(index: Any, shape: tuple[int, ...], where: str) -> tuple[Any, ...]:
-    """Validate an index of ints / unit-step slices / Ellipsis (what can be read lazily) against ``shape``."""
+    """Validate an index of ints / unit-step slices / Ellipsis (what can be read lazily) against ``shape``;
+    returns one int or ``slice(start, stop)`` per dimension."""
     index = () if index is None else index if isinstance(index, tuple) else (index,)
     if any(ix is Ellipsis for ix in index):
         i = index.index(Ellipsis)
         index = index[:i] + (slice(None),) * (len(shape) - len(index) + 1) + index[i + 1:]
     if len(index) > len(shape):
         raise CheckpointError(f"{where}: index {index!r} has more entries than the array rank {len(shape)}")
+    index = index + (slice(None),) * (len(shape) - len(index))
     out: list[Any] = []
-    for ix, n in zip(index, shape, strict=False):
+    for ix, n in zip(index, shape, strict=True):
         if isinstance(ix, (int, np.integer)):
             if not -n <= int(ix) < n:
                 raise CheckpointError(f"{where}: index {int(ix)} out of range for a dimension of size {n}")
@@ -140,7 +142,7 @@ class ZarrArray:
 
     @property
     def chunks(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in self.store.chunk_layout.read_chunk.shape)
+        return tuple(int(c) for c in self.store.chunk_layout.read_chunk.shape or ())
 
     @property
     def dtype(self) -> np.dtype:
@@ -154,29 +156,46 @@ class ZarrArray:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def read(self, index: Any = None, dtype: Any = None) -> np.ndarray:
-        """The whole array, or ``index`` (ints / unit-step slices), touching only the needed chunks;
-        ``dtype`` casts chunk by chunk (tensorstore ``cast``), so no stored-dtype copy of the whole region."""
+    def _boxes(self, index: Any) -> tuple[list[tuple[int, int]], list[bool], list[list[tuple[int, int]]]]:
+        """Region bounds per dim, which dims an int index drops, and the region cut at chunk boundaries."""
+        idx = _normalize_index(index, self.shape, self.path)
+        bounds = [(ix, ix + 1) if isinstance(ix, int) else (ix.start, ix.stop) for ix in idx]
+        cuts = [[(max(a, k * c), min(b, (k + 1) * c)) for k in range(a // c, (b - 1) // c + 1)] if b > a else []
+                for (a, b), c in zip(bounds, self.chunks, strict=True)]
+        return bounds, [isinstance(ix, int) for ix in idx], cuts
+
+    def read(self, index: Any = None, dtype: Any = None, inflight: int = 1) -> np.ndarray:
+        """The whole array, or ``index`` (ints / unit-step slices), touching only the chunks it intersects.
+
+        One tensorstore read per chunk, at most ``inflight`` at a time, into a preallocated output: memory is
+        the output plus ``inflight`` chunks, whatever the region (tensorstore alone keeps every chunk of a
+        read in flight). ``dtype`` casts chunk by chunk (tensorstore ``cast``)."""
+        import itertools
+
         import tensorstore as ts
 
-        idx = _normalize_index(index, self.shape, self.path)
-        t = self.store[idx] if idx else self.store
+        bounds, drop, cuts = self._boxes(index)
+        out = np.empty([b - a for a, b in bounds], dtype=self.dtype if dtype is None else np.dtype(dtype))
+        t = self.store
         if dtype is not None and np.dtype(dtype) != self.dtype:
             t = ts.cast(t, ts.dtype(np.dtype(dtype).name))
+        pending: list[tuple[tuple[slice, ...], Any]] = []
         try:
-            return np.asarray(t.read(order="C").result())
-        except Exception as e:  # noqa: BLE001
+            for box in itertools.product(*cuts) if out.size else ():
+                dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(box, bounds, strict=True))
+                pending.append((dst, t[tuple(slice(lo, hi) for lo, hi in box)].read(order="C")))
+                while len(pending) >= max(1, inflight):
+                    d, fut = pending.pop(0)
+                    out[d] = fut.result()
+            for d, fut in pending:
+                out[d] = fut.result()
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError for every failure
             raise ts_error(e, self.path, self.compressor) from None
+        return out.reshape([n for n, dr in zip(out.shape, drop, strict=True) if not dr])
 
     def chunks_for(self, index: Any = None) -> int:
         """Number of chunks a read of ``index`` touches (for tests / benchmarks)."""
-        idx = _normalize_index(index, self.shape, self.path)
-        idx = idx + (slice(None),) * (len(self.shape) - len(idx))
-        n = 1
-        for ix, s, c in zip(idx, self.shape, self.chunks, strict=True):
-            a, b = (ix, ix + 1) if isinstance(ix, int) else ix.indices(s)[:2]
-            n *= len(range(a // c, (b - 1) // c + 1)) if b > a else 0
-        return n
+        return math.prod(len(c) for c in self._boxes(index)[2])
 
 
 def _compressor_json(compressor: str | None, level: int) -> dict | None:
