@@ -74,13 +74,16 @@ def _train(args: argparse.Namespace) -> int:
                      eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
                      qat_bits=args.qat_bits, qat_components=tuple(args.qat_components.split(",")),
                      qat_granularity=gran)
+    tc.validate()
     shd.check_fits(cfg, tc.mesh, [tc.batch_size] if tc.tokens_per_batch is None else [])
     if args.data == "synthetic":
         data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
     elif args.objective == "mlm":
-        data = load_mlm_data(args.data, tc, inputs_length=args.max_len, tokenizer_dir=args.tokenizer)
+        data = load_mlm_data(args.data, tc, inputs_length=args.max_len, tokenizer_dir=args.tokenizer,
+                             vocab_size=cfg.vocab_size)
     else:
-        data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer)
+        data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer,
+                            vocab_size=cfg.vocab_size)
     res = train(cfg, tc, data, args.out, init_params=init_params)
     if tc.qat_bits is not None:  # QAT: float master weights + the packed QuantizedTensor export (MoQE deployable)
         from moqe_jax.api import Model

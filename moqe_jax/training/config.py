@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from moqe_jax.errors import ConfigError
 from moqe_jax.packed.spec import QuantSpec
 
 __all__ = ["TrainConfig"]
@@ -37,6 +39,35 @@ class TrainConfig:
     qat_bits: int | str | None = None
     qat_components: tuple[str, ...] = ("experts",)
     qat_granularity: str | int = "channel"
+
+    def validate(self) -> None:
+        """Types and ranges of every numeric option (one-line `ConfigError` naming the option)."""
+        def whole(name: str, lo: int, flag: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"{flag} must be an integer >= {lo}, got {v!r}")
+
+        whole("steps", 1, "steps (--steps)")
+        whole("batch_size", 1, "batch size (--batch-size)")
+        whole("warmup_steps", 0, "warmup steps (--warmup)")
+        whole("log_every", 1, "log interval (--log-every)")
+        whole("eval_every", 0, "eval interval (--eval-every)")
+        whole("eval_batches", 0, "eval batches")
+        whole("save_every", 0, "save interval (--save-every)")
+        whole("keep", 1, "checkpoints to keep (--keep)")
+        if self.tokens_per_batch is not None:
+            whole("tokens_per_batch", 1, "tokens per batch (--tokens-per-batch)")
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"learning rate (--lr) must be a finite number > 0, got {lr!r}")
+        for name in ("weight_decay", "z_loss", "aux_loss_factor", "router_z_loss_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.optimizer not in ("adafactor", "adamw"):
+            raise ConfigError(f"optimizer must be adafactor or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("rsqrt", "constant", "cosine"):
+            raise ConfigError(f"schedule must be rsqrt, constant or cosine, got {self.schedule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -85,11 +85,15 @@ def _encode_split(corpus_dir: Path, split: str, tok: Any, max_len: int) -> tuple
     h = hashlib.sha1(Path(tok.path).read_bytes()).hexdigest()[:10]
     cache = corpus_dir / f".{split}.{h}.{max_len}.npz"
     if cache.is_file():
-        z = np.load(cache)
-        s_off, t_off = z["src_off"], z["tgt_off"]
-        src = np.split(z["src"], s_off[1:-1])
-        tgt = np.split(z["tgt"], t_off[1:-1])
-        return src, tgt
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                s_off, t_off = z["src_off"], z["tgt_off"]
+                src = np.split(z["src"], s_off[1:-1])
+                tgt = np.split(z["tgt"], t_off[1:-1])
+            if len(src) == len(s_off) - 1 and len(tgt) == len(t_off) - 1:
+                return src, tgt
+        except Exception:  # noqa: BLE001,S110 - a truncated/corrupt cache (ours) is rebuilt below
+            pass
     import jax
 
     if jax.process_index() == 0:
@@ -107,9 +111,18 @@ def _encode_split(corpus_dir: Path, split: str, tok: Any, max_len: int) -> tuple
     return src, tgt
 
 
+def _check_vocab(tok: Any, vocab_size: int | None) -> None:
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise DataError(f"tokenizer {tok.path}: vocabulary of {tok.vocab_size} tokens > the model's vocab_size "
+                        f"{vocab_size} (ids beyond it make the loss NaN); use a model with vocab_size >= "
+                        f"{tok.vocab_size} (--set vocab_size={tok.vocab_size}) or the matching tokenizer")
+
+
 def load_mt_data(corpus_dir: str | os.PathLike, tc: TrainConfig, max_len: int = 96, eval_rows: int = 64,
-                 tokenizer_dir: str | os.PathLike | None = None, drop_long: bool = True) -> MTData:
+                 tokenizer_dir: str | os.PathLike | None = None, drop_long: bool = True,
+                 vocab_size: int | None = None) -> MTData:
     """``MTData`` from a ``moqe data build`` directory (tokenizer in ``<dir>/tokenizer`` unless given).
+    ``vocab_size``: the model's; a larger tokenizer vocabulary is a `DataError`.
 
     Examples longer than ``max_len`` tokens (source or target incl. eos) are dropped from training when
     ``drop_long`` (else truncated); the validation sample keeps only those that fit."""
@@ -120,6 +133,7 @@ def load_mt_data(corpus_dir: str | os.PathLike, tc: TrainConfig, max_len: int = 
     if not (d / "train.jsonl").is_file():
         raise DataError(f"{d}: no train.jsonl (build the corpus with `moqe data build --out {d}`)")
     tok = Tokenizer(tokenizer_dir or d / "tokenizer")
+    _check_vocab(tok, vocab_size)
     buckets = tuple(b for b in DEFAULT_BUCKETS if b <= max_len) or (max_len,)
     src, tgt = _encode_split(d, "train", tok, max_len + 1)
     vsrc, vtgt = _encode_split(d, "valid", tok, max_len + 1)
@@ -169,7 +183,7 @@ class MLMData:
 
 
 def load_mlm_data(corpus_dir: str | os.PathLike, tc: TrainConfig, inputs_length: int = 32,
-                  tokenizer_dir: str | os.PathLike | None = None) -> MLMData:
+                  tokenizer_dir: str | os.PathLike | None = None, vocab_size: int | None = None) -> MLMData:
     """Span-corruption data: the training-split English side (``english.txt``) for training, the English side
     of the validation split for eval (docs/DATA.md: the English sentences of valid/test never occur in train)."""
     from moqe_jax.data.corpus import english_sentences, read_jsonl
@@ -179,6 +193,7 @@ def load_mlm_data(corpus_dir: str | os.PathLike, tc: TrainConfig, inputs_length:
     if not (d / "english.txt").is_file():
         raise DataError(f"{d}: no english.txt (build the corpus with `moqe data build --out {d}`)")
     tok = Tokenizer(tokenizer_dir or d / "tokenizer")
+    _check_vocab(tok, vocab_size)
     train_en = english_sentences(d)
     valid_en = sorted({r["en"] for r in read_jsonl(d / "valid.jsonl")})
     return MLMData(tok.encode_batch(train_en), tok.encode_batch(valid_en), tok.vocab_size, tc.batch_size,

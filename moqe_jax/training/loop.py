@@ -26,7 +26,7 @@ import optax
 
 from moqe_jax import sharding as shd
 from moqe_jax.config import SwitchConfig
-from moqe_jax.errors import ConfigError
+from moqe_jax.errors import CheckpointError, ConfigError, DataError, MoqeError
 from moqe_jax.progress import progress, write
 from moqe_jax.training.config import TrainConfig
 from moqe_jax.training.data import Batch, TrainData
@@ -34,7 +34,11 @@ from moqe_jax.training.loss import make_loss_fn
 from moqe_jax.training.optimizer import make_optimizer
 from moqe_jax.tree import to_host
 
-__all__ = ["train", "TrainResult", "save_final_model"]
+__all__ = ["train", "TrainResult", "save_final_model", "TrainingDivergedError"]
+
+
+class TrainingDivergedError(MoqeError, RuntimeError):
+    """The loss (or the update) became NaN/inf: the run stopped without saving that state."""
 
 _COMPILED: dict[Any, tuple] = {}
 _BATCH_KEYS = ("input_ids", "decoder_input_ids", "targets", "weights")
@@ -79,6 +83,9 @@ def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
         params = optax.apply_updates(st["params"], updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0])
         metrics["grad_norm"] = optax.tree.norm(grads)
+        # 1.0 when the loss, the gradients and the update are all finite (checked on the host every step)
+        metrics["finite"] = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                             & jnp.isfinite(optax.tree.norm(updates))).astype(jnp.float32)
         return {"step": st["step"] + 1, "params": params, "opt_state": opt, "rng": rng}, metrics
 
     batch_in = dict.fromkeys(_BATCH_KEYS, b_shard)
@@ -112,10 +119,9 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     """
     # -- validate everything before any compute --------------------------------------------------------
     cfg.validate()
+    tc.validate()
     mesh_sizes = shd.parse_mesh(tc.mesh)
     shd.check_fits(cfg, mesh_sizes, data.batch_rows())
-    if tc.steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {tc.steps}")
     if tc.qat_bits is not None and init_params is None:
         raise ConfigError("QAT needs a trained model to start from (--init DIR)")
     mesh = shd.make_mesh(mesh_sizes)
@@ -146,8 +152,14 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
         mngr = ocp.CheckpointManager(ckdir, options=opts)
         latest = mngr.latest_step()
         if latest is not None:
-            restored = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+            _check_resume(Path(out_dir), cfg, tc)
+            try:
+                restored = mngr.restore(latest, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged/foreign dir
+                mngr.close()
+                raise CheckpointError(f"{ckdir}: cannot resume step {latest} ({type(e).__name__}: {e}"
+                                      .splitlines()[0] + "); use a fresh --out") from e
             state = restored["state"]
             meta = restored["meta"]
             start = int(meta["data_position"])
@@ -188,6 +200,8 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     history: list[dict] = []
     eval_history: list[dict] = []
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    if start < end:  # the first step compiles (about a minute on a laptop CPU for small-mt): say so
+        log(f"training {cfg.name} steps {start + 1}..{end}: compiling the train step ...")
     bar = progress(total=end, initial=start, desc="train", enable=None if jax.process_index() == 0 else False)
     t0, tok_acc, last_log = time.perf_counter(), 0.0, start
     jsonl = None
@@ -195,13 +209,21 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
         jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     try:
         for step in range(start, end):
-            batch = shd.shard_batch(data.batch(step), mesh)
-            state, metrics = jstep(state, batch)
+            host_batch = data.batch(step)
+            _check_ids(host_batch, cfg.vocab_size, step + 1)
+            batch = shd.shard_batch(host_batch, mesh)
+            new_state, metrics = jstep(state, batch)  # state is donated: only new_state is valid now
             m = to_host(metrics)
+            if not float(m.pop("finite")) > 0:
+                last = mngr.latest_step() if mngr is not None else None
+                keep = f"the last good checkpoint (step {last}) is kept in {Path(out_dir or '.') / 'checkpoints'}" if last is not None \
+                    else "no checkpoint was saved"
+                raise TrainingDivergedError(
+                    f"non-finite loss at step {step + 1} (loss {float(m['loss'])}, grad norm "
+                    f"{float(m['grad_norm'])}): stopped without saving; {keep} (lower --lr, check the data)")
+            state = new_state
             tok_acc += float(m["tokens"])
             rec = {"step": step + 1, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
-    if start < end:  # the first step compiles (about a minute on a laptop CPU for small-mt): say so
-        log(f"training {cfg.name} steps {start + 1}..{end}: compiling the train step ...")
                    "expert_usage": [round(float(u), 4) for u in np.ravel(m["expert_usage"])]}
             history.append(rec)
             bar.update(1)
@@ -216,6 +238,7 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
                 t0, tok_acc, last_log = time.perf_counter(), 0.0, s
             if jsonl is not None:
                 jsonl.write(json.dumps(rec) + "\n")
+                jsonl.flush()
             if tc.eval_every and (s % tc.eval_every == 0 or s == tc.steps):
                 ev = run_eval(s)
                 eval_history.append(ev)
@@ -232,6 +255,42 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
             mngr.wait_until_finished()
             mngr.close()
     return TrainResult(state["params"], int(state["step"]), history, eval_history)
+
+
+def _check_ids(batch: Batch, vocab: int, step: int) -> None:
+    """Token ids must index the model's vocabulary (out-of-range ids make the loss NaN on accelerators)."""
+    for k in ("input_ids", "decoder_input_ids", "targets"):
+        a = np.asarray(batch[k])
+        if a.size and (int(a.max()) >= vocab or int(a.min()) < 0):
+            raise DataError(f"batch {step}: {k} holds token id {int(a.max()) if a.max() >= vocab else int(a.min())} "
+                            f"outside the model's vocabulary [0, {vocab}) (tokenizer and model vocab_size differ)")
+
+
+def _check_resume(out_dir: Path, cfg: SwitchConfig, tc: TrainConfig) -> None:
+    """A run resumed in ``out_dir`` must have the model config (and optimizer) it was started with."""
+    f = out_dir / "model_config.json"
+    if f.is_file():
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            old = None
+        new = json.loads(json.dumps(cfg.to_dict()))
+        if isinstance(old, dict):
+            old.pop("name", None)
+            new.pop("name", None)
+        if old != new:
+            diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+            raise ConfigError(f"{out_dir}: holds checkpoints of another model config (differs in "
+                              f"{', '.join(diff[:4]) or 'format'}); use a fresh --out or the same --config/--set")
+    f = out_dir / "train_config.json"
+    if f.is_file():
+        try:
+            old_opt = json.loads(f.read_text()).get("optimizer")
+        except (OSError, ValueError, AttributeError):
+            old_opt = None
+        if old_opt is not None and old_opt != tc.optimizer:
+            raise ConfigError(f"{out_dir}: was trained with --optimizer {old_opt}; resume with the same optimizer "
+                              "or use a fresh --out")
 
 
 def save_final_model(cfg: SwitchConfig, params: Any, directory: str | os.PathLike, dtype: str = "float32",
