@@ -216,7 +216,8 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
             m = to_host(metrics)
             if not float(m.pop("finite")) > 0:
                 last = mngr.latest_step() if mngr is not None else None
-                keep = f"the last good checkpoint (step {last}) is kept in {Path(out_dir or '.') / 'checkpoints'}" if last is not None \
+                ckd = Path(out_dir or ".") / "checkpoints"
+                keep = f"the last good checkpoint (step {last}) is kept in {ckd}" if last is not None \
                     else "no checkpoint was saved"
                 raise TrainingDivergedError(
                     f"non-finite loss at step {step + 1} (loss {float(m['loss'])}, grad norm "
