@@ -140,7 +140,9 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         raise ConfigError(f"{src}: sharding= applies to saved model directories only")
     if src.startswith("hf:"):
         from moqe_jax.checkpoint.hf import load_hf
+        from moqe_jax.checkpoint.hf_export import export_config
 
+        cfg = cfg or export_config(src[3:])  # our own export: the full config it embedded
         cfg, params = load_hf(src[3:], config=cfg)
         store.warn_nonfinite(params, src)
         return Model(cfg, params)

@@ -63,8 +63,8 @@ def test_float_export_parity_and_roundtrip(tmp_path, seed, tie):
     d = m.to_hf(tmp_path / "hf")
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
     _check_parity(m, d, seed)
-    back = load_model(f"hf:{d}")  # our importer reads the export back bit-exactly
-    assert back.config.to_hf() == m.config.to_hf()
+    back = load_model(f"hf:{d}")  # our importer reads the export back bit-exactly, with the full config
+    assert back.config == m.config and back.config.to_dict() == m.config.to_dict()
     a, b = flatten_params(m.params), flatten_params(back.params)
     assert a.keys() == b.keys()
     for k in a:
@@ -99,6 +99,12 @@ def test_config_json_and_refusals(tmp_path):
         c = json.load(f)
     assert c["model_type"] == "switch_transformers" and c["num_sparse_encoder_layers"] == 1
     assert SwitchConfig.from_hf(d).sparse_layers("encoder") == m.config.sparse_layers("encoder")
+    assert c["moqe_jax_config"]["max_group_size"] == m.config.max_group_size
+    c["expert_capacity"] = 7  # an edited HF config wins over the embedded one
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(c, f)
+    edited = load_model(f"hf:{d}").config
+    assert edited.hf_expert_capacity == 7 and edited.max_group_size == SwitchConfig().max_group_size
     # HF's rule i % (L // n) == 1 vs Flaxformer's i % s == s - 1: equal for steps 1 and 2 only
     assert hf_sparse_layers(12, 6) == SwitchConfig(num_layers=12, encoder_sparse_step=2).sparse_layers("encoder")
     assert hf_sparse_layers(4, 0) == (1,)  # transformers' "0 sparse layers" still builds one

@@ -28,11 +28,13 @@ from moqe_jax.errors import CheckpointError
 from moqe_jax.packed import is_packed
 from moqe_jax.tree import flatten_params
 
-__all__ = ["HF_DTYPES", "hf_sparse_layers", "check_hf_exportable", "hf_state_dict", "export_hf"]
+__all__ = ["HF_DTYPES", "hf_sparse_layers", "check_hf_exportable", "hf_state_dict", "export_hf", "export_config"]
 
 HF_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+#: Key of ``config.json`` holding the full ``SwitchConfig`` (fields HF lacks: routing, capacity factors, group size).
+CONFIG_KEY = "moqe_jax_config"
 
 
 class _ModelLike(Protocol):
@@ -112,6 +114,22 @@ def hf_state_dict(cfg: SwitchConfig, params: dict, dtype: str = "float32") -> di
     return out
 
 
+def export_config(directory: str | os.PathLike) -> SwitchConfig | None:
+    """The full ``SwitchConfig`` an export of ours wrote into ``config.json`` — only while the file's HF fields
+    still agree with it (an edited or foreign ``config.json`` is read by ``SwitchConfig.from_hf`` instead)."""
+    p = os.path.join(os.fspath(directory), CONFIG_FILE)
+    try:
+        with open(p, encoding="utf-8") as f:
+            d = json.load(f)
+        cfg = SwitchConfig.from_dict(d[CONFIG_KEY])
+    except Exception:  # noqa: BLE001 - no (usable) embedded config: the caller falls back to from_hf
+        return None
+    hf = cfg.to_hf()
+    if any(d.get(k) != v for k, v in hf.items() if k not in ("encoder_sparse_step", "decoder_sparse_step")):
+        return None
+    return cfg
+
+
 def _commit(tmp: str, directory: str) -> None:
     old = None
     if os.path.exists(directory):
@@ -135,7 +153,7 @@ def export_hf(model: _ModelLike, directory: str | os.PathLike, dtype: str = "flo
     if os.path.isdir(d) and os.listdir(d) and not os.path.exists(os.path.join(d, CONFIG_FILE)):
         raise CheckpointError(f"{d} is a non-empty directory that is not a Hugging Face export; refusing to "
                               "replace it (choose a new directory)")
-    hf_cfg = {**cfg.to_hf(), "dtype": dtype, "_name_or_path": cfg.name}
+    hf_cfg = {**cfg.to_hf(), "dtype": dtype, "_name_or_path": cfg.name, CONFIG_KEY: cfg.to_dict()}
     parent = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(d)}.tmp-{uuid.uuid4().hex[:8]}")

@@ -116,7 +116,9 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
         return load_model(src, apply_sets(base, sets)).with_kernels(kernels)
     if src.startswith("hf:"):
         if sets and base is None:
-            base = SwitchConfig.from_hf(src[3:])
+            from moqe_jax.checkpoint.hf_export import export_config
+
+            base = export_config(src[3:]) or SwitchConfig.from_hf(src[3:])
         return load_model(src, None if base is None else apply_sets(base, sets)).with_kernels(kernels)
     model = load_model(src)
     if base is None and not sets:
