@@ -1,10 +1,11 @@
 """Peak RSS of lazy T5X reads: one expert / one sparse layer vs the whole checkpoint (issue 3).
 
 Writes a base-128-shaped fixture (E=128, D=768, F=3072, V=32128, bf16 on disk, T5X chunk rule) with
-``--layers`` encoder and decoder layers (odd ones sparse; default 2+2 = 2 sparse + 2 dense), then
-measures each read in a fresh subprocess (``ru_maxrss`` minus the RSS after imports).
+``--layers`` encoder and decoder layers (odd ones sparse; default 2+2 = 2 sparse + 2 dense) and ``--experts``
+experts, then measures each read in a fresh subprocess (VmHWM minus the RSS after imports). ``--orbax`` also
+writes the same parameters as an Orbax OCDBT T5X step and measures the same reads on it.
 
-    python -m benchmarks.t5x_lazy_rss [--dir /tmp/t5x_rss] [--layers 2] [--keep]
+    python -m benchmarks.t5x_lazy_rss [--dir /tmp/t5x_rss] [--layers 2] [--experts 128] [--orbax] [--keep]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MODES = {
     "all": "read_all() (whole checkpoint, stored bf16)",
     "all_f32": "load_t5x_params (whole checkpoint as float32, what load_model does)",
 }
+ORBAX_MODES = ("index", "expert", "layer", "all_f32")
 
 
 def _status_mb(key: str) -> float:
@@ -82,13 +84,13 @@ def _leaves(tree):
         yield tree
 
 
-def make_fixture(directory: str, layers: int) -> str:
+def make_fixture(directory: str, layers: int, E: int = 128, orbax: bool = False) -> str:
     import ml_dtypes
     import numpy as np
 
-    from moqe_jax.checkpoint.t5x_writer import write_t5x_checkpoint
+    from moqe_jax.checkpoint.t5x_writer import write_orbax_t5x, write_t5x_checkpoint
 
-    D, F, E, H, K, V = 768, 3072, 128, 12, 64, 32128
+    D, F, H, K, V = 768, 3072, 12, 64, 32128
     J = H * K
     rng = np.random.default_rng(0)
     shapes = {"token_embedder/embedding": (V, D), "encoder/relpos_bias/rel_embedding": (H, 32),
@@ -117,6 +119,8 @@ def make_fixture(directory: str, layers: int) -> str:
         for k, s in shapes.items():
             yield k, rng.standard_normal(s, dtype=np.float32).astype(ml_dtypes.bfloat16)
 
+    if orbax:  # orbax saves one tree (all arrays in memory at once)
+        return write_orbax_t5x(directory, dict(arrays()), step=1, layout="ocdbt", item="state")
     return write_t5x_checkpoint(directory, arrays(), step=1, dtype=ml_dtypes.bfloat16, progress=True)
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/t5x_rss_fixture")
     ap.add_argument("--layers", type=int, default=2, help="layers per stack (odd ones sparse)")
+    ap.add_argument("--experts", type=int, default=128, help="experts per sparse layer (base-128: 128)")
+    ap.add_argument("--orbax", action="store_true", help="also measure an Orbax OCDBT copy")
     ap.add_argument("--keep", action="store_true", help="keep the fixture")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "t5x_lazy_rss.md"))
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
@@ -137,42 +143,64 @@ def main() -> None:
     t0 = time.perf_counter()
     reused = os.path.exists(os.path.join(ck, "checkpoint"))
     if not reused:
-        make_fixture(args.dir, args.layers)
+        make_fixture(args.dir, args.layers, args.experts)
     write_s = time.perf_counter() - t0
     disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck) for f in fs)
+    runs = [("legacy", ck, list(MODES))]
+    orbax_s = orbax_disk = 0.0
+    if args.orbax:
+        t0 = time.perf_counter()
+        ock = os.path.join(args.dir, "orbax", "1")
+        if not os.path.exists(os.path.join(ock, "state", "_METADATA")):
+            make_fixture(os.path.join(args.dir, "orbax"), args.layers, args.experts, orbax=True)
+        orbax_s = time.perf_counter() - t0
+        orbax_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ock) for f in fs)
+        runs.append(("orbax-ocdbt", ock, list(ORBAX_MODES)))
     rows = []
-    for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, "--child", ck, mode], check=True, capture_output=True,
-                             text=True, env={**os.environ, "MOQE_NO_PROGRESS": "1"})
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(r)
-        print(f"{mode:10s} peak {r['peak_mb']:9.1f} MB (imports {r['base_mb']:.1f} MB) data {r['data_mb']:9.1f} MB "
-              f"{r['seconds']:7.2f} s", flush=True)
+    for layout, path, modes in runs:
+        for mode in modes:
+            out = subprocess.run([sys.executable, __file__, "--child", path, mode], check=True, capture_output=True,
+                                 text=True, env={**os.environ, "MOQE_NO_PROGRESS": "1"})
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["layout"] = layout
+            rows.append(r)
+            print(f"{layout:11s} {mode:10s} peak {r['peak_mb']:9.1f} MB (imports {r['base_mb']:.1f} MB) "
+                  f"data {r['data_mb']:9.1f} MB {r['seconds']:7.2f} s", flush=True)
+    from importlib.metadata import version
+
+    import jax
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    E = args.experts
     lines = [
         "# Lazy T5X reading: peak RSS (benchmarks/t5x_lazy_rss.py)", "",
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {platform.node()}, "
         f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {mem:.0f} GiB RAM, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}, JAX {jax.__version__} (CPU; no accelerator involved), tensorstore "
+        f"{version('tensorstore')}, orbax-checkpoint {version('orbax-checkpoint')}.",
         "",
-        f"Fixture: base-128 shapes (E=128, D=768, F=3072, V=32128, H=12), {args.layers} encoder + "
+        f"Fixture: base-128 shapes with E={E} (D=768, F=3072, V=32128, H=12), {args.layers} encoder + "
         f"{args.layers} decoder layers (odd layers sparse), bf16 on disk, gzip level 1, T5X chunk rule; "
         f"{disk / 2**30:.2f} GiB on disk "
-        f"({'reused from an earlier run' if reused else f'written in {write_s:.0f} s'}). "
+        f"({'reused from an earlier run' if reused else f'written in {write_s:.0f} s'})"
+        + (f"; Orbax OCDBT copy (orbax-checkpoint, zstd) {orbax_disk / 2**30:.2f} GiB"
+           + (f", written in {orbax_s:.0f} s" if orbax_s > 5 else ", reused") if args.orbax else "") + ". "
         "Each row is a fresh subprocess; "
         "`peak` = VmHWM (high-water RSS of the child), `imports` = RSS after importing numpy + the reader.", "",
-        "| read | peak RSS (MB) | after imports (MB) | peak - imports (MB) | data returned (MB) | time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| layout | read | peak RSS (MB) | after imports (MB) | peak - imports (MB) | data returned (MB) | time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {MODES[r['mode']]} | {r['peak_mb']:.0f} | {r['base_mb']:.0f} | "
+        lines.append(f"| {r['layout']} | {MODES[r['mode']]} | {r['peak_mb']:.0f} | {r['base_mb']:.0f} | "
                      f"{r['peak_mb'] - r['base_mb']:.0f} | {r['data_mb']:.0f} | {r['seconds']:.1f} |")
-    lines += ["", "Reading touches only the zarr chunks of the requested parameters (one chunk decompressed at a "
-              "time into a preallocated output), so peak memory tracks the bytes returned, not the checkpoint size. "
+    lines += ["", "Reading touches only the zarr chunks of the requested parameters (tensorstore decodes one chunk "
+              "at a time into a preallocated output), so peak memory tracks the bytes returned, not the checkpoint "
+              "size. Orbax layouts read whole parameters and layers through orbax-checkpoint (a partial restore of "
+              "just those leaves) and slices through the same chunk-by-chunk tensorstore path. "
               f"With T5X's 64 MiB chunk rule the expert axis is not split ([128, 768, 3072] bf16 -> chunks "
-              f"{list(t5x_chunk_shape((128, 768, 3072), 2))}); a region smaller than a chunk is stream-decompressed "
-              "only up to the end of its byte span and only that span is kept, so one expert costs its own bytes "
-              "(plus, on average, half of each chunk's decompression time).", ""]
+              f"{list(t5x_chunk_shape((E, 768, 3072), 2))}); a region smaller than a chunk costs the "
+              "whole chunk's decompression (tensorstore decodes chunks whole), so one expert costs its own bytes "
+              "plus one compressed and one decoded chunk.", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
