@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # ONE device call: GPU kernel tests (Pallas Triton backend, not interpret) + all GPU benchmarks.
-#   run tool:  bash benchmarks/gpu_all.sh [stage ...]     stages: env probe kernels moe tests sub1 (default: all)
+#   run tool:  bash benchmarks/gpu_all.sh [stage ...]     stages: env probe kernels moe tests sub1 generate (default: all)
 # Writes gpu_all.log and the result tables (*.md + *.json) under $OUT (copy them into benchmarks/results/).
 # Extra arguments: KERNELS_ARGS / MOE_ARGS for the benchmarks (e.g. "--shapes 4096x10240 --batches 1"),
-# TESTS_K for a pytest -k selection. "probe" checks the in-kernel strided activation loads and falls back to
+# TESTS_K for a pytest -k selection, GEN_ARGS for benchmarks/generate.py (stage "generate": end-to-end
+# Model.generate on a switch-base-128-shaped random model, bf16 vs int4 vs sub-1-bit experts, batch 1, 64 new
+# tokens, ~3 compiles + 5 rounds). "probe" checks the in-kernel strided activation loads and falls back to
 # the XLA residue split (MOQE_KERNEL_XPREP=1) for the later stages if they do not compile.
 set -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOQE_NO_PROGRESS=1
@@ -13,7 +15,7 @@ export MOQE_BENCH_OUT="$OUT"
 LOG="$OUT/gpu_all.log"
 PY=${PY:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env probe kernels moe tests sub1)
+[ ${#stages[@]} -eq 0 ] && stages=(env probe kernels moe tests sub1 generate)
 rc=0
 for s in "${stages[@]}"; do
   echo "=== stage $s ($(date -u +%H:%M:%S)) ===" | tee -a "$LOG"
@@ -55,6 +57,7 @@ PYEOF
               tests/test_sub1_kernel.py 2>&1 | tee -a "$LOG" || rc=1
             timeout 400 $PY -m benchmarks.sub1 --no-bits --no-encode --out "$OUT" $SUB1_ARGS 2>&1 | tee -a "$LOG" || rc=1
           fi ;;
+    generate) timeout 300 $PY -m benchmarks.generate --gpu --out generate_gpu $GEN_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;
     *) echo "unknown stage $s" | tee -a "$LOG"; rc=2 ;;
   esac
 done
