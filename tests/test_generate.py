@@ -223,3 +223,17 @@ def test_generate_inside_jit_is_a_clear_error() -> None:
     m = _tiny(0)
     with pytest.raises(ConfigError, match="outside jax.jit"):
         jax.jit(lambda x: jnp.asarray(m.generate(x, 3)))(jnp.ones((1, 3), jnp.int32))
+
+
+def test_bench_command_runs_the_checkout_benchmark() -> None:
+    """`moqe bench generate ARGS` is registered and hands ARGS to benchmarks/generate.py of this checkout."""
+    from pathlib import Path
+
+    from moqe_jax.cli import build_parser
+    from moqe_jax.commands import bench
+
+    args = build_parser().parse_args(["bench", "generate", "--quick", "--models", "bundled"])
+    assert args.name == "generate" and args.args == ["--quick", "--models", "bundled"]
+    assert bench.checkout_root() == Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "nothing"])
