@@ -2,7 +2,7 @@
 # ONE device call: GPU kernel tests (Pallas Triton backend, not interpret) + all GPU benchmarks.
 #   run tool:  bash benchmarks/gpu_all.sh [stage ...]     stages: env probe kernels moe tests sub1 generate (default: all)
 # Writes gpu_all.log and the result tables (*.md + *.json) under $OUT (copy them into benchmarks/results/).
-# Extra arguments: KERNELS_ARGS / MOE_ARGS for the benchmarks (e.g. "--shapes 4096x10240 --batches 1"),
+# Extra arguments: KERNELS_ARGS / MOE_ARGS / MOE_LAYER_ARGS for the benchmarks (e.g. "--shapes 4096x10240 --batches 1"),
 # TESTS_K for a pytest -k selection, GEN_ARGS for benchmarks/generate.py (stage "generate": end-to-end
 # Model.generate on a switch-base-128-shaped random model, bf16 vs int4 vs sub-1-bit experts, batch 1, 64 new
 # tokens, ~3 compiles + 5 rounds). "probe" checks the in-kernel strided activation loads and falls back to
@@ -50,6 +50,8 @@ PYEOF
              $PY benchmarks/kernels.py --compare "$OUT/kernels_gpu.json" benchmarks/results/kernels_gpu_v2.json \
                --out kernels_gpu_vs_v2 2>&1 | tee -a "$LOG" || rc=1 ;;
     moe) timeout 300 $PY benchmarks/moe_decode.py --out moe_decode_gpu $MOE_ARGS 2>&1 | tee -a "$LOG" || rc=1
+         # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16 tokens)
+         timeout 240 $PY benchmarks/moe_decode.py --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 | tee -a "$LOG" || rc=1
          $PY benchmarks/kernels.py --compare "$OUT/moe_decode_gpu.json" benchmarks/results/moe_decode_gpu_v2.json \
            --out moe_decode_gpu_vs_v2 2>&1 | tee -a "$LOG" || rc=1 ;;
     sub1) if [ -f benchmarks/sub1.py ]; then  # sub-1-bit: Triton tests + kernel vs bf16 (+ $SUB1_ARGS, e.g. --sweep)

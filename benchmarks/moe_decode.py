@@ -11,13 +11,22 @@ Two expert layouts:
 
 Routing uses ``moqe_jax.model.routing`` (top-1, in-order priority, capacity of spec §4.8).
 
+``--layer``: the model's own ``MoeLayer`` on a decode step ``x [B, 1, D]``, ``routing_mode="t5x"`` (capacity
+layout, every expert computed) vs ``"dropless"`` (slots sorted by expert, ``ops.ragged_qmatmul`` over the
+active experts only) vs the floor (the distinct chosen experts' matmuls alone, their weights pre-sliced),
+float and int4 experts, medians of ≥ 5 rounds over rotating token sets, compile time reported separately.
+Notes and expectations: benchmarks/results/moe_decode_notes.md.
+
     python -m benchmarks.moe_decode [--quick]
+    python -m benchmarks.moe_decode --layer [--quick] [--formats float32,int4] [--batches 1,16]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +35,9 @@ import numpy as np
 from benchmarks.common import copy_bandwidth, device_info, time_rotated, write_results
 from benchmarks.kernels import random_qt
 from moqe_jax import ops
+from moqe_jax.config import SwitchConfig
 from moqe_jax.model import routing
+from moqe_jax.model.layers import MoeLayer
 from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
 
@@ -132,16 +143,125 @@ def run(quick: bool, out: str, batches: list[int] | None = None) -> list[list]:
     return rows
 
 
+# ---- --layer: the model's MoeLayer, t5x capacity vs dropless vs the floor ----------------------------------
+def _timed_compile(fn, *args):
+    t0 = time.perf_counter()
+    c = jax.jit(fn).lower(*args).compile()
+    return c, time.perf_counter() - t0
+
+
+def _median_per_call(calls, rounds: int) -> float:
+    """Median over ``rounds`` of the mean seconds of one call (each round runs every ``(fn, args)`` once)."""
+    per = []
+    for _ in range(rounds):
+        t = 0.0
+        for fn, args in calls:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            t += time.perf_counter() - t0
+        per.append(t / len(calls))
+    return statistics.median(per)
+
+
+def _expert_weights(fmt: str, key: jax.Array, e: int, d: int, f: int):
+    k1, k2 = jax.random.split(key)
+    if fmt in ("float32", "bfloat16"):
+        dt = jnp.dtype(fmt)
+        return (jax.random.normal(k1, (e, d, f), dt) * d ** -0.5, jax.random.normal(k2, (e, f, d), dt) * f ** -0.5)
+    spec = {"int4": QuantSpec(4), "int2": QuantSpec(2)}[fmt]
+    return (jax.vmap(lambda kk: random_qt(kk, spec, d, f))(jax.random.split(k1, e)),
+            jax.vmap(lambda kk: random_qt(kk, spec, f, d))(jax.random.split(k2, e)))
+
+
+def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: list[str] | None = None,
+              rounds: int = 5, n_sets: int = 4, kernels: str = "auto") -> list[list]:
+    """Decode step of one MoE layer through ``MoeLayer``: t5x capacity vs dropless vs floor."""
+    gpu = backend.gpu_kernels_available()
+    e, d, f = (16, 64, 128) if quick else (128, 768, 3072)
+    batches = batches or [1, 16]
+    formats = formats or (["bfloat16", "int4"] if gpu else ["float32", "int4"])
+    meta = device_info()
+    meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels)
+    rows: list[list] = []
+    router = jax.random.normal(jax.random.key(3), (d, e), jnp.float32) * d ** -0.5
+    for fmt in formats:
+        act = "bfloat16" if fmt == "bfloat16" else "float32"
+        base = SwitchConfig.preset("tiny", d_model=d, d_ff=f, num_experts=e, dtype=act, max_group_size=2048,
+                                   eval_capacity_factor=CAPACITY_FACTOR, min_expert_capacity=MIN_CAPACITY)
+        wi, wo = _expert_weights(fmt, jax.random.fold_in(jax.random.key(7), len(fmt)), e, d, f)
+        params = {"router": {"router_weights": {"w": {"kernel": router}}},
+                  "expert": {"wi": {"kernel": wi}, "wo": {"kernel": wo}}}
+        layers = {mode: MoeLayer(base.replace(routing_mode=mode), kernels) for mode in ("t5x", "dropless")}
+        for b in batches:
+            xs = [jax.random.normal(k, (b, 1, d), jnp.dtype(act)) for k in jax.random.split(jax.random.key(b), n_sets)]
+            fns, compile_s = {}, {}
+            for mode, layer in layers.items():
+                fns[mode], compile_s[mode] = _timed_compile(
+                    lambda p, x, layer=layer: layer.apply({"params": p}, x)[0], params, xs[0])
+            # floor: per token set, the distinct chosen experts' pre-sliced weights times their tokens
+            floor_calls, floor_c = [], 0.0
+            route = jax.jit(lambda p, x, layer=layers["dropless"]: layer.apply({"params": p}, x)[1]["expert"])
+            for x in xs:
+                ids = np.asarray(route(params, x)).reshape(-1)
+                groups = {int(ex): tuple(np.flatnonzero(ids == ex).tolist()) for ex in np.unique(ids)}
+                ws = tuple((wi[ex], wo[ex]) for ex in groups)
+                toks = tuple(groups.values())
+
+                def floor(x, ws, toks=toks):
+                    x2 = x[:, 0]
+                    return jnp.concatenate([
+                        ops.qmatmul(jax.nn.relu(ops.qmatmul(x2[np.array(t)], a, mode=kernels)), c, mode=kernels)
+                        for (a, c), t in zip(ws, toks, strict=True)])
+                fc, cs = _timed_compile(floor, x, ws)
+                floor_c = max(floor_c, cs)
+                floor_calls.append((fc, (x, ws)))
+            # check: dropless equals t5x (no drops at these shapes) on every set
+            for x in xs:
+                y_t, y_d = np.asarray(fns["t5x"](params, x), np.float64), np.asarray(fns["dropless"](params, x),
+                                                                                     np.float64)
+                err = float(np.abs(y_d - y_t).max() / np.abs(y_t).max())
+                if not err <= (1e-2 if act == "bfloat16" else 1e-5):
+                    raise SystemExit(f"dropless != t5x ({fmt}, {b} tokens): rel err {err:.2e}")
+            t_floor = _median_per_call(floor_calls, rounds if not quick else 2)
+            t_drop = _median_per_call([(fns["dropless"], (params, x)) for x in xs], rounds if not quick else 2)
+            t_cap = _median_per_call([(fns["t5x"], (params, xs[0]))], rounds if not quick else 2)
+            for name, t, c in (("floor (chosen experts' matmuls)", t_floor, floor_c),
+                               ("dropless", t_drop, compile_s["dropless"]),
+                               ("t5x capacity", t_cap, compile_s["t5x"])):
+                rows.append([b, fmt, name, t * 1e3, t / t_floor, c])
+                print(rows[-1], flush=True)
+            del fns, floor_calls
+    header = ["tokens", "experts", "path", "time ms (median)", "× floor", "compile s"]
+    notes = (f"One MoeLayer decode step x [B, 1, D], E={e}, D={d}, F={f} (ReLU), top-1, t5x capacity factor "
+             f"{CAPACITY_FACTOR} (min {MIN_CAPACITY}), kernels={kernels!r}. Median over {rounds} rounds; each round "
+             f"runs {n_sets} token sets once (different chosen experts) and reports the mean per call (the t5x "
+             "path: one set). Floor: the distinct chosen experts' weights pre-sliced, each expert's tokens × its "
+             "weights (int4: dequantize that expert + matmul), nothing else. dropless was checked equal to t5x "
+             "on every set before timing. Compile time: jit lower+compile of one call, separate from the times.")
+    write_results(out, "MoE layer decode step: t5x capacity vs dropless vs floor", header, rows, meta, notes)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--batches", default=None, help="comma list of decode token counts")
+    ap.add_argument("--layer", action="store_true",
+                    help="the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor")
+    ap.add_argument("--formats", default=None, help="--layer: comma list of float32,bfloat16,int4,int2")
+    ap.add_argument("--rounds", type=int, default=5, help="--layer: timing rounds (median)")
     a = ap.parse_args(argv)
+    batches = [int(v) for v in a.batches.split(",")] if a.batches else None
+    if a.layer:
+        plat = jax.devices()[0].platform  # CPU: moe_decode_cpu.md; GPU: moe_layer_gpu.md (moe_decode_gpu = kernels)
+        out = a.out or ("moe_layer_quick" if a.quick else ("moe_decode_cpu" if plat == "cpu" else "moe_layer_" + plat))
+        run_layer(a.quick, out, batches, a.formats.split(",") if a.formats else None, rounds=max(a.rounds, 1))
+        return 0
     if not backend.gpu_kernels_available() and not a.quick:
         print("no GPU kernels: use --quick on CPU", file=sys.stderr)
     out = a.out or ("moe_decode_quick" if a.quick else "moe_decode_" + jax.devices()[0].platform)
-    run(a.quick, out, [int(v) for v in a.batches.split(",")] if a.batches else None)
+    run(a.quick, out, batches)
     return 0
 
 

@@ -175,6 +175,14 @@ def test_dropless_layer_matches_numpy_topk(seed, k, shape):
     assert _rel(out, _np_layer(x, p, k)) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["t5x", "hf"])
+def test_topk_needs_dropless(mode):
+    cfg = SwitchConfig.preset("tiny", routing_mode=mode)
+    p = _layer_params(np.random.default_rng(0), 4, 32, 64)
+    with pytest.raises(ConfigError, match="top-k needs routing_mode='dropless'"):
+        MoeLayer(cfg, num_selected=2).apply({"params": p}, jnp.zeros((1, 2, 32)))
+
+
 def test_dropless_keeps_what_t5x_drops(seed):
     """With capacity drops, t5x zeroes the dropped tokens; dropless keeps them. Every other token is equal."""
     rng = np.random.default_rng(seed)

@@ -23,6 +23,7 @@ import numpy as np
 
 from moqe_jax import ops
 from moqe_jax.config import SwitchConfig
+from moqe_jax.errors import ConfigError
 from moqe_jax.model import routing
 
 Array = Any
@@ -296,6 +297,9 @@ class MoeLayer(nn.Module):
         self.expert = Experts(self.cfg, self.kernels)
 
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
+        if self.num_selected < 1 or (self.num_selected != 1 and self.cfg.routing_mode != "dropless"):
+            raise ConfigError(f"MoeLayer.num_selected={self.num_selected}: routing_mode "
+                              f"{self.cfg.routing_mode!r} is top-1 (Switch); top-k needs routing_mode='dropless'")
         if self.cfg.routing_mode == "t5x":
             return self._capacity(x, train)
         return self._sorted(x)
@@ -336,8 +340,6 @@ class MoeLayer(nn.Module):
         logits = self.router(x)  # [B,L,E] f32
         probs = jax.nn.softmax(logits, axis=-1)
         if c.routing_mode == "hf":  # per-sequence capacity, in-order priority (the t5x router per group)
-            if k != 1:
-                raise ValueError("routing_mode='hf' is top-1 (HF Switch); num_selected must be 1")
             r = routing.top1_route(probs, c.hf_expert_capacity)
             expert, gate, kept = r.expert[..., None], r.gate[..., None], r.kept[..., None]
         else:
