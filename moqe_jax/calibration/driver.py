@@ -38,7 +38,7 @@ import numpy as np
 
 from moqe_jax.calibration.batches import validate_batches
 from moqe_jax.checkpoint import store
-from moqe_jax.errors import CheckpointError
+from moqe_jax.errors import CheckpointError, QuantizationError
 from moqe_jax.model import layerwise
 from moqe_jax.packed import is_packed
 from moqe_jax.packed.spec import QuantSpec
@@ -58,20 +58,34 @@ GPTQ_COMPONENTS = ("experts", "dense")
 
 
 def _fingerprint(model: Any, spec: QuantSpec, batches: list[dict], opts: dict) -> str:
-    """What a resumed run must share with the killed one: spec, options, config, calibration data, weights."""
+    """What a resumed run must share with the killed one: spec, options, config, calibration data and every
+    byte of every weight (packed leaves: their stored arrays and metadata)."""
     h = hashlib.sha256()
     h.update(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(opts, sort_keys=True, default=str).encode())
     cfg = model.config
     h.update((cfg.to_json() if hasattr(cfg, "to_json") else repr(cfg)).encode())
+
+    def arr(a: Any) -> None:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.name}{list(a.shape)}".encode())
+        h.update(a.reshape(-1).view(np.uint8).data)
+
     for b in batches:
         for key in sorted(b):
             h.update(key.encode())
-            h.update(np.ascontiguousarray(b[key]).tobytes())
+            arr(b[key])
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_packed)[0]:
         h.update(jax.tree_util.keystr(path).encode())
-        if not is_packed(leaf):
-            h.update(np.asarray(leaf).reshape(-1)[:4096].tobytes())
+        if is_packed(leaf):
+            arrays, meta = leaf.to_arrays()
+            h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+            for name in sorted(arrays):
+                if arrays[name] is not None:
+                    h.update(name.encode())
+                    arr(arrays[name])
+        else:
+            arr(leaf)
     return h.hexdigest()[:24]
 
 
@@ -230,6 +244,13 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
                                                     decoder=True))
                     m = masks_dec[j]
                 if sparse:
+                    inp = np.asarray(info["inputs"], np.float32)
+                    nonfinite = m & ~np.isfinite(inp).all(axis=-1)
+                    if nonfinite.any():  # NaN router logits drop every token: name the cause, not "no token"
+                        raise QuantizationError(
+                            f"{lname}/mlp: NaN/inf activations in {int(nonfinite.sum())} of {int(m.sum())} "
+                            "calibration tokens (the model's earlier layers produce non-finite values; check "
+                            "its weights)")
                     m = m & np.asarray(info["kept"])
                     xs.append(np.asarray(info["inputs"], np.float32)[m])
                     es.append(np.asarray(info["expert"])[m].astype(np.int64))
@@ -237,6 +258,11 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
                     xs.append(np.asarray(dense_in, np.float32)[m])
                     es.append(np.zeros(int(m.sum()), np.int64))
             x_tok = np.concatenate(xs) if xs else np.zeros((0, cfg.d_model), np.float32)
+            bad = ~np.isfinite(x_tok).all(axis=1)
+            if bad.any():
+                raise QuantizationError(
+                    f"{lname}/mlp: NaN/inf activations in {int(bad.sum())} of {len(bad)} calibration tokens (the "
+                    "model's earlier layers produce non-finite values; check its weights with `moqe info`)")
             e_tok = np.concatenate(es) if es else np.zeros((0,), np.int64)
             del xs, es
             name = f"{lname}/mlp"

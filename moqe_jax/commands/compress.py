@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args
-from moqe_jax.errors import DataError, QuantizationError
+from moqe_jax.errors import CheckpointError, DataError, QuantizationError
 
 
 def register(subparsers: Any) -> None:
@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens-factor", type=float, default=4.0, help="cap per expert, × mean load (QMoE 4)")
     p.add_argument("--true-sequential", action="store_true", help="wo Hessian from the quantized wi's output")
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.gptq-progress")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard existing OUT.gptq-progress and write into a non-empty OUT that is not a saved model")
     p.add_argument("--format", choices=("qtensor", "sub1"), default="qtensor",
                    help="sub1: QMoE's sub-1-bit dictionary code of the ternary experts")
     p.add_argument("--seed", type=int, default=0)
@@ -134,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizationError("--format sub1 needs --bits ternary (QMoE's sub-1-bit code is for ternary experts)")
     model = _load(args)
     ckpt = os.path.normpath(args.out) + ".gptq-progress"  # sibling: Model.save replaces OUT atomically
+    if args.method == "gptq" and not args.resume and not args.overwrite \
+            and os.path.isdir(ckpt) and os.listdir(ckpt):
+        raise CheckpointError(f"{ckpt}: holds the progress of an earlier run; continue it with --resume or "
+                              "discard it with --overwrite")
     if args.method == "rtn":
         out = quantize_model_rtn(model, spec, comps)
         print(f"RTN {spec.describe()} of {', '.join(comps)}")
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         from moqe_jax.pipeline import compress_sub1
 
         out, _ = compress_sub1(out)
-    out.save(args.out)
+    out.save(args.out, overwrite=args.overwrite)
     if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
         with open(os.path.join(args.out, "compress_report.json"), "w") as f:
             json.dump(rep.to_dict(), f, indent=1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -255,6 +256,10 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     ``vmap``; with ``mesh`` the group is sharded over its ``axis`` via ``jax.shard_map`` and padded with
     dummy experts (H = I, W = 0). Returns the ``QuantizedTensor`` and per-expert :class:`GPTQStats`.
     """
+    if not math.isfinite(float(percdamp)) or float(percdamp) <= 0:
+        raise QuantizationError(f"{name}: percdamp must be a finite number > 0, got {percdamp!r}")
+    if int(blocksize) < 1:
+        raise QuantizationError(f"{name}: blocksize must be >= 1, got {blocksize!r}")
     dtype = jnp.dtype(dtype or getattr(w, "dtype", np.float32))  # logical dtype of the QuantizedTensor
     w_np = np.asarray(w, np.float32)
     h_np = np.asarray(h, np.float32)

@@ -9,6 +9,7 @@ the float ``wi`` (QMoE default ``order=[['wi','wo']]``) or of the quantized ``wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -37,6 +38,21 @@ class GPTQOptions:
     group_experts: int = 16          # experts per batched solve (0 = all)
     blocksize: int = 128
     true_sequential: bool = False    # wo's Hessian from the quantized wi's output
+
+    def __post_init__(self) -> None:
+        def pos_float(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise QuantizationError(f"GPTQ option {name} (--{name.replace('_', '-')}) must be a finite "
+                                        f"number > 0, got {v!r}")
+
+        pos_float("max_tokens_factor")
+        pos_float("percdamp")
+        if not isinstance(self.group_experts, int) or isinstance(self.group_experts, bool) or self.group_experts < 0:
+            raise QuantizationError(f"GPTQ option group_experts (--group-experts) must be an integer >= 0 "
+                                    f"(0 = all), got {self.group_experts!r}")
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
+            raise QuantizationError(f"GPTQ option blocksize must be an integer >= 1, got {self.blocksize!r}")
 
 
 def compress_ffn(mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: np.ndarray, spec: QuantSpec,
