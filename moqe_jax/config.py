@@ -211,40 +211,103 @@ class SwitchConfig:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         else:
             d = dict(src)
+        if not isinstance(d, dict):
+            raise ConfigError(f"HF config must be a JSON object, got a {type(d).__name__}")
         mt = d.get("model_type")
         if mt is not None and mt != "switch_transformers":
             raise ConfigError(f"HF config model_type is {mt!r}, expected 'switch_transformers'")
         g = d.get
-        num_layers = int(g("num_layers", 12))
-        num_dec = int(g("num_decoder_layers") if g("num_decoder_layers") is not None else num_layers)
+
+        def integer(key: str, default: int | None) -> int:
+            v = g(key)
+            if v is None:
+                if default is None:
+                    raise ConfigError(f"HF config field {key} is missing")
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
+                raise ConfigError(f"HF config field {key} must be an integer, got {v!r}")
+            return int(v)
+
+        def number(key: str, default: float) -> float:
+            v = g(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"HF config field {key} must be a number, got {v!r}")
+            return float(v)
+
+        def token(key: str, default: int) -> int:
+            v = g(key)
+            if isinstance(v, list):  # transformers allows a list of ids; one id is all a Switch model uses
+                if len(v) != 1:
+                    raise ConfigError(f"HF config field {key} lists {len(v)} ids {v!r}; exactly one is supported")
+                v = v[0]
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"HF config field {key} must be a non-negative integer, got {v!r}")
+            return v
+
+        def flag(key: str, default: bool) -> bool:
+            v = g(key)
+            if v is None:
+                return default
+            if not isinstance(v, bool):
+                raise ConfigError(f"HF config field {key} must be true or false, got {v!r}")
+            return v
+
+        num_layers = integer("num_layers", 12)
+        num_dec = integer("num_decoder_layers", num_layers)
 
         def step(n_layers: int, sparse_key: str, step_key: str) -> int:
-            ns = g(sparse_key)
-            if ns is not None:
-                ns = int(ns)
+            if g(sparse_key) is not None:
+                ns = integer(sparse_key, 0)
                 return 0 if ns <= 0 else max(1, n_layers // ns)
-            st = g(step_key)
-            return int(st) if st is not None else 0
+            return integer(step_key, 0)
 
-        ff = str(g("feed_forward_proj", "") or "")
-        act = "gated-gelu" if (g("is_gated_act") or ff.startswith("gated")) else "relu"
+        # activation: HF's Switch MLP is act(x @ wi) @ wo with act = ACT2FN[dense_act_fn]; gated-gelu (v1.1/XXL
+        # style, from `feed_forward_proj: gated-gelu` or `is_gated_act`) is gelu-tanh(x @ wi_0) * (x @ wi_1)
+        ff = g("feed_forward_proj")
+        if ff is not None and ff not in ("relu", "gated-gelu"):
+            raise ConfigError(f"HF config feed_forward_proj {ff!r} is not supported (relu or gated-gelu)")
+        gated = flag("is_gated_act", False) or ff == "gated-gelu"
+        act_fn = g("dense_act_fn")
+        if gated:
+            if act_fn not in (None, "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):  # relu: older exports
+                raise ConfigError(f"HF config dense_act_fn {act_fn!r} with a gated MLP is not supported (moqe_jax "
+                                  "implements gated-gelu with the tanh approximation, gelu_new)")
+        elif act_fn not in (None, "relu"):
+            raise ConfigError(f"HF config dense_act_fn {act_fn!r} is not supported (moqe_jax implements relu and "
+                              "gated-gelu MLPs)")
+        if flag("router_bias", False):
+            raise ConfigError("HF config router_bias=true is not supported (Switch routers have no bias)")
+        if g("router_dtype") not in (None, "float32"):
+            raise ConfigError(f"HF config router_dtype {g('router_dtype')!r} is not supported (the router runs in "
+                              "float32, as in T5X)")
+        if not flag("is_encoder_decoder", True):
+            raise ConfigError("HF config is_encoder_decoder=false: only the encoder-decoder Switch is supported")
+        name = g("_name_or_path") or "hf"
+        # router_jitter_noise, dropout_rate, initializer_factor, router_ignore_padding_tokens, use_cache and
+        # add_router_probs only affect HF training / outputs: ignored
         kw: dict[str, Any] = dict(
-            vocab_size=int(g("vocab_size", 32128)), d_model=int(g("d_model", 768)), d_ff=int(g("d_ff", 2048)),
-            d_kv=int(g("d_kv", 64)), num_heads=int(g("num_heads", 12)), num_layers=num_layers,
-            num_decoder_layers=num_dec, num_experts=int(g("num_experts", 8)),
+            vocab_size=integer("vocab_size", 32128), d_model=integer("d_model", 768), d_ff=integer("d_ff", 2048),
+            d_kv=integer("d_kv", 64), num_heads=integer("num_heads", 12), num_layers=num_layers,
+            num_decoder_layers=num_dec, num_experts=integer("num_experts", 8),
             encoder_sparse_step=step(num_layers, "num_sparse_encoder_layers", "encoder_sparse_step"),
             decoder_sparse_step=step(num_dec, "num_sparse_decoder_layers", "decoder_sparse_step"),
-            relative_attention_num_buckets=int(g("relative_attention_num_buckets", 32)),
-            relative_attention_max_distance=int(g("relative_attention_max_distance", 128)),
-            layer_norm_epsilon=float(g("layer_norm_epsilon", 1e-6)),
-            tie_word_embeddings=bool(g("tie_word_embeddings", True)),
-            pad_token_id=int(g("pad_token_id", 0) or 0), eos_token_id=int(g("eos_token_id", 1) or 1),
-            decoder_start_token_id=int(g("decoder_start_token_id", 0) or 0),
-            activation=act, hf_expert_capacity=int(g("expert_capacity", 64)),
-            name=str(g("_name_or_path", "") or "hf"),
+            relative_attention_num_buckets=integer("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=integer("relative_attention_max_distance", 128),
+            layer_norm_epsilon=number("layer_norm_epsilon", 1e-6),
+            tie_word_embeddings=flag("tie_word_embeddings", True),
+            pad_token_id=token("pad_token_id", 0), eos_token_id=token("eos_token_id", 1),
+            decoder_start_token_id=token("decoder_start_token_id", 0),
+            activation="gated-gelu" if gated else "relu", hf_expert_capacity=integer("expert_capacity", 64),
+            name=str(name),
         )
-        if str(g("router_dtype", "float32")) != "float32":
-            pass  # our router is always f32 (T5X); HF's lower-precision routers are not reproduced
+        if g("router_z_loss_coef") is not None:
+            kw["router_z_loss_factor"] = number("router_z_loss_coef", 0.0)
+        if g("router_aux_loss_coef") is not None:
+            kw["aux_loss_factor"] = number("router_aux_loss_coef", 0.01)
         kw.update(overrides)
         try:
             return cls(**kw)
@@ -267,7 +330,8 @@ class SwitchConfig:
             "relative_attention_max_distance": self.relative_attention_max_distance,
             "layer_norm_epsilon": self.layer_norm_epsilon, "tie_word_embeddings": self.tie_word_embeddings,
             "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
-            "decoder_start_token_id": self.decoder_start_token_id, "dense_act_fn": "relu",
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "dense_act_fn": "gelu_new" if self.gated else "relu",
             "is_gated_act": self.gated, "router_bias": False, "router_dtype": "float32",
             "router_jitter_noise": 0.0, "dropout_rate": 0.0,
         }
