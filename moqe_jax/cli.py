@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ANSI escapes from tensor names, paths, …) are shown
+    as ``\\xNN`` escapes instead of being interpreted."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,6 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MOQE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"moqe: error: {msg}", file=sys.stderr)
+        print(f"moqe: error: {printable(msg)}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -30,7 +30,7 @@ import numpy as np
 from moqe_jax.data.locate import default_data_dir
 from moqe_jax.data.tokenizer import encode_text as _encode
 from moqe_jax.data.tokenizer import tokenizer_vocab_size
-from moqe_jax.errors import DataError
+from moqe_jax.errors import ConfigError, DataError
 
 __all__ = [
     "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
@@ -432,7 +432,35 @@ class EvalResult:
                 r.pop("hyps", None)
                 r.pop("refs", None)
         d["bleu"], d["chrf"] = self.bleu, self.chrf
+        flagged: list[str] = []
+        d = _json_safe(d, "", flagged)
+        d["nonfinite"] = flagged  # keys whose value was NaN/inf (written as null: the JSON stays valid)
         return d
+
+    def nonfinite_losses(self) -> list[str]:
+        """Names of the losses that are NaN/inf (a broken model or data), e.g. ``["mt_ce", "ce en-de"]``."""
+        out = [k for k in ("mt_ce", "mlm_loss") if _bad(getattr(self, k))]
+        return out + [f"ce {r.direction}" for r in self.directions.values() if _bad(r.ce)]
+
+
+def _bad(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _json_safe(x: Any, path: str, flagged: list[str]) -> Any:
+    """NaN/inf floats -> None (their key paths appended to ``flagged``), recursively."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v, f"{path}.{k}" if path else str(k), flagged) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v, f"{path}[{i}]", flagged) for i, v in enumerate(x)]
+    if isinstance(x, (float, np.floating)):
+        if not math.isfinite(float(x)):
+            flagged.append(path)
+            return None
+        return float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: str | Sequence[str] | None = "all",
@@ -454,6 +482,10 @@ def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: 
       mlm: span-corruption loss on held-out English (``mlm_texts`` or the split's English side).
     """
     t_start = time.perf_counter()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size (--batch-size) must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ConfigError(f"beam size (--beams) must be an integer >= 1, got {num_beams!r}")
     tok = load_tokenizer(tokenizer)
     check_vocab(model, tok)
     dirs = parse_directions(directions)
@@ -528,20 +560,32 @@ def _fmt(v: float | None, nd: int = 2) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def _fmt_loss(v: float | None, nd: int = 3) -> str:
+    """A loss: "–" when not computed, "nan"/"inf" when computed but non-finite (never hidden)."""
+    if v is None:
+        return "–"
+    return f"{v:.{nd}f}" if math.isfinite(v) else str(v)
+
+
 def format_result(res: EvalResult, title: str = "") -> str:
     """Per-direction BLEU/chrF(/CE) table plus the average, MLM loss and speed, as plain text."""
     lines = [title] if title else []
     if res.directions:
         lines.append(f"{'direction':<12}{'n':>6}{'BLEU':>8}{'chrF':>8}{'CE':>8}")
         for r in res.directions.values():
-            lines.append(f"{r.direction:<12}{r.n:>6}{_fmt(r.bleu):>8}{_fmt(r.chrf):>8}{_fmt(r.ce, 3):>8}")
+            lines.append(f"{r.direction:<12}{r.n:>6}{_fmt(r.bleu):>8}{_fmt(r.chrf):>8}{_fmt_loss(r.ce):>8}")
         n = sum(r.n for r in res.directions.values())
-        lines.append(f"{'average':<12}{n:>6}{_fmt(res.bleu):>8}{_fmt(res.chrf):>8}{_fmt(res.mt_ce, 3):>8}")
+        lines.append(f"{'average':<12}{n:>6}{_fmt(res.bleu):>8}{_fmt(res.chrf):>8}{_fmt_loss(res.mt_ce):>8}")
     if res.bleu_signature:
         lines.append(f"BLEU signature: {res.bleu_signature}")
         lines.append(f"chrF signature: {res.chrf_signature}")
     if res.mlm_loss is not None:
-        lines.append(f"MLM (span-corruption) loss: {res.mlm_loss:.4f} nats/token over {res.mlm_tokens} target tokens")
+        lines.append(f"MLM (span-corruption) loss: {_fmt_loss(res.mlm_loss, 4)} nats/token over {res.mlm_tokens} "
+                     "target tokens")
     if res.tokens_per_s is not None:
         lines.append(f"decode speed: {_fmt(res.tokens_per_s, 1)} tokens/s ({res.gen_tokens} tokens)")
+    bad = res.nonfinite_losses()
+    if bad:
+        lines.append(f"warning: non-finite loss ({', '.join(bad)}): the model produces NaN/inf logits; check its "
+                     "weights (`moqe info`) and how it was made")
     return "\n".join(lines)

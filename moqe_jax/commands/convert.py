@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="array dtype for --to-t5x / --to-hf")
     p.add_argument("--step", type=int, default=0, help="step number for --to-t5x")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --to-t5x checkpoint_<step>, or write --to into a non-empty directory")
     p.set_defaults(func=run)
 
 
@@ -58,12 +60,17 @@ def run(args: argparse.Namespace) -> int:
     from moqe_jax.api import save_model
     from moqe_jax.checkpoint.store import disk_size
 
+    if args.to_t5x and not args.overwrite and os.path.exists(os.path.join(args.to_t5x, f"checkpoint_{args.step}")):
+        from moqe_jax.errors import CheckpointError
+
+        raise CheckpointError(f"{os.path.join(args.to_t5x, f'checkpoint_{args.step}')} exists; pass --overwrite to "
+                              "replace it or choose another --step")
     model = load_model_args(args, args.source)
     if args.to_t5x:
         out = _to_t5x(model, args.to_t5x, args.step, args.dtype)
     elif args.to_hf:
         out = model.to_hf(args.to_hf, dtype=args.dtype)
     else:
-        out = save_model(model, args.to, format=args.format)
+        out = save_model(model, args.to, format=args.format, overwrite=args.overwrite)
     print(f"wrote {out} ({disk_size(out) / 1e6:.2f} MB)")
     return 0

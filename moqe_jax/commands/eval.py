@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args, local_dir, model_source
@@ -39,6 +40,11 @@ def _eval(args: argparse.Namespace) -> int:
     from moqe_jax.data.locate import resolve_data, resolve_tokenizer
     from moqe_jax.evaluate import evaluate_model, format_result
 
+    from moqe_jax.errors import ConfigError
+
+    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--beams", args.beams, 1), ("--samples", args.samples, 0)):
+        if v < lo:
+            raise ConfigError(f"{flag} must be >= {lo}, got {v}")
     src = model_source(args.model)
     need_data = not args.no_bleu or args.mt_loss or args.mlm
     data = resolve_data(args.data) if need_data else None
@@ -50,7 +56,10 @@ def _eval(args: argparse.Namespace) -> int:
                          seed=args.seed)
     print(format_result(res, f"{src} on {data} ({args.split}, {args.samples or 'all'} sentences/direction)"))
     print(f"evaluated in {res.seconds:.1f} s")
-    if args.json:
+    bad = res.nonfinite_losses()
+    if bad:
+        print(f"moqe: warning: non-finite loss ({', '.join(bad)})", file=sys.stderr)
+    if args.json:  # NaN/inf are written as null and listed under "nonfinite": always valid JSON
         Path(args.json).write_text(json.dumps(res.to_dict(with_text=True), indent=1, ensure_ascii=False,
-                                              default=float), encoding="utf-8")
+                                              allow_nan=False), encoding="utf-8")
     return 0
