@@ -38,11 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from moqe_jax.data.locate import resolve_data, resolve_tokenizer
+    from moqe_jax.errors import ConfigError
     from moqe_jax.evaluate import evaluate_model, format_result
 
-    from moqe_jax.errors import ConfigError
-
-    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--beams", args.beams, 1), ("--samples", args.samples, 0)):
+    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--beams", args.beams, 1),
+                        ("--samples", args.samples, 0)):
         if v < lo:
             raise ConfigError(f"{flag} must be >= {lo}, got {v}")
     src = model_source(args.model)
