@@ -62,6 +62,13 @@ def test_cli_percdamp_nan_is_one_line(tmp_path, capsys):
     assert rc == 2 and "percdamp" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len"])
+def test_cli_zero_sizes_are_one_line(tmp_path, capsys, flag):
+    rc = main(["compress", "init:tiny", "--samples", "4", "--seq-len", "8", flag, "0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and err.count("\n") == 1
+
+
 def test_nan_activations_reported_as_such(tiny):
     def poison(a):
         a[:] = np.nan

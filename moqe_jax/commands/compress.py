@@ -104,6 +104,8 @@ def calibration_data(args: argparse.Namespace, vocab: int) -> list[dict]:
 
     if args.samples <= 0:
         raise DataError("--samples must be positive")
+    if args.batch_size <= 0 or args.seq_len <= 0:
+        raise DataError(f"--batch-size and --seq-len must be positive, got {args.batch_size} and {args.seq_len}")
     src = args.calib_data
     if src == "synthetic":
         return synthetic_batches(vocab, args.samples, args.seq_len, args.batch_size, args.seed)
