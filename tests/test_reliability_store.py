@@ -257,3 +257,46 @@ def test_nonfinite_weights_warn_at_load(tmp_path, tiny):
     d = api.save_model(tiny.replace(params=unflatten_params(flat)), tmp_path / "m", format="safetensors")
     with pytest.warns(UserWarning, match=r"non-finite.*decoder/layers_0/mlp/wi/kernel"):
         api.load_model(d)
+
+
+_SAVER = """
+import itertools, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from _helpers import random_tiny_model
+from moqe_jax import api
+from moqe_jax.tree import flatten_params, unflatten_params
+a = random_tiny_model(3)
+b = a.replace(params=unflatten_params({{k: np.asarray(v) + 1.0 for k, v in flatten_params(a.params).items()}}))
+api.save_model(a, {d!r}, format="safetensors")
+print("ready", flush=True)
+for i in itertools.count():
+    api.save_model(b if i % 2 == 0 else a, {d!r}, format="orbax" if i % 4 < 2 else "safetensors")
+"""
+
+
+def test_sigkill_loop_during_saves(tmp_path, tiny):
+    """A real SIGKILL at random times while a process re-saves a model: always the old or the new model."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    rng = random.Random(1)
+    new = _other(tiny)
+    d = tmp_path / "m"
+    (tmp_path / "keep.txt").write_text("user data")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MOQE_NO_PROGRESS="1")
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-c", _SAVER.format(tests=tests, d=str(d))], stdout=subprocess.PIPE,
+                             env=env, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 1.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        m = api.load_model(str(d))
+        assert _same(m.params, tiny.params) or _same(m.params, new.params)
+        assert (tmp_path / "keep.txt").read_text() == "user data"
+    api.save_model(tiny, d, format="safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt", "m"]
