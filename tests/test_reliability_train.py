@@ -147,3 +147,15 @@ def test_truncated_token_cache_is_rebuilt(tmp_path: Path) -> None:
     cache.write_bytes(cache.read_bytes()[:40])
     s2, t2 = _encode_split(tmp_path, "train", Tok(), 16)
     assert [list(x) for x in s2] == [list(x) for x in src] and [list(x) for x in t2] == [list(x) for x in tgt]
+
+
+def test_init_weights_must_fit_the_config(tmp_path: Path, capsys) -> None:
+    from moqe_jax import api
+
+    m = api.Model.init(_cfg(), seed=0)
+    m.save(tmp_path / "m", format="safetensors")
+    rc = main(["train", "--init", str(tmp_path / "m"), "--set", "d_model=48", "--data", "synthetic", "--steps", "1",
+               "--batch-size", "8", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "config" in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "model").exists()

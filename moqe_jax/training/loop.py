@@ -124,6 +124,10 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     shd.check_fits(cfg, mesh_sizes, data.batch_rows())
     if tc.qat_bits is not None and init_params is None:
         raise ConfigError("QAT needs a trained model to start from (--init DIR)")
+    if init_params is not None:  # e.g. `--init M --set d_model=…`: the weights no longer fit the config
+        from moqe_jax.checkpoint.store import check_params
+
+        check_params(cfg, init_params, "the initial weights (--init)")
     mesh = shd.make_mesh(mesh_sizes)
     tx, jstep, jeval, state_shard = _compiled(cfg, tc, mesh)
     p_shard = state_shard["params"]
