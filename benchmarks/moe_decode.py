@@ -203,23 +203,34 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
             for mode, layer in layers.items():
                 fns[mode], compile_s[mode] = _timed_compile(
                     lambda p, x, layer=layer: layer.apply({"params": p}, x)[0], params, xs[0])
-            # floor: per token set, the distinct chosen experts' pre-sliced weights times their tokens
-            floor_calls, floor_c = [], 0.0
+            # floor: per token set, the distinct chosen experts' pre-sliced weights times their tokens, two ways:
+            # one jit over all chosen experts, and one jitted call per expert (XLA CPU runs the independent
+            # experts of the one-jit form concurrently, which can be slower); the faster one is the floor
+            floor_calls, seq_calls, floor_c = [], [], 0.0
             route = jax.jit(lambda p, x, layer=layers["dropless"]: layer.apply({"params": p}, x)[1]["expert"])
+            one = {}
             for x in xs:
                 ids = np.asarray(route(params, x)).reshape(-1)
-                groups = {int(ex): tuple(np.flatnonzero(ids == ex).tolist()) for ex in np.unique(ids)}
+                groups = {int(ex): np.flatnonzero(ids == ex) for ex in np.unique(ids)}
                 ws = tuple((wi[ex], wo[ex]) for ex in groups)
-                toks = tuple(groups.values())
+                xe = tuple(x[t, 0] for t in groups.values())
 
-                def floor(x, ws, toks=toks):
-                    x2 = x[:, 0]
-                    return jnp.concatenate([
-                        ops.qmatmul(jax.nn.relu(ops.qmatmul(x2[np.array(t)], a, mode=kernels)), c, mode=kernels)
-                        for (a, c), t in zip(ws, toks, strict=True)])
-                fc, cs = _timed_compile(floor, x, ws)
+                def floor(xe, ws):
+                    return jnp.concatenate([ops.qmatmul(jax.nn.relu(ops.qmatmul(xt, a, mode=kernels)), c, mode=kernels)
+                                            for xt, (a, c) in zip(xe, ws, strict=True)])
+                fc, cs = _timed_compile(floor, xe, ws)
                 floor_c = max(floor_c, cs)
-                floor_calls.append((fc, (x, ws)))
+                floor_calls.append((fc, (xe, ws)))
+                for xt, (a, c) in zip(xe, ws, strict=True):
+                    if xt.shape not in one:
+                        one[xt.shape], cs = _timed_compile(
+                            lambda xt, a, c: ops.qmatmul(jax.nn.relu(ops.qmatmul(xt, a, mode=kernels)), c,
+                                                         mode=kernels), xt, a, c)
+                        floor_c = max(floor_c, cs)
+
+                def per_expert(xe, ws, one=one):
+                    return [jax.block_until_ready(one[xt.shape](xt, a, c)) for xt, (a, c) in zip(xe, ws, strict=True)]
+                seq_calls.append((per_expert, (xe, ws)))
             # check: dropless equals t5x (no drops at these shapes) on every set
             for x in xs[:2]:
                 y_t, y_d = np.asarray(fns["t5x"](params, x), np.float64), np.asarray(fns["dropless"](params, x),
@@ -228,22 +239,28 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
                 if not err <= (1e-2 if act == "bfloat16" else 1e-5):
                     raise SystemExit(f"dropless != t5x ({fmt}, {b} tokens): rel err {err:.2e}")
             r = rounds if not quick else 2
-            t = _median_per_call({"floor": floor_calls, "dropless": [(fns["dropless"], (params, x)) for x in xs]}, r)
-            t_floor, t_drop = t["floor"], t["dropless"]
+            t = _median_per_call({"floor": floor_calls, "floor_seq": seq_calls,
+                                  "dropless": [(fns["dropless"], (params, x)) for x in xs]}, r)
+            t_floor, t_drop = min(t["floor"], t["floor_seq"]), t["dropless"]
+            print(f"floor: one jit {t['floor'] * 1e3:.3g} ms, per-expert calls {t['floor_seq'] * 1e3:.3g} ms",
+                  flush=True)
+            meta.setdefault("floor_forms_ms", {})[f"{fmt} {b}"] = {"one_jit": t["floor"] * 1e3,
+                                                                    "per_expert_calls": t["floor_seq"] * 1e3}
             t_cap = _median_per_call({"t5x": [(fns["t5x"], (params, xs[0]))]}, r)["t5x"]
             for name, t, c in (("floor (chosen experts' matmuls)", t_floor, floor_c),
                                ("dropless", t_drop, compile_s["dropless"]),
                                ("t5x capacity", t_cap, compile_s["t5x"])):
                 rows.append([b, fmt, name, t * 1e3, t / t_floor, c])
                 print(rows[-1], flush=True)
-            del fns, floor_calls
+            del fns, floor_calls, seq_calls
     header = ["tokens", "experts", "path", "time ms (median)", "× floor", "compile s"]
     notes = (f"One MoeLayer decode step x [B, 1, D], E={e}, D={d}, F={f} (ReLU), top-1, t5x capacity factor "
              f"{CAPACITY_FACTOR} (min {MIN_CAPACITY}), kernels={kernels!r}. Median over {rounds} rounds; each round "
              f"runs {n_sets} token sets once (different chosen experts), floor and dropless interleaved call by "
              "call, and reports the mean per call (the t5x path: one set, run after them). Floor: the distinct "
              "chosen experts' weights pre-sliced, each expert's tokens × its weights (int4: dequantize that expert "
-             "+ matmul), nothing else. dropless was checked equal to t5x on two sets before timing. Compile time: "
+             "+ matmul), nothing else; the faster of one jit over all chosen experts and one jitted call per expert "
+             "(both in the json meta). dropless was checked equal to t5x on two sets before timing. Compile time: "
              "jit lower+compile of one call, separate from the times.")
     write_results(out, "MoE layer decode step: t5x capacity vs dropless vs floor", header, rows, meta, notes)
     return rows

@@ -319,11 +319,12 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
         ids = jnp.minimum(row_expert, e - 1)
         if plan == "indexed":
             y = indexed_qmatmul(x[:, None, :], w, ids, mode=mode, preferred_element_type=preferred_element_type)[:, 0]
-        else:
-            def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-                xi, ei = args
-                return qmatmul(xi[None], _expert(w, ei), mode=mode, preferred_element_type=preferred_element_type)[0]
-            y = jax.lax.map(one, (x, ids))
+        else:  # a fori_loop writing rows in place (measured faster on CPU than lax.map or an unrolled loop)
+            def one(i: jax.Array, out: jax.Array) -> jax.Array:
+                yi = qmatmul(jax.lax.dynamic_slice_in_dim(x, i, 1), _expert(w, ids[i]), mode=mode,
+                             preferred_element_type=preferred_element_type)
+                return jax.lax.dynamic_update_slice_in_dim(out, yi.astype(out.dtype), i, 0)
+            y = jax.lax.fori_loop(0, m, one, jnp.zeros((m, n), out_dt))
         return jnp.where(live[:, None], y, jnp.zeros((), y.dtype))
     # tiles: work item = (tile of tm sorted rows, one expert whose rows overlap the tile)
     tm = _ragged_tile(m, e)
