@@ -136,12 +136,15 @@ def run(args: argparse.Namespace) -> int:
     comps = parse_components(args.components)
     if args.format == "sub1" and not spec.is_ternary:
         raise QuantizationError("--format sub1 needs --bits ternary (QMoE's sub-1-bit code is for ternary experts)")
-    model = _load(args)
     ckpt = os.path.normpath(args.out) + ".gptq-progress"  # sibling: Model.save replaces OUT atomically
-    if args.method == "gptq" and not args.resume and not args.overwrite \
-            and os.path.isdir(ckpt) and os.listdir(ckpt):
-        raise CheckpointError(f"{ckpt}: holds the progress of an earlier run; continue it with --resume or "
-                              "discard it with --overwrite")
+    if args.method == "gptq":  # option and progress checks before any (slow) loading
+        from moqe_jax.quant.gptq_ffn import GPTQOptions
+
+        GPTQOptions(max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp, group_experts=args.group_experts)
+        if not args.resume and not args.overwrite and os.path.isdir(ckpt) and os.listdir(ckpt):
+            raise CheckpointError(f"{ckpt}: holds the progress of an earlier run; continue it with --resume or "
+                                  "discard it with --overwrite")
+    model = _load(args)
     if args.method == "rtn":
         out = quantize_model_rtn(model, spec, comps)
         print(f"RTN {spec.describe()} of {', '.join(comps)}")

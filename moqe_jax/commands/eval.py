@@ -48,8 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
     src = model_source(args.model)
     need_data = not args.no_bleu or args.mt_loss or args.mlm
     data = resolve_data(args.data) if need_data else None
+    model = load_model_args(args, src)  # first: it recovers a directory left by a killed save (MODEL/tokenizer)
     tok = resolve_tokenizer(args.tokenizer, local_dir(src), data)
-    model = load_model_args(args, src)
     res = evaluate_model(model, tokenizer=tok, data=data, directions=args.directions,
                          samples=args.samples or None, split=args.split, bleu=not args.no_bleu,
                          mt_loss=args.mt_loss, mlm=args.mlm, batch_size=args.batch_size, num_beams=args.beams,
