@@ -274,9 +274,9 @@ def bench_model(name: str, batches: tuple[int, ...], news: tuple[int, ...], engi
     for b in batches:
         ids, mask = inputs(name, base.config, b)
         for new in news:
-            # hf-2t only at the shortest length: two OpenMP threads on a shared 2-core machine spin-wait on every
-            # op (hundreds of ms per step), which would dominate the sweep's time
-            shape_engines = [e for e in engines if not (e == "hf-2t" and new > min(news))]
+            # hf-2t only at the smallest batch and length: two OpenMP threads on a shared 2-core machine spin-wait
+            # on every op (hundreds of ms per step), which would dominate the sweep's time
+            shape_engines = [e for e in engines if not (e == "hf-2t" and (new > min(news) or b > min(batches)))]
             first, times, outs = {}, {e: [] for e in shape_engines}, {}
             for e in shape_engines:
                 t = time.perf_counter()
@@ -327,7 +327,16 @@ def _rss_child(name: str, engine: str, src: str) -> None:
         runner = make_runner(engine, model=model)
     ids, mask = inputs(name, cfg, 1)
     runner(ids, mask, 32)
-    print(json.dumps({"peak_rss_mib": _maxrss_mb()}))
+    print(json.dumps({"peak_rss_mib": _hwm_mib()}))
+
+
+def _hwm_mib() -> float:
+    """This process's peak RSS (``VmHWM``, reset by exec; ``ru_maxrss`` would carry the parent's peak over a
+    fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return _maxrss_mb()
 
 
 def measure_rss(name: str, engines: tuple[str, ...], log: Callable[[str], None]) -> dict[str, float]:
@@ -367,12 +376,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["new_tokens"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    names = list(dict.fromkeys(r["engine"] for r in rows))
+    colors = {e: f"C{i}" for i, e in enumerate(names)}  # one color per engine in every panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.4, 3.6), squeeze=False,
+                             layout="constrained")
     for ax, (mname, new) in zip(axes[0], panels, strict=True):
         sel = [r for r in rows if r["model"] == mname and r["new_tokens"] == new]
         for e in dict.fromkeys(r["engine"] for r in sel):
             pts = sorted((r["batch"], r["tokens_per_s"]) for r in sel if r["engine"] == e)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e, color=colors[e],
                     linestyle="--" if e.startswith("hf") else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -380,8 +392,9 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{mname}, {new} new tokens")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[e], marker="o", linestyle="--" if e.startswith("hf") else "-")
+               for e in names]
+    fig.legend(handles, names, loc="outside right center", fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -429,7 +442,7 @@ def run(argv: list[str] | None = None) -> int:
         all_rows += rows
         infos[name] = info
         if a.rss:
-            rss[name] = measure_rss(name, tuple(e for e in engines if e != "hf-2t"), log)
+            rss[name] = measure_rss(name, tuple(e for e in engines if e not in ("hf-2t", "moqe-t5x")), log)
     meta["wall_s"] = time.perf_counter() - t_start
     meta["load_avg_end"] = os.getloadavg()[0]
     out = a.out or f"generate_{jax.devices()[0].platform}"

@@ -190,6 +190,7 @@ _CASES = {
     "empty length": (dict(input_ids=np.zeros((2, 0), np.int32)), "empty"),
     "3-d ids": (dict(input_ids=np.ones((1, 2, 3), np.int32)), r"\[batch, length\]"),
     "float ids": (dict(input_ids=np.ones((1, 3), np.float32)), "integer"),
+    "ragged ids": (dict(input_ids=[[5, 6, 1], [7, 1]]), "different lengths"),
     "all-padding row": (dict(input_ids=np.array([[5, 6, 1], [0, 0, 0]])), r"row\(s\) \[1\].*all padding"),
     "all-masked row": (dict(input_ids=np.array([[5, 6, 1], [7, 8, 1]]), attention_mask=np.array([[1, 1, 1],
                                                                                                [0, 0, 0]])),

@@ -246,7 +246,7 @@ def _int_arg(name: str, v: Any, lo: int, hi: int | None = None, why: str = "") -
     v = int(v)
     if v < lo or (hi is not None and v > hi):
         rng = f"≥ {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"generate: {name} must be {rng}, got {v}{why}")
+        raise ConfigError(f"generate: {name} must be {rng}, got {v}{why if v > lo else ''}")
     return v
 
 
@@ -261,7 +261,13 @@ def check_inputs(cfg: SwitchConfig, input_ids: Any,
                  attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(ids int32 [B, L], mask bool [B, L] or None)`` after the checks of ``generate`` (one ConfigError
     each): shape, emptiness, dtype, vocabulary range, mask shape/values, all-padding rows."""
-    ids = _host_array(input_ids, "input_ids")
+    try:
+        ids = _host_array(input_ids, "input_ids")
+    except ConfigError:
+        raise
+    except ValueError:  # ragged nested lists
+        raise ConfigError("generate: input_ids rows have different lengths; pad them to one length (pad id "
+                          f"{cfg.pad_token_id}) and pass attention_mask") from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2:
