@@ -19,6 +19,7 @@ Notes and expectations: benchmarks/results/moe_decode_notes.md.
 
     python -m benchmarks.moe_decode [--quick]
     python -m benchmarks.moe_decode --layer [--quick] [--formats float32,int4] [--batches 1,16]
+    python -m benchmarks.moe_decode --forward [--rounds 7]     # whole model, batch 8: t5x vs hf vs dropless
 """
 
 from __future__ import annotations
@@ -266,6 +267,41 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
     return rows
 
 
+def run_forward(out: str, preset: str = "small-mt", batch: int = 8, length: int = 32, rounds: int = 7) -> list[list]:
+    """Whole-model forward (``Model.logits``, f32, random weights) per routing mode: "hf" on the sorted
+    machinery vs the default "t5x" capacity path vs "dropless"; modes interleaved, median of ``rounds``."""
+    from moqe_jax import api
+    from moqe_jax.tree import unflatten_params
+
+    cfg = SwitchConfig.preset(preset, dtype="float32")
+    rng = np.random.default_rng(0)
+    flat = {}
+    for path, shape in api.param_shapes(cfg).items():
+        leaf = path.rsplit("/", 1)[-1]
+        std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+        flat[path] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
+    params = unflatten_params(flat)
+    ids = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
+    dec = rng.integers(2, cfg.vocab_size, (batch, length)).astype(np.int32)
+    modes = ("t5x", "hf", "dropless")
+    fns, comp = {}, {}
+    for m in modes:
+        fns[m], comp[m] = _timed_compile(lambda p, m=m: api.Model(cfg.replace(routing_mode=m), p).logits(ids, dec),
+                                         params)
+    t = _median_per_call({m: [(fns[m], (params,))] for m in modes}, rounds)
+    rows = [[m, t[m] * 1e3, t[m] / t["t5x"], comp[m]] for m in modes]
+    for r in rows:
+        print(r, flush=True)
+    meta = device_info()
+    meta.update(preset=preset, batch=batch, length=length, rounds=rounds)
+    notes = (f"Model.logits of the {preset} preset shape (E={cfg.num_experts}, D={cfg.d_model}, F={cfg.d_ff}, "
+             f"{cfg.num_layers}+{cfg.num_decoder_layers} layers), random f32 weights, batch {batch}, {length} "
+             f"encoder and {length} decoder tokens; median of {rounds} rounds, the modes interleaved.")
+    write_results(out, "Forward per routing mode: t5x vs hf vs dropless", ["routing_mode", "time ms (median)",
+                  "× t5x", "compile s"], rows, meta, notes)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -274,9 +310,14 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", action="store_true",
                     help="the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor")
     ap.add_argument("--formats", default=None, help="--layer: comma list of float32,bfloat16,int4,int2")
-    ap.add_argument("--rounds", type=int, default=5, help="--layer: timing rounds (median)")
+    ap.add_argument("--rounds", type=int, default=5, help="--layer/--forward: timing rounds (median)")
+    ap.add_argument("--forward", action="store_true",
+                    help="whole-model forward per routing mode (t5x / hf / dropless), small-mt shape, batch 8")
     a = ap.parse_args(argv)
     batches = [int(v) for v in a.batches.split(",")] if a.batches else None
+    if a.forward:
+        run_forward(a.out or "moe_forward_" + jax.devices()[0].platform, rounds=max(a.rounds, 1))
+        return 0
     if a.layer:
         plat = jax.devices()[0].platform  # CPU: moe_decode_cpu.md; GPU: moe_layer_gpu.md (moe_decode_gpu = kernels)
         out = a.out or ("moe_layer_quick" if a.quick else ("moe_decode_cpu" if plat == "cpu" else "moe_layer_" + plat))
