@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.config import SwitchConfig
+from moqe_jax.config import ROUTING_MODES, SwitchConfig
 from moqe_jax.errors import ConfigError
 from moqe_jax.model import layerwise
 from moqe_jax.model.layers import DecoderLayer, MultiHeadAttention, mask_bias, relpos_bias
@@ -209,27 +209,14 @@ def beam_search(cfg: SwitchConfig, params: dict, input_ids: Array, cache_len: in
 
 
 # ---- the host edge: checks, routing default, buckets --------------------------------------------------
-def _routing_modes() -> tuple[str, ...]:
-    """Routing modes the installed ``SwitchConfig`` accepts (probed, so a new mode needs no edit here)."""
-    ok = []
-    for mode in ("t5x", "hf", "dropless"):
-        try:
-            SwitchConfig(routing_mode=mode)
-        except ConfigError:
-            continue
-        ok.append(mode)
-    return tuple(ok)
-
-
 def generation_routing_mode(cfg: SwitchConfig, routing_mode: str | None = None) -> str:
     """The routing mode ``generate`` uses: ``routing_mode`` when given, else "dropless" for a "t5x" config
-    (when available), else the config's own mode."""
-    modes = _routing_modes()
+    (identical logits whenever the capacity path drops no token), else the config's own mode."""
     if routing_mode is not None:
-        if routing_mode not in modes:
-            raise ConfigError(f"generate: routing_mode must be one of {', '.join(modes)}, got {routing_mode!r}")
+        if routing_mode not in ROUTING_MODES:
+            raise ConfigError(f"generate: routing_mode must be one of {', '.join(ROUTING_MODES)}, got {routing_mode!r}")
         return routing_mode
-    if cfg.routing_mode == "t5x" and "dropless" in modes:
+    if cfg.routing_mode == "t5x":
         return "dropless"
     return cfg.routing_mode
 
