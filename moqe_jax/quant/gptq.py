@@ -3,9 +3,14 @@
 A faithful port of IST-DASLab/gptq ``GPTQ.fasterquant`` in the batched form of QMoE's
 ``batch_gptq``, as a pure function of ``(W, H, spec)``:
 
-1. grid from the *original* weights per output channel (or per static group along K,
-   ``static_groups=True`` in the reference), via ``moqe_jax.quant.rtn.find_params``;
-2. dead inputs (``diag H == 0``): ``H_ii = 1`` and that input row of W is zeroed;
+1. grid from the *original* weights per output channel, via ``moqe_jax.quant.rtn.find_params``;
+2. dead inputs (``diag H == 0``), ``dead_inputs``: ``"zero"`` (gptq ``fasterquant``, the default here):
+   ``H_ii = 1`` and that input row of W is zeroed; ``"keep"`` (QMoE ``batch_gptq``): H and W untouched, the
+   damping alone makes H invertible and the dead inputs are quantized like the others;
+   with a group-wise spec the static per-group grids (``static_groups=True``) are built here, after this step;
+   ``static_groups=False``: gptq's default, each group's grid is recomputed from the current (error-updated)
+   weights when the column loop reaches the group's first input (as the reference, from W as of the start of
+   the 128-input block; no act-order, whose permuted groups a contiguous-group tensor cannot store);
 3. optional act-order: permute inputs by descending ``diag H`` (stable), un-permute at the end;
 4. relative damping ``H += max(percdamp·mean(diag H), 1e-6)·I`` (QMoE: percdamp 0.1, floor 1e-6);
 5. ``H⁻¹ = cholesky_inverse(cholesky(H))`` and ``U = cholesky(H⁻¹, upper=True)``;
@@ -75,35 +80,54 @@ def _hinv_upper(h: jax.Array, percdamp: float) -> jax.Array:
     return jnp.triu(lax.linalg.cholesky(hinv).T)
 
 
-def actorder_perm(h: Any) -> np.ndarray:
+def actorder_perm(h: Any, dead_inputs: str = "zero") -> np.ndarray:
     """Act-order permutation(s) of Hessian(s) ``h [..., K, K]`` on the host: stable argsort of ``−diag H``
-    after the non-finite (H → I) and dead-input (``H_ii = 1``) fixes (reference steps 2–4)."""
+    after the non-finite (H → I) and dead-input (``H_ii = 1`` unless ``dead_inputs="keep"``) fixes
+    (reference steps 2–4)."""
     h = np.asarray(h, np.float32)
     d = np.diagonal(h, axis1=-2, axis2=-1).copy()
     bad = ~np.isfinite(h).reshape(*h.shape[:-2], -1).all(axis=-1)
     d[bad] = 1.0
-    d[d == 0] = 1.0
+    if dead_inputs == "zero":
+        d[d == 0] = 1.0
     return np.argsort(-d, axis=-1, kind="stable").astype(np.int32)
 
 
-def _fix_hessian(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Non-finite H → I; dead inputs (``diag H == 0``) → ``H_ii = 1`` (reference step 2)."""
+DEAD_INPUTS = ("zero", "keep")
+
+
+def check_options(dead_inputs: str, static_groups: bool, actorder: bool, spec: QuantSpec, name: str) -> None:
+    """One clear error for an unknown ``dead_inputs`` or recomputed groups with act-order."""
+    if dead_inputs not in DEAD_INPUTS:
+        raise QuantizationError(f"{name}: dead_inputs (--dead-inputs) must be 'zero' or 'keep', got {dead_inputs!r}")
+    if not static_groups and actorder and spec.granularity != "channel":
+        raise QuantizationError(f"{name}: recomputed group grids (--group-grids dynamic) with act-order give groups of "
+                                "permuted inputs that a group-wise tensor cannot store; use static groups or no "
+                                "act-order")
+
+
+def _fix_hessian(h: jax.Array, dead_inputs: str = "zero") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Non-finite H → I; dead inputs (``diag H == 0``) → ``H_ii = 1`` unless ``dead_inputs="keep"``
+    (QMoE: no dead-input step, the damping makes H invertible) (reference step 2)."""
     eye = jnp.eye(h.shape[-1], dtype=jnp.float32)
     nan_h = ~jnp.all(jnp.isfinite(h))
     h = jnp.where(nan_h, eye, h)
     dead = jnp.diagonal(h) == 0
+    if dead_inputs == "keep":
+        return h, nan_h, dead
     return h + jnp.diag(dead.astype(jnp.float32)), nan_h, dead
 
 
-def _factor(h: jax.Array, perm: jax.Array, percdamp: float, actorder: bool) -> jax.Array:
+def _factor(h: jax.Array, perm: jax.Array, percdamp: float, actorder: bool, dead_inputs: str = "zero") -> jax.Array:
     """``U`` of the fixed, permuted, damped Hessian (steps 2–6, before the Cholesky-failure fallback)."""
-    h, _, _ = _fix_hessian(jnp.asarray(h, jnp.float32))
+    h, _, _ = _fix_hessian(jnp.asarray(h, jnp.float32), dead_inputs)
     return _hinv_upper(h[perm][:, perm] if actorder else h, percdamp)
 
 
 def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: float = 0.1, blocksize: int = 128,
                    actorder: bool = False, unroll: int = 1, perm: jax.Array | None = None,
-                   u: jax.Array | None = None) -> dict[str, jax.Array]:
+                   u: jax.Array | None = None, dead_inputs: str = "zero",
+                   static_groups: bool = True) -> dict[str, jax.Array]:
     """GPTQ for one weight ``w [K, N]`` with Hessian ``h [K, K]`` (traceable; vmap it over experts).
 
     Returns a dict: ``codes`` uint8 ``[K, N]``, ``scales``/``zeros`` ``[G, N]`` (zeros absent for specs
@@ -112,17 +136,19 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     ``perm``/``u``: the act-order permutation and the factor ``_factor(h, perm)`` when precomputed by a batched
     caller (the factorizations then run one expert at a time: XLA:CPU's batched LAPACK kernels share one
     thread pool between the devices of a host mesh and can deadlock).
+    ``dead_inputs``: ``"zero"`` (gptq) or ``"keep"`` (QMoE); ``static_groups=False``: per-group grids recomputed
+    in the column loop (group-wise specs only; see the module docstring).
     """
+    check_options(dead_inputs, static_groups, actorder, spec, "gptq")
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k, n = w.shape
-    scales, zeros = find_params(w, spec)  # (1) grid from the original weights
-    scales = scales.astype(jnp.float32)
-    zeros = None if (zeros is None or not spec.has_zeros) else zeros.astype(jnp.float32)
     eye = jnp.eye(k, dtype=jnp.float32)
 
-    h, nan_h, dead = _fix_hessian(h)  # (2) dead inputs
-    w_live = jnp.where(dead[:, None], 0.0, w)
+    h, nan_h, dead = _fix_hessian(h, dead_inputs)  # (2) dead inputs
+    w_live = jnp.where(dead[:, None], 0.0, w) if dead_inputs == "zero" else w
+    grouped = spec.num_groups(k) > 1
+    dynamic = grouped and not static_groups
     ar = jnp.arange(k)
     if actorder and perm is None:  # (3) act-order
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
@@ -135,27 +161,47 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
     u_rtn = eye / jnp.sqrt(jnp.float32(1.0) + jnp.maximum(jnp.float32(percdamp), DAMP_FLOOR))
     u = jnp.where(ok, u, u_rtn)
     perm = jnp.where(ok, perm, ar)
-    wp = jnp.where(ok, w_live, w)[perm]
+    w_src = jnp.where(ok, w_live, w)
+    wp = w_src[perm]
+    # (1) the grid: per channel from the original weights; static groups after the dead-input step
+    # (recomputed groups: replaced in the loop, every group's first input refits its grid)
+    scales, zeros = _grid(w_src if grouped else w, spec)
 
     bs = min(int(blocksize), k)  # blocking is exact; no padding beyond K for small K
     nb = -(-k // bs)
     kp = nb * bs
     g = scales.shape[-2]
+    gs = k // g
     if kp != k:  # pad inputs: W = 0, U block-diagonal identity -> no effect on real inputs
         wp = jnp.pad(wp, ((0, kp - k), (0, 0)))
         u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(jnp.float32))
-    if g > 1:  # static groups: the grid of input k is its group's, in the original order
-        s_cols = jnp.pad(expand_groups(scales, k)[perm], ((0, kp - k), (0, 0)), mode="edge")
-        z_cols = None if zeros is None else jnp.pad(expand_groups(zeros, k)[perm], ((0, kp - k), (0, 0)),
-                                                    mode="edge")
+    def per_input(sc: jax.Array, zc: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """The grid of every (permuted, padded) input from the group grids."""
+        s_cols = jnp.pad(expand_groups(sc, k)[perm], ((0, kp - k), (0, 0)), mode="edge")
+        z_cols = None if zc is None else jnp.pad(expand_groups(zc, k)[perm], ((0, kp - k), (0, 0)), mode="edge")
+        return s_cols, z_cols
+
+    s_static: jax.Array | None = None
+    z_static: jax.Array | None = None
+    if g > 1 and not dynamic:  # static groups: the grid of input k is its group's, in the original order
+        s_static, z_static = per_input(scales, zeros)
     cols = jnp.arange(kp)
+    gstart = jnp.arange(g) * gs
 
     def block(bi, carry):
-        wcur, codes_all, loss = carry
+        wcur, codes_all, loss, sc, zc = carry
         i1 = bi * bs
         w1 = lax.dynamic_slice_in_dim(wcur, i1, bs, axis=0)
         urows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)  # [bs, kp]
         u1 = lax.dynamic_slice_in_dim(urows, i1, bs, axis=1)  # [bs, bs]
+        if dynamic:  # groups starting in this block: grid of the current W (as of the block's start)
+            new_s, new_z = _grid(wcur[:k], spec)
+            upd = ((gstart >= i1) & (gstart < i1 + bs))[:, None]
+            sc = jnp.where(upd, new_s, sc)
+            zc = None if zc is None or new_z is None else jnp.where(upd, new_z, zc)
+            s_cols, z_cols = per_input(sc, zc)
+        else:
+            s_cols, z_cols = s_static, z_static
         if g > 1:
             s1 = lax.dynamic_slice_in_dim(s_cols, i1, bs, axis=0)
             z1 = None if z_cols is None else lax.dynamic_slice_in_dim(z_cols, i1, bs, axis=0)
@@ -183,16 +229,21 @@ def gptq_solve_one(w: jax.Array, h: jax.Array, spec: QuantSpec, *, percdamp: flo
         codes_all = lax.dynamic_update_slice_in_dim(codes_all, q1, i1, axis=0)
         rest = jnp.where(cols[None, :] >= i1 + bs, urows, 0.0)  # lazy update of the later inputs
         wcur = wcur - jnp.matmul(rest.T, e1, precision=_HIGHEST)
-        return wcur, codes_all, loss
+        return wcur, codes_all, loss, sc, zc
 
-    init = (wp, jnp.zeros((kp, n), jnp.uint8), jnp.zeros((n,), jnp.float32))
-    _, codes_p, loss = lax.fori_loop(0, nb, block, init)
+    init = (wp, jnp.zeros((kp, n), jnp.uint8), jnp.zeros((n,), jnp.float32), scales, zeros)
+    _, codes_p, loss, scales, zeros = lax.fori_loop(0, nb, block, init)
     codes = jnp.zeros((k, n), jnp.uint8).at[perm].set(codes_p[:k]) if actorder else codes_p[:k]
     out = {"codes": codes, "scales": scales, "loss": loss, "fallback": ~ok, "nan_hessian": nan_h,
            "dead": jnp.sum(dead & ok).astype(jnp.int32)}
     if zeros is not None:
         out["zeros"] = zeros
     return out
+
+
+def _grid(w: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    scales, zeros = find_params(w, spec)
+    return scales.astype(jnp.float32), None if (zeros is None or not spec.has_zeros) else zeros.astype(jnp.float32)
 
 
 # ---- batched / sharded -----------------------------------------------------------------------------
@@ -212,11 +263,11 @@ class GPTQStats:
 
 @functools.lru_cache(maxsize=64)
 def _batched_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool, unroll: int,
-                mesh: Mesh | None, axis: str) -> Callable:
+                mesh: Mesh | None, axis: str, dead_inputs: str = "zero", static_groups: bool = True) -> Callable:
     one = functools.partial(gptq_solve_one, spec=spec, percdamp=percdamp, blocksize=blocksize, actorder=actorder,
-                            unroll=unroll)
+                            unroll=unroll, dead_inputs=dead_inputs, static_groups=static_groups)
     def solve(w: jax.Array, h: jax.Array, perm: jax.Array) -> dict[str, jax.Array]:
-        u = lax.map(lambda a: _factor(a[0], a[1], percdamp, actorder), (h, perm))  # one expert at a time
+        u = lax.map(lambda a: _factor(a[0], a[1], percdamp, actorder, dead_inputs), (h, perm))  # one at a time
         return jax.vmap(lambda a, b, c, d: one(a, b, perm=c, u=d))(w, h, perm, u)
 
     fn = solve
@@ -227,15 +278,20 @@ def _batched_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool
 
 
 @functools.lru_cache(maxsize=64)
-def _single_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool, unroll: int) -> Callable:
+def _single_fn(spec: QuantSpec, percdamp: float, blocksize: int, actorder: bool, unroll: int,
+               dead_inputs: str = "zero", static_groups: bool = True) -> Callable:
     return jax.jit(functools.partial(gptq_solve_one, spec=spec, percdamp=percdamp, blocksize=blocksize,
-                                     actorder=actorder, unroll=unroll))
+                                     actorder=actorder, unroll=unroll, dead_inputs=dead_inputs,
+                                     static_groups=static_groups))
 
 
 def solve_one_jit(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blocksize: int = 128,
-                  actorder: bool = False, unroll: int = 1) -> dict[str, jax.Array]:
+                  actorder: bool = False, unroll: int = 1, dead_inputs: str = "zero",
+                  static_groups: bool = True) -> dict[str, jax.Array]:
     """The jitted single-expert solver (the per-expert-loop baseline of the benchmark and tests)."""
-    return _single_fn(spec, float(percdamp), int(blocksize), bool(actorder), int(unroll))(w, h)
+    check_options(dead_inputs, static_groups, actorder, spec, "gptq")
+    return _single_fn(spec, float(percdamp), int(blocksize), bool(actorder), int(unroll), str(dead_inputs),
+                      bool(static_groups))(w, h)
 
 
 def _check_finite_weights(w: np.ndarray, name: str) -> None:
@@ -248,14 +304,18 @@ def _check_finite_weights(w: np.ndarray, name: str) -> None:
 
 def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blocksize: int = 128,
                   actorder: bool = False, group: int | None = 16, mesh: Mesh | None = None, axis: str = "expert",
-                  unroll: int = 1, name: str = "weight", dtype: Any = None) -> tuple[QuantizedTensor, GPTQStats]:
+                  unroll: int = 1, name: str = "weight", dtype: Any = None, dead_inputs: str = "zero",
+                  static_groups: bool = True) -> tuple[QuantizedTensor, GPTQStats]:
     """GPTQ-quantize a stack of experts ``w [E, K, N]`` with Hessians ``h [E, K, K]`` (QMoE ``batch_gptq``).
 
     A 2-D ``w [K, N]`` / ``h [K, K]`` is treated as one expert (the result keeps no batch axis).
     Experts are solved ``group`` at a time (QMoE ``par_exp = 16``; ``None`` = all at once) in one jitted
     ``vmap``; with ``mesh`` the group is sharded over its ``axis`` via ``jax.shard_map`` and padded with
     dummy experts (H = I, W = 0). Returns the ``QuantizedTensor`` and per-expert :class:`GPTQStats`.
+    ``dead_inputs``: ``"zero"`` (gptq ``fasterquant``, default) or ``"keep"`` (QMoE ``batch_gptq``);
+    ``static_groups=False`` recomputes group-wise grids in the column loop (gptq's default with a group size).
     """
+    check_options(dead_inputs, static_groups, actorder, spec, name)
     if not math.isfinite(float(percdamp)) or float(percdamp) <= 0:
         raise QuantizationError(f"{name}: percdamp must be a finite number > 0, got {percdamp!r}")
     if int(blocksize) < 1:
@@ -275,7 +335,8 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
     ndev = 1 if mesh is None else int(mesh.shape[axis])
     grp = e if not group else min(int(group), e)
     grp = -(-grp // ndev) * ndev
-    fn = _batched_fn(spec, float(percdamp), int(blocksize), bool(actorder), int(unroll), mesh, axis)
+    fn = _batched_fn(spec, float(percdamp), int(blocksize), bool(actorder), int(unroll), mesh, axis,
+                     str(dead_inputs), bool(static_groups))
     outs: list[dict[str, np.ndarray]] = []
     eye = np.eye(k, dtype=np.float32)
     for s in range(0, e, grp):
@@ -284,7 +345,7 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
         if m < grp:  # dummy experts (H = I, W = 0) keep one compiled shape and fill every device
             wg = np.concatenate([wg, np.zeros((grp - m, k, n), np.float32)])
             hg = np.concatenate([hg, np.broadcast_to(eye, (grp - m, k, k))])
-        pg = actorder_perm(hg) if actorder else np.zeros((grp, k), np.int32)
+        pg = actorder_perm(hg, dead_inputs) if actorder else np.zeros((grp, k), np.int32)
         if mesh is not None:
             sh = jax.sharding.NamedSharding(mesh, PartitionSpec(axis))
             wg, hg, pg = jax.device_put(wg, sh), jax.device_put(hg, sh), jax.device_put(pg, sh)
