@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--group-experts", type=int, default=16, help="experts solved per batched call (QMoE 16)")
     p.add_argument("--max-tokens-factor", type=float, default=4.0, help="cap per expert, × mean load (QMoE 4)")
     p.add_argument("--true-sequential", action="store_true", help="wo Hessian from the quantized wi's output")
+    p.add_argument("--dead-inputs", choices=("zero", "keep"), default="zero",
+                   help="inputs no calibration token activates: zero them (gptq, default) or keep and quantize "
+                        "them (QMoE batch_gptq)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.gptq-progress")
     p.add_argument("--overwrite", action="store_true",
                    help="discard existing OUT.gptq-progress and write into a non-empty OUT that is not a saved model")
@@ -140,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "gptq":  # option and progress checks before any (slow) loading
         from moqe_jax.quant.gptq_ffn import GPTQOptions
 
-        GPTQOptions(max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp, group_experts=args.group_experts)
+        GPTQOptions(max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp, group_experts=args.group_experts,
+                    dead_inputs=args.dead_inputs)
         if not args.resume and not args.overwrite and os.path.isdir(ckpt) and os.listdir(ckpt):
             raise CheckpointError(f"{ckpt}: holds the progress of an earlier run; continue it with --resume or "
                                   "discard it with --overwrite")
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         out, rep = gptq_quantize_model(model, spec, calib, components=comps, checkpoint_dir=ckpt,
                                        max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp,
                                        actorder=args.actorder, group_experts=args.group_experts,
-                                       true_sequential=args.true_sequential, resume=args.resume)
+                                       true_sequential=args.true_sequential, resume=args.resume,
+                                       dead_inputs=args.dead_inputs)
         print(f"GPTQ {spec.describe()} of {', '.join(comps)}, {sum(len(b['input_ids']) for b in calib)} "
               f"calibration samples")
         print(rep.table())

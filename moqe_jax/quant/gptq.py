@@ -101,7 +101,7 @@ def check_options(dead_inputs: str, static_groups: bool, actorder: bool, spec: Q
     if dead_inputs not in DEAD_INPUTS:
         raise QuantizationError(f"{name}: dead_inputs (--dead-inputs) must be 'zero' or 'keep', got {dead_inputs!r}")
     if not static_groups and actorder and spec.granularity != "channel":
-        raise QuantizationError(f"{name}: recomputed group grids (--group-grids dynamic) with act-order give groups of "
+        raise QuantizationError(f"{name}: recomputed group grids (static_groups=False) with act-order give groups of "
                                 "permuted inputs that a group-wise tensor cannot store; use static groups or no "
                                 "act-order")
 

@@ -21,7 +21,7 @@ from moqe_jax.packed import is_packed
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.calibration_report import LayerReport
-from moqe_jax.quant.gptq import gptq_quantize, layer_error, rtn_codes
+from moqe_jax.quant.gptq import DEAD_INPUTS, gptq_quantize, layer_error, rtn_codes
 from moqe_jax.quant.hessians import cap_and_sort, expert_hessians, gram, hidden_activations, pad_pow2
 from moqe_jax.quant.layer_runner import ffn_kernels
 
@@ -38,6 +38,8 @@ class GPTQOptions:
     group_experts: int = 16          # experts per batched solve (0 = all)
     blocksize: int = 128
     true_sequential: bool = False    # wo's Hessian from the quantized wi's output
+    dead_inputs: str = "zero"        # inputs no token activates: "zero" (gptq) or "keep" (QMoE batch_gptq)
+    static_groups: bool = True       # group-wise grids: static (True) or recomputed in the column loop (gptq)
 
     def __post_init__(self) -> None:
         def pos_float(name: str) -> None:
@@ -53,6 +55,9 @@ class GPTQOptions:
                                     f"(0 = all), got {self.group_experts!r}")
         if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
             raise QuantizationError(f"GPTQ option blocksize must be an integer >= 1, got {self.blocksize!r}")
+        if self.dead_inputs not in DEAD_INPUTS:
+            raise QuantizationError(f"GPTQ option dead_inputs (--dead-inputs) must be 'zero' or 'keep', "
+                                    f"got {self.dead_inputs!r}")
 
 
 def compress_ffn(mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: np.ndarray, spec: QuantSpec,
@@ -83,7 +88,8 @@ def compress_ffn(mlp: dict, sparse: bool, x_tok: np.ndarray, e_tok: np.ndarray, 
         if not np.isfinite(w).all():
             raise QuantizationError(f"{name}/{n}/kernel: NaN/inf weights; cannot quantize")
     group = max(1, int(opts.group_experts or e))
-    solve = dict(percdamp=opts.percdamp, actorder=opts.actorder, blocksize=opts.blocksize, group=None, mesh=mesh)
+    solve = dict(percdamp=opts.percdamp, actorder=opts.actorder, blocksize=opts.blocksize, group=None, mesh=mesh,
+                 dead_inputs=opts.dead_inputs, static_groups=opts.static_groups)
     parts: dict[str, list[QuantizedTensor]] = {n: [] for n in names}
     errs: dict[str, list[np.ndarray]] = {"gptq": [], "rtn": []}
     fallback = np.zeros(e, bool)
