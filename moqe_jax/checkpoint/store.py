@@ -17,13 +17,13 @@ the previous checkpoint loadable (:func:`load` also recovers a save killed betwe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
-import struct
 import uuid
 import warnings
 import zlib
@@ -143,104 +143,74 @@ def _rebuild(tensors: dict[str, Any], leaves: dict[str, dict], where: str) -> di
     return unflatten_params(flat)
 
 
-# ---- safetensors (own codec: bf16 without torch, explicit validation) ------------------------------
+# ---- safetensors (through the safetensors library; bf16 via ml_dtypes) ------------------------------
 
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
-              "uint8": "U8", "bool": "BOOL"}
-_ST_NP = {v: k for k, v in _ST_DTYPES.items()}
+# dtypes the store writes (the library also knows float8/complex64, which its NumPy reader cannot return)
+_ST_STORABLE = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                          "uint64", "uint32", "uint16", "uint8", "bool"})
+# the library's header errors -> what they mean for the user (first match wins; else its own words)
+_ST_ERRORS = (
+    ("invalid offset", "tensor data offsets overlap another tensor or leave a gap (they must be contiguous)"),
+    ("invalid shape, data type, or offset", "a tensor's data offsets do not fit its dtype and shape"),
+    ("not fully covered", "the tensor data offsets do not fit the file size (truncated file or trailing bytes)"),
+    ("header too small", "truncated safetensors file (no header)"),
+    ("invalid header length", "truncated safetensors file (header length exceeds the file)"),
+    ("too large", "safetensors header length exceeds the 100 MB limit"),
+    ("invalid json", "bad safetensors entry: each tensor needs a known dtype, a shape of non-negative integers "
+                     "and data_offsets [begin, end]; __metadata__ maps strings to strings"),
+)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _no_space(e: BaseException | None, depth: int = 0) -> bool:
+    """``e`` or an exception it wraps (cause, context, exception group) is ENOSPC."""
+    if e is None or depth > 20:
+        return False
+    if getattr(e, "errno", None) == errno.ENOSPC or "no space left" in str(e).lower():
+        return True
+    return any(_no_space(c, depth + 1) for c in (e.__cause__, e.__context__, *getattr(e, "exceptions", ())))
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write the safetensors format (8-byte LE header length, JSON header, raw little-endian data)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    names = sorted(tensors)
-    for n in names:
-        a = tensors[n]
-        dn = _dtype_name(a.dtype)
-        if dn not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {n} has dtype {dn}, not storable in safetensors")
-        header[n] = {"dtype": _ST_DTYPES[dn], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for n in names:
-            a = np.ascontiguousarray(tensors[n])
-            if a.dtype.byteorder == ">":
-                a = a.byteswap().view(a.dtype.newbyteorder("<"))
-            f.write(memoryview(a.reshape(-1).view(np.uint8)))
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``tensors`` with ``safetensors.numpy.save_file`` (little-endian, bf16 as BF16) and fsync it."""
+    for n, a in tensors.items():
+        if _dtype_name(a.dtype) not in _ST_STORABLE:
+            raise CheckpointError(f"{path}: tensor {n} has dtype {_dtype_name(a.dtype)}, not storable in safetensors")
+    from safetensors.numpy import save_file
 
-
-def _st_entry(path: str, name: str, ent: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    """``(dtype, shape, begin, end)`` of one header entry, validated as the reference library does."""
-    bad = f"{path}: bad safetensors entry for {name!r}"
-    if not isinstance(ent, dict) or not isinstance(ent.get("dtype"), str) or ent["dtype"] not in _ST_NP:
-        raise CheckpointError(f"{bad} (expected an object with a known dtype, shape and data_offsets)")
-    shape, offs = ent.get("shape"), ent.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
-        raise CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative integers")
-    if not isinstance(offs, list) or len(offs) != 2 or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in offs) or offs[0] > offs[1]:
-        raise CheckpointError(f"{bad}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
-    return _np_dtype(_ST_NP[ent["dtype"]], path), tuple(shape), offs[0], offs[1]
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    try:  # save_file reads each array's raw buffer: it must be C-contiguous
+        save_file({n: np.require(a, requirements="C") for n, a in tensors.items()}, path, metadata=meta)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError (ENOSPC, EACCES, ...)
+        fix = "free disk space and save again" if _no_space(e) else "check the path and permissions"
+        raise CheckpointError(f"{path}: cannot write safetensors file ({_one_line(e)}); {fix}") from e
 
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file (memory-mapped) -> ``(tensors, metadata)``.
+    """Read a safetensors file -> ``(tensors, metadata)`` through ``safetensors.safe_open``, which validates
+    the header (known dtypes, non-negative dims, offsets that match each tensor's size and tile the data
+    section exactly). A FIFO or device is refused before opening (it would hang); errors are one line."""
+    from safetensors import safe_open
 
-    The header is validated like the reference library: every entry has a known dtype, non-negative dims and
-    offsets that match its size; the entries tile the data section exactly (contiguous, no overlap or alias)."""
     try:
         st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        size = st.st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
-                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file")
-            header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing safetensors file") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
-    base = 8 + n
-    ents = {name: _st_entry(path, name, ent) for name, ent in header.items()}
-    pos = 0
-    for name, (dt, shape, b, e) in sorted(ents.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize or base + e > size:
-            raise CheckpointError(f"{path}: tensor {name} offsets [{b}, {e}) do not fit {dt.name}{list(shape)} "
-                                  f"or the file size {size}")
-        if b != pos:
-            raise CheckpointError(f"{path}: tensor {name} at [{b}, {e}) "
-                                  f"{'overlaps another tensor' if b < pos else 'leaves a gap'}: the data "
-                                  "offsets must be contiguous")
-        pos = e
-    if base + pos != size:
-        raise CheckpointError(f"{path}: {size - base - pos} trailing bytes after the last tensor (corrupt file)")
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-    out = {}
-    for name, (dt, shape, b, e) in ents.items():
-        out[name] = np.asarray(data[base + b:base + e]).view(dt.newbyteorder("<") if dt.itemsize > 1 and
-                                                              dt.kind != "V" else dt).reshape(shape)
-    return out, meta
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        lib = _one_line(e)
+        why = next((w for key, w in _ST_ERRORS if key in lib.lower()), "corrupt safetensors file")
+        raise CheckpointError(f"{path}: {why} ({lib}); re-save or re-download the file") from e
 
 
 # ---- atomic directory replacement -------------------------------------------------------------------
@@ -391,7 +361,7 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
             write_safetensors(os.path.join(tmp, SAFETENSORS_FILE), tensors,
                               {"format": "moqe", "moqe_manifest": json.dumps(manifest, sort_keys=True)})
         else:
-            _orbax_save(os.path.join(tmp, ORBAX_DIR), tensors)
+            _orbax_save(os.path.join(tmp, ORBAX_DIR), tensors, directory)
         if os.path.isdir(directory):
             _copy_user_files(directory, tmp)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:  # last: marks tmp complete
@@ -400,8 +370,11 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
             os.fsync(f.fileno())
         _fsync_tree(tmp)
         _commit(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt) and not os.path.exists(tmp):
+            _log.warning("%s: save interrupted; %s; rerun the save", directory,
+                         "the previous model is unchanged" if _complete(directory) else "nothing was written")
         raise
     return directory
 
@@ -411,16 +384,27 @@ def _orbax_tree(tensors: dict[str, Any]) -> dict:
     return unflatten_params({k.replace("::", "/"): v for k, v in tensors.items()})
 
 
-def _orbax_save(path: str, tensors: dict[str, np.ndarray]) -> None:
+def _orbax_save(path: str, tensors: dict[str, np.ndarray], directory: str) -> None:
+    """Orbax save of ``tensors`` into ``path`` (inside the save's temporary directory). A failure (a full disk
+    is an OSError, often wrapped by Orbax's writer threads) is one CheckpointError naming ``directory``;
+    KeyboardInterrupt propagates (the caller removes the temporary directory, the previous model stays)."""
     import orbax.checkpoint as ocp
 
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=True, create=True))
     try:
-        mngr.save(0, args=ocp.args.StandardSave(_orbax_tree(tensors)))
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
+        mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, enable_async_checkpointing=True, create=True))
+        try:
+            mngr.save(0, args=ocp.args.StandardSave(_orbax_tree(tensors)))
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()  # waits for the writer threads, so nothing writes into the directory afterwards
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax raises OSError or wraps it (ExceptionGroup, ValueError, ...)
+        fix = ("no space left on the device: free disk space and save again" if _no_space(e)
+               else "check free space and permissions and save again")
+        kept = "the previous model is unchanged" if _complete(directory) else "nothing was written"
+        raise CheckpointError(f"{directory}: Orbax save failed ({_one_line(e)}); {kept}; {fix}") from e
 
 
 def _orbax_restore(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]], sharding: Any) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""Full disk and SIGINT during a save (issue 16, finding 11): one-line CheckpointError naming the directory and
+the fix (ENOSPC), KeyboardInterrupt re-raised after cleanup (CLI exit 130); the previous model stays intact
+(bit-exact) and no temporary directory is left."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.numpy
+from _helpers import random_tiny_model
+
+from moqe_jax import api
+from moqe_jax.cli import main
+from moqe_jax.errors import CheckpointError
+from moqe_jax.tree import flatten_params, unflatten_params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_tiny_model(5)
+
+
+def _same(a: dict, b: dict) -> bool:
+    fa, fb = flatten_params(a), flatten_params(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+def _other(tiny):
+    return tiny.replace(params=unflatten_params({k: np.asarray(v) * 2.0 + 1.0
+                                                 for k, v in flatten_params(tiny.params).items()}))
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def _after_real_save(exc_factory):
+    """CheckpointManager.save that writes (partially: the async writer is still running) and then fails."""
+    real = ocp.CheckpointManager.save
+
+    def save(self, *a, **k):
+        real(self, *a, **k)
+        raise exc_factory()
+    return save
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["oserror", "wrapped"])
+def test_orbax_save_on_full_disk_is_one_line_and_keeps_old_model(tmp_path, tiny, monkeypatch, wrap):
+    d = tmp_path / "m"
+    api.save_model(tiny, d, format="orbax")
+
+    def fail():
+        if not wrap:
+            return _enospc()
+        try:  # orbax's writer threads re-raise the OSError wrapped in another exception
+            raise _enospc()
+        except OSError as e:
+            try:
+                raise RuntimeError("async save failed") from e
+            except RuntimeError as w:
+                return w
+    monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(fail))
+    with pytest.raises(CheckpointError) as ei:
+        api.save_model(_other(tiny), d, format="orbax")
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert "\n" not in msg and str(d) in msg and "free disk space" in msg and "previous model is unchanged" in msg
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no .m.tmp-* / .m.old-* left
+    assert _same(tiny.params, api.load_model(d).params)
+
+
+def test_orbax_save_interrupted_reraises_and_keeps_old_model(tmp_path, tiny, monkeypatch, caplog):
+    d = tmp_path / "m"
+    api.save_model(tiny, d, format="safetensors")
+    monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(KeyboardInterrupt))
+    with caplog.at_level(logging.WARNING, logger="moqe_jax.checkpoint.store"), pytest.raises(KeyboardInterrupt):
+        api.save_model(_other(tiny), d, format="orbax")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert _same(tiny.params, api.load_model(d).params)
+    lines = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and str(d) in lines[0] and "rerun" in lines[0]
+    api.save_model(_other(tiny), d, format="orbax")  # the next save completes
+    assert _same(_other(tiny).params, api.load_model(d).params)
+
+
+def test_safetensors_save_on_full_disk_is_one_line(tmp_path, tiny, monkeypatch):
+    d = tmp_path / "m"
+    api.save_model(tiny, d, format="safetensors")
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise _enospc()
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(CheckpointError) as ei:
+        api.save_model(_other(tiny), d, format="safetensors")
+    monkeypatch.undo()
+    assert "\n" not in str(ei.value) and "model.safetensors" in str(ei.value) and "free disk space" in str(ei.value)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert _same(tiny.params, api.load_model(d).params)
+
+
+def test_cli_convert_full_disk_exit_2_and_sigint_exit_130(tmp_path, tiny, monkeypatch, capsys):
+    src = str(api.save_model(tiny, tmp_path / "src", format="safetensors"))
+    out = tmp_path / "out"
+    api.save_model(tiny, out, format="orbax")
+    for exc, rc in ((_enospc, 2), (KeyboardInterrupt, 130)):
+        monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(exc))
+        capsys.readouterr()
+        assert main(["convert", "--from", src, "--to", str(out), "--format", "orbax", "--overwrite"]) \
+            == rc
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert rc == 130 or ("free disk space" in err and str(out) in err)
+        assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+        assert _same(tiny.params, api.load_model(out).params)
