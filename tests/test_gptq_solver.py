@@ -46,9 +46,14 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int | str
 
 
 def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int = 128, percdamp: float = 0.1,
-                groupsize: int = -1, actorder: bool = False) -> dict:
-    """Reference GPTQ on ``w [rows, cols]``, ``h [cols, cols]`` (static groups when groupsize > 0).
+                groupsize: int = -1, actorder: bool = False, dead_inputs: str = "zero",
+                static_groups: bool = True) -> dict:
+    """Reference GPTQ on ``w [rows, cols]``, ``h [cols, cols]`` (groups when groupsize > 0).
 
+    ``dead_inputs="zero"``: gptq ``fasterquant`` (``H[dead, dead] = 1``, ``W[:, dead] = 0``); ``"keep"``: QMoE
+    ``batch_gptq`` (no dead-input step; the damping alone makes H invertible). Static groups are built after
+    the dead-input step, on the unpermuted W (gptq); ``static_groups=False``: gptq's dynamic groups, the grid
+    refit on ``W[:, c:c+groupsize]`` of the outer (lazily block-updated) W when column ``c % groupsize == 0``.
     Returns codes ``[rows, cols]``, the loss Σ (w−q)²/d²/2 and whether the Cholesky fallback (H = I) was taken.
     """
     w = w.astype(np.float64).copy()
@@ -62,13 +67,13 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
     def prepare(h: np.ndarray, w: np.ndarray):
         w = w.copy()
         h = h.copy()
-        if groupsize > 0:
+        groups = [find_params(w, bits)]  # the per-row grid of the original W
+        if dead_inputs == "zero":
+            dead = np.diag(h) == 0
+            h[dead, dead] = 1
+            w[:, dead] = 0
+        if groupsize > 0 and static_groups:
             groups = [find_params(w[:, i:i + groupsize], bits) for i in range(0, cols, groupsize)]
-        else:
-            groups = [find_params(w, bits)]
-        dead = np.diag(h) == 0
-        h[dead, dead] = 1
-        w[:, dead] = 0
         perm = np.arange(cols)
         if actorder:
             perm = np.argsort(-np.diag(h), kind="stable")
@@ -90,6 +95,9 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
     codes = np.zeros((rows, cols), np.int64)
     margin = np.zeros_like(w)  # distance of the value being rounded to the nearest decision boundary / range
     losses = np.zeros_like(w)
+    dynamic = groupsize > 0 and not static_groups
+    if dynamic:
+        groups = []
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -101,8 +109,13 @@ def fasterquant(w: np.ndarray, h: np.ndarray, bits: int | str, *, blocksize: int
         for i in range(count):
             col = w1[:, i]
             d = hinv1[i, i]
-            gidx = perm[i1 + i] // groupsize if groupsize > 0 else 0
-            scale, zero = groups[gidx]
+            if dynamic:
+                if (i1 + i) % groupsize == 0:
+                    groups.append(find_params(w[:, i1 + i:i1 + i + groupsize], bits))
+                scale, zero = groups[-1]
+            else:
+                gidx = perm[i1 + i] // groupsize if groupsize > 0 else 0
+                scale, zero = groups[gidx]
             c, q = quantize(col, scale, zero, bits)
             margin[:, i1 + i] = boundary_margin(col, scale, zero, bits)
             c1[:, i] = c
