@@ -121,3 +121,22 @@ def test_cli_convert_full_disk_exit_2_and_sigint_exit_130(tmp_path, tiny, monkey
         assert rc == 130 or ("free disk space" in err and str(out) in err)
         assert sorted(os.listdir(tmp_path)) == ["out", "src"]
         assert _same(tiny.params, api.load_model(out).params)
+
+
+def test_full_disk_while_copying_user_files_or_writing_manifest(tmp_path, tiny, monkeypatch):
+    from moqe_jax.checkpoint import store
+
+    d = tmp_path / "m"
+    api.save_model(tiny, d, format="safetensors")
+    (d / "tokenizer.model").write_bytes(b"user")
+
+    def full(*a, **k):
+        raise _enospc()
+    monkeypatch.setattr(store, "_copy_user_files", full)
+    with pytest.raises(CheckpointError) as ei:
+        api.save_model(_other(tiny), d, format="safetensors")
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert "\n" not in msg and str(d) in msg and "free disk space" in msg and "previous model is unchanged" in msg
+    assert sorted(os.listdir(tmp_path)) == ["m"] and (d / "tokenizer.model").read_bytes() == b"user"
+    assert _same(tiny.params, api.load_model(d).params)

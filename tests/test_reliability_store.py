@@ -300,3 +300,33 @@ def test_sigkill_loop_during_saves(tmp_path, tiny):
         assert (tmp_path / "keep.txt").read_text() == "user data"
     api.save_model(tiny, d, format="safetensors")
     assert sorted(os.listdir(tmp_path)) == ["keep.txt", "m"]
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda raw: raw + b"\0" * 8, "do not fit the file size"),          # trailing bytes
+    (lambda raw: raw[:-4], "do not fit the file size"),                 # truncated data
+    (lambda raw: raw[:6], "truncated safetensors file"),                # no header length
+    (lambda raw: struct.pack("<Q", 1 << 40) + raw[8:], "truncated safetensors file|exceeds"),
+    (lambda raw: raw[:8] + b"\xff" + raw[9:], "corrupt|bad safetensors"),  # not JSON
+])
+def test_safetensors_library_errors_are_one_line(tmp_path, damage, words):
+    p = str(tmp_path / "a.safetensors")
+    store.write_safetensors(p, {"x": np.arange(4, dtype=np.float32)}, {"k": "v"})
+    raw = open(p, "rb").read()
+    open(p, "wb").write(damage(raw))
+    with pytest.raises(CheckpointError, match=words) as ei:
+        store.read_safetensors(p)
+    assert "\n" not in str(ei.value) and p in str(ei.value)
+
+
+def test_safetensors_fifo_and_non_string_metadata_refused(tmp_path):
+    fifo = str(tmp_path / "f.safetensors")
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        store.read_safetensors(fifo)  # refused before opening (opening a FIFO would hang)
+    p = str(tmp_path / "a.safetensors")
+    store.write_safetensors(p, {"x": np.arange(4, dtype=np.float32)}, {"k": "v"})
+    _rewrite_header(p, lambda h: h.update(__metadata__={"k": 1}))
+    with pytest.raises(CheckpointError, match="bad safetensors entry") as ei:
+        store.read_safetensors(p)
+    assert "\n" not in str(ei.value)

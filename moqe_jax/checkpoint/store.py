@@ -175,6 +175,14 @@ def _no_space(e: BaseException | None, depth: int = 0) -> bool:
     return any(_no_space(c, depth + 1) for c in (e.__cause__, e.__context__, *getattr(e, "exceptions", ())))
 
 
+def _save_failed(directory: str, what: str, e: BaseException) -> str:
+    """One line for a save that failed before its commit: the cause, what is left, the fix."""
+    fix = ("no space left on the device: free disk space and save again" if _no_space(e)
+           else "check free space and permissions and save again")
+    kept = "the previous model is unchanged" if _complete(directory) else "nothing was written"
+    return f"{directory}: {what} failed ({_one_line(e)}); {kept}; {fix}"
+
+
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` with ``safetensors.numpy.save_file`` (little-endian, bf16 as BF16) and fsync it."""
     for n, a in tensors.items():
@@ -362,13 +370,16 @@ def save_params(params: dict, directory: str | os.PathLike, config: dict | None 
                               {"format": "moqe", "moqe_manifest": json.dumps(manifest, sort_keys=True)})
         else:
             _orbax_save(os.path.join(tmp, ORBAX_DIR), tensors, directory)
-        if os.path.isdir(directory):
-            _copy_user_files(directory, tmp)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:  # last: marks tmp complete
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_tree(tmp)
+        try:
+            if os.path.isdir(directory):
+                _copy_user_files(directory, tmp)
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:  # last: marks tmp complete
+                json.dump(manifest, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_tree(tmp)
+        except OSError as e:  # only the temporary directory was written so far
+            raise CheckpointError(_save_failed(directory, "save", e)) from e
         _commit(tmp, directory)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -401,10 +412,7 @@ def _orbax_save(path: str, tensors: dict[str, np.ndarray], directory: str) -> No
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax raises OSError or wraps it (ExceptionGroup, ValueError, ...)
-        fix = ("no space left on the device: free disk space and save again" if _no_space(e)
-               else "check free space and permissions and save again")
-        kept = "the previous model is unchanged" if _complete(directory) else "nothing was written"
-        raise CheckpointError(f"{directory}: Orbax save failed ({_one_line(e)}); {kept}; {fix}") from e
+        raise CheckpointError(_save_failed(directory, "Orbax save", e)) from e
 
 
 def _orbax_restore(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]], sharding: Any) -> dict[str, Any]:
