@@ -14,7 +14,7 @@ from test_gptq_solver import assert_codes_match, fasterquant
 from moqe_jax.errors import QuantizationError
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.gptq import gptq_quantize, rtn_codes, solve_one_jit
-from moqe_jax.quant.gptq_ffn import GPTQOptions
+from moqe_jax.quant.gptq_ffn import GPTQOptions, compress_ffn
 
 N = 24
 
@@ -116,6 +116,29 @@ def test_bad_options_raise():
         gptq_quantize(w, h, _spec(2, group=32), static_groups=False, actorder=True)
     with pytest.raises(QuantizationError, match="dead_inputs"):
         GPTQOptions(dead_inputs="none")
+
+
+def test_options_reach_the_ffn_solver_and_the_cli(seed):
+    rng = np.random.default_rng(seed)
+    e, d, f = 3, 32, 48
+    mlp = {"expert": {"wi": {"kernel": rng.standard_normal((e, d, f)).astype(np.float32)},
+                      "wo": {"kernel": rng.standard_normal((e, f, d)).astype(np.float32)}}}
+    x = rng.standard_normal((90, d)).astype(np.float32)
+    x[:, :5] = 0.0  # inputs 0-4 of wi never fire
+    ex = np.arange(90) % e
+    spec = _spec("ternary")
+    out = {}
+    for mode in ("zero", "keep"):
+        out[mode], _ = compress_ffn(mlp, True, x, ex, spec, GPTQOptions(dead_inputs=mode), "enc1", None)
+    rtn = np.asarray(rtn_codes(mlp["expert"]["wi"]["kernel"], spec).codes())
+    keep, zero = np.asarray(out["keep"]["wi"].codes()), np.asarray(out["zero"]["wi"].codes())
+    np.testing.assert_array_equal(keep[:, :5], rtn[:, :5])
+    assert np.all(zero[:, :5] == 0) and np.any(keep[:, :5] != 0)
+    from moqe_jax.cli import build_parser
+
+    args = build_parser().parse_args(["compress", "default", "--out", "o", "--dead-inputs", "keep"])
+    assert args.dead_inputs == "keep"
+    assert build_parser().parse_args(["compress", "default", "--out", "o"]).dead_inputs == "zero"
 
 
 # ---- held-out output error, dead inputs kept vs zeroed -------------------------------------------------------
