@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from moqe_jax.checkpoint import store
 from moqe_jax.checkpoint.zarr import check_confined
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError, MoqeError
@@ -36,24 +36,8 @@ def _bf16() -> Any:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as NumPy arrays (bf16 as ``ml_dtypes.bfloat16``), through the
-    safetensors library (``safe_open``; it validates the header, dtypes and offsets). A FIFO or device is
-    refused before it is opened (it would hang), and every failure is one line naming the file."""
-    from safetensors import safe_open
-
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: not a regular file (FIFO/device); refusing to read it")
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError for corrupt files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg}); re-download or re-save "
-                              "it") from None
+    """All tensors of one ``.safetensors`` file (the store's reader: ``safe_open``, FIFOs refused, one-line errors)."""
+    return store.read_safetensors(path)[0]
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
