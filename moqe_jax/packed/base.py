@@ -8,11 +8,12 @@ dispatch on the type (never on a class-name string); checkpoint I/O finds the cl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import jax
 
-__all__ = ["PackedWeight", "MaybePacked", "is_packed", "register_packed", "packed_type", "packed_types"]
+__all__ = ["PackedWeight", "PackedView", "MaybePacked", "is_packed", "register_packed", "packed_type", "packed_types"]
 
 
 @runtime_checkable
@@ -37,6 +38,32 @@ class PackedWeight(Protocol):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any], meta: dict[str, Any]) -> PackedWeight: ...
+
+
+class PackedView:
+    """What every packed type derives from its logical ``shape`` and stored ``nbytes`` (one definition)."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # each packed type defines its logical shape
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:  # each packed type defines its stored bytes
+        raise NotImplementedError
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / max(1, self.size)
 
 
 #: A weight argument of the matmul ops and the model: a plain array or a packed weight.

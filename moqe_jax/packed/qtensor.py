@@ -20,14 +20,13 @@ pytree). The batch shape and N are read from the leaves, so the object stays con
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.packed.base import register_packed
+from moqe_jax.packed.base import PackedView, register_packed
 from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import codes as kernel_codes
 
@@ -120,7 +119,7 @@ def expand_groups(a: jax.Array, k: int) -> jax.Array:
 @register_packed("QuantizedTensor")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, slots=True)
-class QuantizedTensor:
+class QuantizedTensor(PackedView):
     """Packed low-bit weight ``[*batch, K, N]`` (see module docstring and docs/FORMATS.md).
 
     Leaves ``packed``/``scales``/``zeros`` (None when the spec stores no zeros); static ``spec``, ``k``, ``dtype``.
@@ -162,14 +161,6 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return (*self.packed.shape[:-2], self.k, self.packed.shape[-1])
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     def codes(self) -> jax.Array:
         """Unpacked uint8 codes ``[*batch, K, N]``."""
@@ -220,10 +211,6 @@ class QuantizedTensor:
         """Bytes really stored (packed codes + scales + zeros)."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
                    for a in (self.packed, self.scales, self.zeros) if a is not None)
-
-    @property
-    def bits_per_param(self) -> float:
-        return 8.0 * self.nbytes / max(1, self.size)
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor({self.spec.describe()}, shape={self.shape}, "

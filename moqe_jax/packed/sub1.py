@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from moqe_jax.errors import CheckpointError
-from moqe_jax.packed.base import register_packed
+from moqe_jax.packed.base import PackedView, register_packed
 from moqe_jax.packed.qtensor import QuantizedTensor
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.packed.sub1_dict import DEC_SHA256, NZ_SLOTS, get_dictionary, sparse_dec_table
@@ -100,7 +100,7 @@ def _check_flat(stream: np.ndarray, row_off: np.ndarray, num_rows: int, pairs_pe
 @register_packed("Sub1Tensor")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class Sub1Tensor:
+class Sub1Tensor(PackedView):
     """QMoE-compressed ternary weight ``[*batch, K, N]`` (docs/FORMATS.md §2).
 
     Leaves, all aligned on the batch (expert) axes:
@@ -204,14 +204,6 @@ class Sub1Tensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, self.k, self.n)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def num_codewords(self) -> int:
@@ -319,10 +311,6 @@ class Sub1Tensor:
         zeros (what checkpoints hold and the size report counts)."""
         return (2 * self.num_codewords + 4 * (self.num_rows + 1)
                 + sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in (self.scales, self.zeros)))
-
-    @property
-    def bits_per_param(self) -> float:
-        return 8.0 * self.nbytes / max(1, self.size)
 
     @property
     def weights_per_codeword(self) -> float:
