@@ -126,12 +126,18 @@ class Model:
 
 
 def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = None, *,
-               sharding: Any = None) -> Model:
+               sharding: Any = None, allow_outside: bool = False, allow_missing_chunks: bool = False) -> Model:
     """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config``, preset name or JSON file, else the
     ``config.json`` that ``moqe convert --to-t5x`` writes next to it) or a
     directory written by :func:`save_model`. ``sharding`` (saved directories only): a
-    ``jax.sharding.Sharding`` for every tensor or ``fn(name, shape) -> Sharding`` (Orbax sharded restore)."""
+    ``jax.sharding.Sharding`` for every tensor or ``fn(name, shape) -> Sharding`` (Orbax sharded restore).
+
+    ``allow_outside`` / ``allow_missing_chunks`` (``t5x:`` only, both off by default; docs/RELIABILITY.md):
+    trust array paths that leave the checkpoint directory (absolute paths, ``gs://`` layouts), and read
+    missing zarr chunks as the array's declared fill value instead of failing."""
     src = os.fspath(source)
+    if (allow_outside or allow_missing_chunks) and not src.startswith("t5x:"):
+        raise ConfigError(f"{src}: allow_outside/allow_missing_chunks apply to t5x: checkpoints only")
     if isinstance(config, str):
         cfg = read_config_file(config) if os.path.isfile(config) else SwitchConfig.preset(config)
     else:
@@ -153,7 +159,7 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         if cfg is None:
             raise ConfigError(f"{src}: T5X checkpoints carry no config and no {CONFIG_FILE} was found next to it; "
                               "pass config= (a SwitchConfig, preset name or config JSON file)")
-        params = load_t5x(src[4:], cfg)
+        params = load_t5x(src[4:], cfg, allow_outside=allow_outside, allow_missing_chunks=allow_missing_chunks)
         store.warn_nonfinite(params[1], src)
         return Model(*params)
     try:

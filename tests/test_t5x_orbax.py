@@ -245,3 +245,36 @@ def test_gzip_bomb_bounded_by_declared_chunk_size(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["msg"] is not None and "bomb/0: corrupt gzip chunk" in r["msg"] and "\n" not in r["msg"]
     assert r["grew_mb"] < 64, r  # inflating it would take 256 MiB
+
+
+def test_trust_options_through_load_model_and_cli(tmp_path, tiny, seed):
+    """``allow_outside`` / ``allow_missing_chunks`` reach the T5X reader from ``load_model`` and the CLI
+    (``--allow-outside``), and are refused for sources they do not apply to."""
+    from moqe_jax.cli import main
+    from moqe_jax.errors import ConfigError
+
+    cfg, flat, ref = tiny
+    E = "token_embedder/embedding"
+    moved = tmp_path / "moved"
+    d = write_t5x_checkpoint(str(tmp_path / "ck"), flat, step=2)
+    shutil.move(os.path.join(d, "target.token_embedder.embedding"), moved)
+
+    def hook(p, spec):
+        if p == E:
+            spec["kvstore"] = {"driver": "file", "path": str(moved) + "/"}
+        return spec
+    d = write_t5x_checkpoint(str(tmp_path / "ck"), flat, step=2, spec_hook=hook)
+    shutil.rmtree(os.path.join(d, "target.token_embedder.embedding"), ignore_errors=True)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    with pytest.raises(CheckpointError, match="--allow-outside") as e:
+        api.load_model(f"t5x:{tmp_path / 'ck'}", cfg)
+    _one_line(e)
+    m = api.load_model(f"t5x:{tmp_path / 'ck'}", cfg, allow_outside=True)
+    x, y = _ids(cfg, seed)
+    want = api.Model(cfg, jax.tree.map(np.asarray, _unflat(ref))).logits(x, y)
+    np.testing.assert_array_equal(np.asarray(m.logits(x, y)), np.asarray(want))
+    assert main(["info", f"t5x:{tmp_path / 'ck'}", "--config", str(cfg_file), "--allow-outside"]) == 0
+    assert main(["info", f"t5x:{tmp_path / 'ck'}", "--config", str(cfg_file)]) == 2
+    with pytest.raises(ConfigError, match="t5x: checkpoints only"):
+        api.load_model(str(tmp_path / "nowhere"), allow_missing_chunks=True)

@@ -222,7 +222,7 @@ class T5XCheckpoint:
         d = os.path.normpath(os.path.join(base, name))
         if (os.path.isabs(name) or os.sep in name or name in ("", ".", "..")) and not self.allow_outside:
             raise CheckpointError(f"{where}: array name {name!r} is a path leaving the checkpoint directory "
-                                  f"{self.dir} (pass allow_outside=True to trust it)")
+                                  f"{self.dir} (pass allow_outside=True (CLI: --allow-outside) to trust it)")
         return d
 
     def _index_placeholder(self, tree: dict) -> None:
@@ -278,7 +278,8 @@ class T5XCheckpoint:
                 kv = {"driver": "ocdbt", "base": {"driver": "file", "path": item + "/"}, "path": name + "/"}
                 zdir = None
                 if (os.sep in name or name.startswith(".")) and not self.allow_outside:
-                    raise CheckpointError(f"{where}: array name {name!r} is not a plain key (pass allow_outside)")
+                    raise CheckpointError(f"{where}: array name {name!r} is not a plain key "
+                                          "(pass allow_outside=True, CLI: --allow-outside)")
             else:
                 zdir = self._local_name(item, name, where)
                 kv = {"driver": "file", "path": zdir}
@@ -344,10 +345,12 @@ class T5XCheckpoint:
                 return ParamInfo(p, shape, dtype, "zarr", ts_spec={"driver": "zarr", "kvstore": spec["kvstore"]})
             else:
                 raise CheckpointError(f"{where}: array lives in gs://{kv.get('bucket')}/{rel}, outside the "
-                                      f"checkpoint directory {self.dir} (pass allow_outside=True to read it)")
+                                      f"checkpoint directory {self.dir} (pass allow_outside=True "
+                                      "(CLI: --allow-outside) to read it)")
         if not inside and not self.allow_outside:
             raise CheckpointError(f"{where}: array path {rel!r} leaves the checkpoint directory {self.dir} "
-                                  "(absolute, '..' or file:// elsewhere); pass allow_outside=True to trust it")
+                                  "(absolute, '..' or file:// elsewhere); pass allow_outside=True "
+                                  "(CLI: --allow-outside) to trust it")
         return ParamInfo(p, shape, dtype, "zarr", zarr_dir=zdir,
                          ts_spec={"driver": "zarr", "kvstore": {"driver": "file", "path": zdir}})
 

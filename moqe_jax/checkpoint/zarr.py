@@ -34,7 +34,8 @@ def ts_error(e: BaseException, where: str, compressor: str | None = None) -> Che
     fn = m.group(1) if m else where
     if "is missing" in msg and "chunk" in msg:
         return CheckpointError(f"{fn}: zarr chunk file is missing (an incomplete copy of the checkpoint: copy it "
-                               "again; allow_missing_chunks=True reads the array's declared fill value instead)")
+                               "again; allow_missing_chunks=True (CLI: --allow-missing-chunks) reads the array's "
+                               "declared fill value instead)")
     if "Metadata at" in msg and "does not exist" in msg:
         d = os.path.dirname(fn)
         what = "does not exist" if not os.path.exists(d) else "has no .zarray metadata"
@@ -46,7 +47,7 @@ def ts_error(e: BaseException, where: str, compressor: str | None = None) -> Che
     return CheckpointError(f"{where}: {msg}")
 
 
-_OUTSIDE_HINT = "pass allow_outside=True to trust it"
+_OUTSIDE_HINT = "pass allow_outside=True (CLI: --allow-outside) to trust it"
 
 
 def check_confined(path: str, root: str, *, what: str = "array", recursive: bool = True,

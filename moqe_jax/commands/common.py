@@ -22,6 +22,10 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, 
                                        "model's manifest); needed only for a t5x: MODEL without config.json")
     p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a SwitchConfig field, e.g. --set routing_mode=hf (repeatable; JSON values)")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="t5x: MODEL only: trust array paths that leave the checkpoint directory (absolute, gs://)")
+    p.add_argument("--allow-missing-chunks", action="store_true",
+                   help="t5x: MODEL only: read missing zarr chunks as the array's fill value instead of failing")
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -113,7 +117,11 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
         if base is None:
             raise ConfigError(f"{src}: T5X checkpoints carry no config and no config.json was found next to it; "
                               "pass --config NAME|FILE.json (e.g. --config switch-base-8)")
-        return load_model(src, apply_sets(base, sets)).with_kernels(kernels)
+        trust = {"allow_outside": getattr(args, "allow_outside", False),
+                 "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
+        return load_model(src, apply_sets(base, sets), **trust).with_kernels(kernels)
+    if getattr(args, "allow_outside", False) or getattr(args, "allow_missing_chunks", False):
+        raise ConfigError(f"{src}: --allow-outside/--allow-missing-chunks apply to t5x: models only")
     if src.startswith("hf:"):
         if sets and base is None:
             from moqe_jax.checkpoint.hf_export import export_config
