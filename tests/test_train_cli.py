@@ -15,7 +15,7 @@ def _word(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyzäöéß"), size=rng.integers(2, 9)))
 
 
-def test_moqe_data_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_moqe_data_build(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     msgs = [" ".join(_word(rng) for _ in range(rng.integers(2, 8))) + " %s" for _ in range(300)]
     for lang in ("fr", "de"):
@@ -26,6 +26,18 @@ def test_moqe_data_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert rc == 0, out
     assert "fr         300    54500" in out and "DATA.md" in out and "vocab 700" in out
     assert (tmp_path / "c" / "tokenizer" / "spm.model").is_file() and (tmp_path / "c" / "train.jsonl").is_file()
+    # `moqe train` without --data: the default corpus search ($MOQE_DATA, ..., the demo's cache) and its tokenizer
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train = ["train", "--config", "tiny", "--set", "vocab_size=700", "--steps", "1", "--batch-size", "4",
+             "--warmup", "1", "--log-every", "1", "--eval-every", "1", "--save-every", "1"]
+    monkeypatch.delenv("MOQE_DATA", raising=False)
+    rc = main(train + ["--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "moqe data build" in err
+    monkeypatch.setenv("MOQE_DATA", str(tmp_path / "c"))
+    rc = main(train + ["--out", str(tmp_path / "run")])
+    assert rc == 0 and "step 1: loss" in capsys.readouterr().out
     rc = main(["data", "build", "--locale-dir", str(tmp_path / "loc"), "--out", str(tmp_path / "d"),
                "--vocab", "90000"])
     assert rc == 2 and "SentencePiece training failed for vocab_size=90000" in capsys.readouterr().err

@@ -11,8 +11,11 @@ from moqe_jax.commands.common import add_config_args, apply_sets, config_value, 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a Switch model (MoE or dense) on the MT corpus, or QAT its experts")
     add_config_args(p, "preset name or a config JSON file (default small-mt; ignored with --init)", default="small-mt")
-    p.add_argument("--data", required=True, help="corpus directory from `moqe data build` (or 'synthetic')")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default <data>/tokenizer)")
+    p.add_argument("--data", default=None,
+                   help="corpus directory from `moqe data build`, or 'synthetic' (default: $MOQE_DATA, "
+                        "work_data/corpus, data/corpus, then the corpus `moqe demo` cached)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (default <data>/tokenizer, else --init's tokenizer/, else the bundled one)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, model/)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -40,6 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=_train)
+
+
+def _corpus_and_tokenizer(args: argparse.Namespace) -> tuple[str, str]:
+    """The corpus (``--data`` or the default search, docs/DATA.md) and its tokenizer: ``--tokenizer``, the
+    corpus's ``tokenizer/``, ``--init``'s ``tokenizer/``, then the bundled one."""
+    from pathlib import Path
+
+    from moqe_jax.commands.common import local_dir
+    from moqe_jax.data.locate import resolve_corpus, resolve_tokenizer
+
+    corpus = resolve_corpus(args.data, "train.jsonl")
+    if args.tokenizer:
+        return corpus, args.tokenizer
+    if (Path(corpus) / "tokenizer").exists():
+        return corpus, str(Path(corpus) / "tokenizer")
+    return corpus, str(resolve_tokenizer(None, local_dir(args.init) if args.init else None, None))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -78,12 +97,13 @@ def _train(args: argparse.Namespace) -> int:
     shd.check_fits(cfg, tc.mesh, [tc.batch_size] if tc.tokens_per_batch is None else [])
     if args.data == "synthetic":
         data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
-    elif args.objective == "mlm":
-        data = load_mlm_data(args.data, tc, inputs_length=args.max_len, tokenizer_dir=args.tokenizer,
-                             vocab_size=cfg.vocab_size)
     else:
-        data = load_mt_data(args.data, tc, max_len=args.max_len, tokenizer_dir=args.tokenizer,
-                            vocab_size=cfg.vocab_size)
+        corpus, tok = _corpus_and_tokenizer(args)
+        if args.objective == "mlm":
+            data = load_mlm_data(corpus, tc, inputs_length=args.max_len, tokenizer_dir=tok,
+                                 vocab_size=cfg.vocab_size)
+        else:
+            data = load_mt_data(corpus, tc, max_len=args.max_len, tokenizer_dir=tok, vocab_size=cfg.vocab_size)
     res = train(cfg, tc, data, args.out, init_params=init_params)
     if tc.qat_bits is not None:  # QAT: float master weights + the packed QuantizedTensor export (MoQE deployable)
         from moqe_jax.api import Model
