@@ -140,3 +140,31 @@ def test_full_disk_while_copying_user_files_or_writing_manifest(tmp_path, tiny, 
     assert "\n" not in msg and str(d) in msg and "free disk space" in msg and "previous model is unchanged" in msg
     assert sorted(os.listdir(tmp_path)) == ["m"] and (d / "tokenizer.model").read_bytes() == b"user"
     assert _same(tiny.params, api.load_model(d).params)
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["move-old-aside", "rename-new-in"])
+def test_failed_commit_rename_is_one_line_and_keeps_old_model(tmp_path, tiny, monkeypatch, which):
+    """A rename of the commit fails (EACCES, EBUSY, EXDEV...): one CheckpointError, old model back in place,
+    no hidden leftovers; the next save works."""
+    from moqe_jax.checkpoint import store
+
+    d = tmp_path / "m"
+    api.save_model(tiny, d, format="safetensors")
+    real, calls = store._rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == which:
+            raise OSError(errno.EACCES, "Permission denied", dst)
+        real(src, dst)
+    monkeypatch.setattr(store, "_rename", rename)
+    with pytest.raises(CheckpointError) as ei:
+        api.save_model(_other(tiny), d, format="safetensors")
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert "\n" not in msg and str(d) in msg and "Permission denied" in msg and "previous model is unchanged" in msg
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert _same(tiny.params, api.load_model(d).params)
+    assert main(["info", str(d)]) == 0
+    api.save_model(_other(tiny), d, format="safetensors")
+    assert _same(_other(tiny).params, api.load_model(d).params)

@@ -311,13 +311,18 @@ def _commit(tmp: str, directory: str) -> None:
     old = None
     if os.path.exists(directory):
         old = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex[:8]}")
-        _rename(directory, old)
+        try:
+            _rename(directory, old)
+        except OSError as e:  # nothing moved yet: the previous model is in place
+            raise CheckpointError(_save_failed(directory, "moving the previous model aside", e)) from e
     try:
         _rename(tmp, directory)
-    except Exception:
+    except Exception as e:
         if old:  # put the previous model back (a kill here is recovered by _recover instead)
             with contextlib.suppress(OSError):
                 _rename(old, directory)
+        if isinstance(e, OSError):
+            raise CheckpointError(_save_failed(directory, "renaming the new model into place", e)) from e
         raise
     _fsync_dir(parent)
     if old:
