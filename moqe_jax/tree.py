@@ -43,5 +43,14 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_host(tree: Any) -> Any:
-    """Every array leaf (packed weights' leaves too) fetched to host NumPy, one transfer for the tree."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+    """Every array leaf (packed weights' leaves too) fetched to host NumPy, one transfer for the tree.
+    A leaf sharded over other processes' devices (multi-host) is all-gathered first: a collective, so every
+    process must call ``to_host`` on the same tree."""
+    def gather(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(gather, tree)))

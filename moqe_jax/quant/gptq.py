@@ -48,6 +48,7 @@ from moqe_jax.errors import QuantizationError
 from moqe_jax.packed.qtensor import QuantizedTensor, dequant_codes, expand_groups
 from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.rtn import find_params, quantize_codes  # the grid and rounding GPTQ shares with RTN
+from moqe_jax.tree import to_host
 
 __all__ = ["GPTQStats", "gptq_quantize", "gptq_solve_one", "layer_error", "rtn_codes", "DAMP_FLOOR"]
 
@@ -351,7 +352,7 @@ def gptq_quantize(w: Any, h: Any, spec: QuantSpec, *, percdamp: float = 0.1, blo
             wg, hg, pg = jax.device_put(wg, sh), jax.device_put(hg, sh), jax.device_put(pg, sh)
         with jax.default_matmul_precision("highest"):
             res = fn(wg, hg, pg)
-        outs.append({key: np.asarray(v)[:m] for key, v in res.items()})
+        outs.append({key: v[:m] for key, v in to_host(res).items()})  # gathered across processes
     cat = {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
     if squeeze:
         cat = {key: v[0] for key, v in cat.items()}
