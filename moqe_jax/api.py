@@ -126,7 +126,8 @@ class Model:
 
 
 def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = None, *,
-               sharding: Any = None, allow_outside: bool = False, allow_missing_chunks: bool = False) -> Model:
+               sharding: Any = None, allow_outside: bool = False, allow_missing_chunks: bool = False,
+               nonfinite: str = "warn") -> Model:
     """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config``, preset name or JSON file, else the
     ``config.json`` that ``moqe convert --to-t5x`` writes next to it) or a
     directory written by :func:`save_model`. ``sharding`` (saved directories only): a
@@ -134,7 +135,9 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
 
     ``allow_outside`` / ``allow_missing_chunks`` (``t5x:`` only, both off by default; docs/RELIABILITY.md):
     trust array paths that leave the checkpoint directory (absolute paths, ``gs://`` layouts), and read
-    missing zarr chunks as the array's declared fill value instead of failing."""
+    missing zarr chunks as the array's declared fill value instead of failing. ``nonfinite``: ``"warn"``
+    (default: a ``NonFiniteWeightsWarning`` naming tensors with NaN/inf), ``"error"`` (refuse to load) or
+    ``"ignore"``."""
     src = os.fspath(source)
     if (allow_outside or allow_missing_chunks) and not src.startswith("t5x:"):
         raise ConfigError(f"{src}: allow_outside/allow_missing_chunks apply to t5x: checkpoints only")
@@ -150,7 +153,7 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
 
         cfg = cfg or export_config(src[3:])  # our own export: the full config it embedded
         cfg, params = load_hf(src[3:], config=cfg)
-        store.warn_nonfinite(params, src)
+        store.warn_nonfinite(params, src, nonfinite)
         return Model(cfg, params)
     if src.startswith("t5x:"):
         from moqe_jax.checkpoint.t5x import load_t5x
@@ -160,10 +163,10 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
             raise ConfigError(f"{src}: T5X checkpoints carry no config and no {CONFIG_FILE} was found next to it; "
                               "pass config= (a SwitchConfig, preset name or config JSON file)")
         params = load_t5x(src[4:], cfg, allow_outside=allow_outside, allow_missing_chunks=allow_missing_chunks)
-        store.warn_nonfinite(params[1], src)
+        store.warn_nonfinite(params[1], src, nonfinite)
         return Model(*params)
     try:
-        return Model(*store.load(src, sharding))
+        return Model(*store.load(src, sharding, nonfinite))
     except CheckpointError as e:
         if os.path.exists(src):
             raise

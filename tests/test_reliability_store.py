@@ -7,6 +7,7 @@ import json
 import os
 import random
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -257,6 +258,16 @@ def test_nonfinite_weights_warn_at_load(tmp_path, tiny):
     d = api.save_model(tiny.replace(params=unflatten_params(flat)), tmp_path / "m", format="safetensors")
     with pytest.warns(UserWarning, match=r"non-finite.*decoder/layers_0/mlp/wi/kernel"):
         api.load_model(d)
+    # the opt-in strict mode: one CheckpointError (API and CLI), and "ignore" skips the check
+    with pytest.raises(CheckpointError, match=r"non-finite.*decoder/layers_0/mlp/wi/kernel.*refusing"):
+        api.load_model(d, nonfinite="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api.load_model(d, nonfinite="ignore")
+    from moqe_jax.cli import main
+    assert main(["info", str(d), "--nonfinite", "error"]) == 2
+    with pytest.raises(CheckpointError, match="nonfinite='maybe'"):
+        api.load_model(d, nonfinite="maybe")
 
 
 _SAVER = """

@@ -587,9 +587,17 @@ class NonFiniteWeightsWarning(UserWarning):
     """A loaded model has NaN/inf weights (it will produce NaN logits)."""
 
 
-def warn_nonfinite(params: dict, where: str) -> list[str]:
+NONFINITE_MODES = ("warn", "error", "ignore")
+
+
+def warn_nonfinite(params: dict, where: str, mode: str = "warn") -> list[str]:
     """Warn (:class:`NonFiniteWeightsWarning`) naming the float tensors (packed: their float fields) that hold
-    NaN/inf; returns their paths."""
+    NaN/inf; returns their paths. ``mode="error"``: a :class:`CheckpointError` instead (the opt-in strict
+    load); ``"ignore"``: no check at all (skips the scan of every weight)."""
+    if mode not in NONFINITE_MODES:
+        raise CheckpointError(f"nonfinite={mode!r}: expected one of {', '.join(NONFINITE_MODES)}")
+    if mode == "ignore":
+        return []
     bad = []
     for path, leaf in flatten_params(params).items():
         if leaf is None:
@@ -602,6 +610,9 @@ def warn_nonfinite(params: dict, where: str) -> list[str]:
                 bad.append(f"{path}::{name}" if name else path)
     if bad:
         names = ", ".join(ascii(b)[1:-1] for b in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        if mode == "error":
+            raise CheckpointError(f"{where}: non-finite values (NaN/inf) in {len(bad)} tensor(s): {names}; "
+                                  "refusing to load (nonfinite='error')")
         warnings.warn(f"{where}: non-finite values (NaN/inf) in {len(bad)} tensor(s): {names}; the model's outputs "
                       "will be NaN", NonFiniteWeightsWarning, stacklevel=3)
     return bad
@@ -631,10 +642,10 @@ def check_params(cfg: SwitchConfig, params: dict, where: str) -> None:
                 raise CheckpointError(f"{where}: {k} has dtype {dt.name}; float weights expected")
 
 
-def load(directory: str | os.PathLike, sharding: Any = None) -> tuple[SwitchConfig, dict]:
+def load(directory: str | os.PathLike, sharding: Any = None, nonfinite: str = "warn") -> tuple[SwitchConfig, dict]:
     """``(config, params)`` of a directory written by :func:`save_params` with a config (bit-exact);
     ``sharding`` as in :func:`load_params`. The params are checked against the config (shapes, dtypes) and
-    non-finite weights are warned about (:func:`warn_nonfinite`)."""
+    non-finite weights are warned about (:func:`warn_nonfinite`; ``nonfinite`` is its mode)."""
     params, man = load_params(directory, sharding)
     if not isinstance(man.get("config"), dict):
         raise CheckpointError(f"{man['_dir']}: manifest has no model config")
@@ -643,7 +654,7 @@ def load(directory: str | os.PathLike, sharding: Any = None) -> tuple[SwitchConf
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{man['_dir']}: bad config in {MANIFEST}: {e}".splitlines()[0]) from e
     check_params(cfg, params, man["_dir"])
-    warn_nonfinite(params, man["_dir"])
+    warn_nonfinite(params, man["_dir"], nonfinite)
     return cfg, params
 
 

@@ -22,6 +22,8 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, 
                                        "model's manifest); needed only for a t5x: MODEL without config.json")
     p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a SwitchConfig field, e.g. --set routing_mode=hf (repeatable; JSON values)")
+    p.add_argument("--nonfinite", choices=("warn", "error", "ignore"), default="warn",
+                   help="weights with NaN/inf: warn (default), error (refuse to load) or ignore")
     p.add_argument("--allow-outside", action="store_true",
                    help="t5x: MODEL only: trust array paths that leave the checkpoint directory (absolute, gs://)")
     p.add_argument("--allow-missing-chunks", action="store_true",
@@ -109,6 +111,7 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
     base = config_value(getattr(args, "config", None))
     sets = parse_sets(getattr(args, "set", None))
     kernels = getattr(args, "kernels", "auto")
+    nonfinite = getattr(args, "nonfinite", "warn")
     if src.startswith("init:"):
         cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)
         return Model.init(cfg, seed=seed).with_kernels(kernels)
@@ -119,7 +122,7 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
                               "pass --config NAME|FILE.json (e.g. --config switch-base-8)")
         trust = {"allow_outside": getattr(args, "allow_outside", False),
                  "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
-        return load_model(src, apply_sets(base, sets), **trust).with_kernels(kernels)
+        return load_model(src, apply_sets(base, sets), nonfinite=nonfinite, **trust).with_kernels(kernels)
     if getattr(args, "allow_outside", False) or getattr(args, "allow_missing_chunks", False):
         raise ConfigError(f"{src}: --allow-outside/--allow-missing-chunks apply to t5x: models only")
     if src.startswith("hf:"):
@@ -127,8 +130,9 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
             from moqe_jax.checkpoint.hf_export import export_config
 
             base = export_config(src[3:]) or SwitchConfig.from_hf(src[3:])
-        return load_model(src, None if base is None else apply_sets(base, sets)).with_kernels(kernels)
-    model = load_model(src)
+        return load_model(src, None if base is None else apply_sets(base, sets),
+                          nonfinite=nonfinite).with_kernels(kernels)
+    model = load_model(src, nonfinite=nonfinite)
     if base is None and not sets:
         return model.with_kernels(kernels)
     cfg = apply_sets(base or model.config, sets)
