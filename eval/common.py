@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from moqe_jax.data.locate import BUNDLED as ASSETS
 from moqe_jax.errors import MoqeError
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "moqe_jax" / "assets" / "default"
 RESULTS = REPO / "docs" / "results"
 
 
@@ -57,19 +57,10 @@ class Setup:
     tmp: Any = None
 
 
-def _default_tokenizer(args: argparse.Namespace) -> Path:
-    if args.tokenizer:
-        return Path(args.tokenizer)
-    for c in (Path(args.moe) / "tokenizer", ASSETS / "tokenizer", Path(args.data or ".") / "tokenizer"):
-        if c.exists():
-            return c
-    return ASSETS / "tokenizer"
-
-
 def setup_from_args(args: argparse.Namespace) -> Setup:
     """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup)."""
     from moqe_jax.api import load_model
-    from moqe_jax.data.locate import default_data_dir
+    from moqe_jax.data.locate import default_data_dir, resolve_tokenizer
     from moqe_jax.evaluate import load_tokenizer
 
     use_syn = args.synthetic or (args.quick and not Path(args.moe).exists())
@@ -90,7 +81,8 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     moe = load_model(args.moe)
     dense = load_model(args.dense) if args.dense and Path(args.dense).exists() else None
     notes = [] if dense is not None else [f"dense twin not found at {args.dense}: dense rows skipped"]
-    return Setup(moe, dense, load_tokenizer(_default_tokenizer(args)), args.data, False, notes)
+    tok = resolve_tokenizer(args.tokenizer, args.moe, args.data)
+    return Setup(moe, dense, load_tokenizer(tok), args.data, False, notes)
 
 
 # ---------------------------------------------------------------------------------------------
