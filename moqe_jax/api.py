@@ -71,14 +71,15 @@ class Model:
 
     # ---- inference -------------------------------------------------------------------------------
     def apply(self, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
-              decoder_attention_mask: Any = None, train: bool = False) -> tuple[jax.Array, dict]:
+              decoder_attention_mask: Any = None, train: bool = False, rng: Any = None) -> tuple[jax.Array, dict]:
         """``(logits [B,T,V] f32 jax array, aux)``; aux: ``aux_loss``, ``z_loss``, ``dropped_fraction``, ``moe``.
 
-        Traceable (inputs may be tracers inside a caller's ``jax.jit``/``jax.grad``)."""
+        ``train=True``: train capacity factor, and with ``rng`` (a PRNG key) dropout / router noise when the config
+        sets them (docs/FINETUNING.md). Traceable (inputs may be tracers inside a caller's ``jax.jit``/``jax.grad``)."""
         ids = _as_ids(input_ids, "input_ids")
         dids = _as_ids(decoder_input_ids, "decoder_input_ids")
         return forward(self.config, self.params, ids, dids, _as_mask(attention_mask, ids.shape),
-                       _as_mask(decoder_attention_mask, dids.shape), train, self.kernels)
+                       _as_mask(decoder_attention_mask, dids.shape), train, self.kernels, rng)
 
     def logits(self, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
                decoder_attention_mask: Any = None) -> jax.Array:

@@ -6,7 +6,9 @@ HF lacks them or gets them wrong (spec §4.11).
 
 Sparse-layer rule (Flaxformer ``LayerLayout.MIXED``, spec §2): with ``step = *_sparse_step``,
 layer ``i`` is sparse iff ``i % step == step - 1``; ``step == 1`` makes every layer sparse and
-``step == 0`` none. (HF uses ``i % step == 1``; equal only for steps 1 and 2.)
+``step == 0`` none. (HF uses ``i % step == 1``; equal only for steps 1 and 2.) Flaxformer's other layouts
+(``bottom`` / ``middle`` / ``top``, and ``mixed`` given a sparse-layer count) come from ``*_sparse_layout`` with
+``num_sparse_*_layers`` (``layout_sparse_indices``, docs/FINETUNING.md).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any
 
 from moqe_jax.errors import ConfigError
 
-__all__ = ["SwitchConfig", "sparse_layer_indices", "ROUTING_MODES"]
+__all__ = ["SwitchConfig", "sparse_layer_indices", "layout_sparse_indices", "ROUTING_MODES", "LAYER_LAYOUTS"]
 
 _ACTIVATIONS = ("relu", "gated-gelu")
 _DTYPES = ("bfloat16", "float32", "float16")
 ROUTING_MODES = ("t5x", "hf", "dropless")
+LAYER_LAYOUTS = ("bottom", "middle", "mixed", "top")  # Flaxformer moe_enums.LayerLayout
 
 
 @functools.cache
@@ -34,6 +37,26 @@ def _preset_table() -> dict[str, dict[str, Any]]:
     """``{name: fields}`` from the package data ``configs/presets.toml`` (each preset = ``base`` + its table)."""
     raw = tomllib.loads(resources.files("moqe_jax").joinpath("configs", "presets.toml").read_text("utf-8"))
     return {name: {**raw["base"], **fields} for name, fields in raw["presets"].items()}
+
+
+def layout_sparse_indices(num_layers: int, num_sparse: int, layout: str) -> tuple[int, ...]:
+    """Sparse layers under Flaxformer's ``LayerLayout`` (``moe_architecture._is_sparse_layer``): ``bottom``
+    ``i < n``; ``middle`` ``N - n <= 2i < N + n``; ``mixed`` ``i % (N // n) == N // n - 1`` (``N % n == 0``, n = 0:
+    none); ``top`` ``i >= N - n``."""
+    n, big_n = num_sparse, num_layers
+    if layout == "bottom":
+        return tuple(i for i in range(big_n) if i < n)
+    if layout == "middle":
+        return tuple(i for i in range(big_n) if big_n - n <= 2 * i < big_n + n)
+    if layout == "top":
+        return tuple(i for i in range(big_n) if i >= big_n - n)
+    if layout == "mixed":
+        if n <= 0:
+            return ()
+        if big_n % n:
+            raise ConfigError(f"mixed sparse layout: {n} sparse layers do not divide {big_n} layers")
+        return sparse_layer_indices(big_n, big_n // n)
+    raise ConfigError(f"sparse layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
 
 
 def sparse_layer_indices(num_layers: int, step: int) -> tuple[int, ...]:
@@ -83,6 +106,18 @@ class SwitchConfig:
     aux_loss_factor: float = 0.01
     router_z_loss_factor: float = 0.0
     z_loss: float = 1e-4
+    # ---- fine-tuning and layer layouts (Flaxformer; docs/FINETUNING.md) -----------------------------------
+    # dropout, active only with train=True and a 'dropout' rng: embeddings, after attention / cross-attention /
+    # MLP, final layer norms, attention weights, dense-MLP hidden; the experts' hidden uses expert_dropout_rate
+    # (None = dropout_rate, as Flaxformer's gin EXPERT_DROPOUT_RATE = %DROPOUT_RATE)
+    dropout_rate: float = 0.0
+    expert_dropout_rate: float | None = None
+    # Flaxformer LayerLayout per stack: "mixed" (every k-th layer sparse: k = *_sparse_step, or
+    # num_layers // num_sparse_*_layers when that is set) | "bottom" | "middle" | "top" (need num_sparse_*_layers)
+    encoder_sparse_layout: str = "mixed"
+    decoder_sparse_layout: str = "mixed"
+    num_sparse_encoder_layers: int | None = None
+    num_sparse_decoder_layers: int | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +149,38 @@ class SwitchConfig:
             raise ConfigError(f"SwitchConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if self.relative_attention_num_buckets % 2:
             raise ConfigError("SwitchConfig.relative_attention_num_buckets must be even")
+        self._validate_finetuning()
+
+    def _validate_finetuning(self) -> None:
+        """Dropout rates and sparse layer layouts (docs/FINETUNING.md)."""
+        for f in ("dropout_rate", "expert_dropout_rate"):
+            v = getattr(self, f)
+            if v is None and f == "expert_dropout_rate":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise ConfigError(f"SwitchConfig.{f} must be a number in [0, 1), got {v!r}")
+        for stack, n_layers in (("encoder", self.num_layers), ("decoder", self.num_decoder_layers)):
+            layout = getattr(self, f"{stack}_sparse_layout")
+            if layout not in LAYER_LAYOUTS:
+                raise ConfigError(f"SwitchConfig.{stack}_sparse_layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
+            key = f"num_sparse_{stack}_layers"
+            n = getattr(self, key)
+            if n is None:
+                if layout != "mixed":
+                    raise ConfigError(f"SwitchConfig.{stack}_sparse_layout={layout!r} needs {key} (how many of the "
+                                      f"{n_layers} layers are sparse)")
+                continue
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= n_layers:
+                raise ConfigError(f"SwitchConfig.{key} must be an integer in [0, {n_layers}] (the {stack} has "
+                                  f"{n_layers} layers), got {n!r}")
+            if layout == "mixed" and n and n_layers % n:
+                raise ConfigError(f"SwitchConfig.{key}={n}: the mixed layout needs a divisor of the {n_layers} "
+                                  f"{stack} layers (Flaxformer's rule); use {stack}_sparse_step or another layout")
+
+    @property
+    def expert_dropout(self) -> float:
+        """The experts' hidden-layer dropout rate (``expert_dropout_rate``, else ``dropout_rate``)."""
+        return float(self.dropout_rate if self.expert_dropout_rate is None else self.expert_dropout_rate)
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -130,12 +197,16 @@ class SwitchConfig:
         return self.num_layers
 
     def sparse_layers(self, stack: str) -> tuple[int, ...]:
-        """Sparse layer indices of ``stack`` ("encoder" | "decoder"), Flaxformer rule."""
-        if stack == "encoder":
-            return sparse_layer_indices(self.num_layers, self.encoder_sparse_step)
-        if stack == "decoder":
-            return sparse_layer_indices(self.num_decoder_layers, self.decoder_sparse_step)
-        raise ConfigError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+        """Sparse layer indices of ``stack`` ("encoder" | "decoder"), Flaxformer rules: with
+        ``num_sparse_*_layers`` unset, the mixed layout's ``i % step == step - 1``; else ``layout_sparse_indices``."""
+        if stack not in ("encoder", "decoder"):
+            raise ConfigError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+        n_layers = self.num_stack_layers(stack)
+        n = getattr(self, f"num_sparse_{stack}_layers")
+        if n is None:
+            return sparse_layer_indices(n_layers, getattr(self, f"{stack}_sparse_step"))
+        return layout_sparse_indices(n_layers, n, getattr(self, f"{stack}_sparse_layout"))
+
 
     def is_sparse(self, stack: str, i: int) -> bool:
         return i in self.sparse_layers(stack)
@@ -315,16 +386,39 @@ class SwitchConfig:
             raise ConfigError(f"bad HF config: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
-        """HF ``config.json`` dict (sparse steps written explicitly; HF's rule differs for steps > 2)."""
+        """HF ``config.json`` dict (sparse steps written explicitly; HF's rule differs for steps > 2).
+
+        HF knows only "every k-th layer" layouts: a bottom/middle/top layout (``*_sparse_layout``) is written only
+        when its layers are the mixed layout's ``i % k == k - 1`` with ``k = N // n``; otherwise ``ConfigError``."""
+        bad = [f"{f}={getattr(self, f)!r}" for f, ok in (
+            ("num_selected_experts", self.num_selected_experts == 1),
+            ("batch_prioritized_routing", not self.batch_prioritized_routing),
+            ("router_type", self.router_type == "tokens_choose")) if not ok]
+        if bad:
+            raise ConfigError(f"config {self.name}: {', '.join(bad)} cannot be written to a Hugging Face config.json "
+                              "(transformers' Switch router is top-1 tokens-choose without batch-prioritized "
+                              "routing); save with Model.save or export to T5X")
         ne = len(self.sparse_layers("encoder"))
         nd = len(self.sparse_layers("decoder"))
+        steps = {}
+        for stack, n in (("encoder", ne), ("decoder", nd)):
+            steps[stack] = getattr(self, f"{stack}_sparse_step")
+            if getattr(self, f"num_sparse_{stack}_layers") is None:
+                continue
+            n_layers = self.num_stack_layers(stack)
+            steps[stack] = n_layers // n if n else 0
+            if sparse_layer_indices(n_layers, steps[stack]) != self.sparse_layers(stack):
+                raise ConfigError(
+                    f"config {self.name}: {stack} sparse layers {list(self.sparse_layers(stack))} "
+                    f"({getattr(self, f'{stack}_sparse_layout')} layout) cannot be written to a Hugging Face "
+                    "config.json, which has only every-k-th-layer layouts; save with Model.save or export to T5X")
         return {
             "model_type": "switch_transformers", "architectures": ["SwitchTransformersForConditionalGeneration"],
             "vocab_size": self.vocab_size, "d_model": self.d_model, "d_ff": self.d_ff, "d_kv": self.d_kv,
             "num_heads": self.num_heads, "num_layers": self.num_layers,
             "num_decoder_layers": self.num_decoder_layers, "num_experts": self.num_experts,
             "num_sparse_encoder_layers": ne, "num_sparse_decoder_layers": nd,
-            "encoder_sparse_step": self.encoder_sparse_step, "decoder_sparse_step": self.decoder_sparse_step,
+            "encoder_sparse_step": steps["encoder"], "decoder_sparse_step": steps["decoder"],
             "expert_capacity": self.hf_expert_capacity,
             "relative_attention_num_buckets": self.relative_attention_num_buckets,
             "relative_attention_max_distance": self.relative_attention_max_distance,
@@ -333,5 +427,5 @@ class SwitchConfig:
             "decoder_start_token_id": self.decoder_start_token_id,
             "dense_act_fn": "gelu_new" if self.gated else "relu",
             "is_gated_act": self.gated, "router_bias": False, "router_dtype": "float32",
-            "router_jitter_noise": 0.0, "dropout_rate": 0.0,
+            "router_jitter_noise": 0.0, "dropout_rate": self.dropout_rate,
         }

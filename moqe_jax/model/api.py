@@ -12,17 +12,19 @@ import jax
 
 from moqe_jax.config import SwitchConfig
 from moqe_jax.model.components import COMPONENTS, component_of
-from moqe_jax.model.switch import SwitchTransformer, init_params
+from moqe_jax.model.switch import SwitchTransformer, init_params, train_rngs
 
 __all__ = ["forward", "param_counts", "param_shapes"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def forward(cfg: SwitchConfig, params: dict, input_ids, decoder_input_ids, attention_mask, decoder_attention_mask,
-            train: bool = False, kernels: str = "auto"):
-    """``(logits, aux)`` of ``SwitchTransformer(cfg, kernels)`` (``cfg``, ``train``, ``kernels`` are static)."""
+            train: bool = False, kernels: str = "auto", rng=None):
+    """``(logits, aux)`` of ``SwitchTransformer(cfg, kernels)`` (``cfg``, ``train``, ``kernels`` are static);
+    ``rng``: a key for the training rng streams (dropout, router jitter; ``train_rngs``), used only with ``train``."""
+    rngs = train_rngs(rng) if (train and rng is not None) else None
     return SwitchTransformer(cfg, kernels).apply({"params": params}, input_ids, decoder_input_ids, attention_mask,
-                                        decoder_attention_mask, train)
+                                        decoder_attention_mask, train, rngs=rngs)
 
 
 def param_shapes(cfg: SwitchConfig) -> dict[str, tuple[int, ...]]:

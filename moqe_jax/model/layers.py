@@ -97,6 +97,30 @@ def activation(x: Array, gate: Array | None = None) -> Array:
     return jax.nn.gelu(x, approximate=True) * gate
 
 
+def dropout(module: nn.Module, x: Array, rate: float, deterministic: bool,
+            broadcast_dims: tuple[int, ...] = (-2,)) -> Array:
+    """Flax ``nn.Dropout`` (Flaxformer's dropout factory, docs/FINETUNING.md): one Bernoulli(1 - rate) keep mask
+    broadcast over ``broadcast_dims`` (default the length axis), kept values ``x / (1 - rate)``, dropped 0. A
+    no-op (no rng drawn) when ``deterministic`` or ``rate == 0``; otherwise needs the ``'dropout'`` rng."""
+    if deterministic or rate == 0.0:
+        return x
+    keep_prob = 1.0 - rate
+    shape = list(x.shape)
+    for d in broadcast_dims:
+        shape[d] = 1
+    keep = jnp.broadcast_to(jax.random.bernoulli(dropout_rng(module), keep_prob, shape), x.shape)
+    return jax.lax.select(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+def dropout_rng(module: nn.Module) -> Array:
+    """``module.make_rng("dropout")``, or one ``ConfigError`` saying how to pass it."""
+    if not module.has_rng("dropout"):
+        raise ConfigError(f"dropout_rate={module.cfg.dropout_rate} / expert_dropout_rate={module.cfg.expert_dropout} "
+                          "with train=True needs a 'dropout' rng: apply(..., rngs={'dropout': key}) (Model.apply: "
+                          "rng=key); or set dropout_rate=0 and expert_dropout_rate=0")
+    return module.make_rng("dropout")
+
+
 # ---- modules ---------------------------------------------------------------------------------
 def get_param(module: nn.Module, name: str, init_fn: Any, shape: tuple[int, ...]) -> Array:
     """``module.param`` that passes an existing leaf through untouched (no Flax shape check), so a
@@ -173,9 +197,11 @@ class MultiHeadAttention(nn.Module):
                 self._heads(ops.qmatmul(x, self.value(), mode=self.kernels)))
 
     def __call__(self, xq: Array, xkv: Array | None, bias: Array, *, kv: tuple[Array, Array] | None = None,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None
-                 ) -> tuple[Array, tuple[Array, Array]]:
-        """Returns ``(out [B,Tq,D], (k, v))``; with ``cache`` the new k/v are written at ``cache_index``."""
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 deterministic: bool = True) -> tuple[Array, tuple[Array, Array]]:
+        """Returns ``(out [B,Tq,D], (k, v))``; with ``cache`` the new k/v are written at ``cache_index``.
+        ``deterministic=False``: Flaxformer's attention-weight dropout (``dropout_rate``, one keep mask per
+        ``[B, H, key]`` broadcast over queries, weights × keep / (1 − rate))."""
         c = self.cfg
         dt = c.jnp_dtype
         q = self._heads(ops.qmatmul(xq.astype(dt), self.query(), mode=self.kernels))
@@ -192,6 +218,10 @@ class MultiHeadAttention(nn.Module):
             logits = logits.astype(jnp.float32)
         logits = logits + bias.astype(logits.dtype)
         w = jax.nn.softmax(logits, axis=-1).astype(dt)
+        if not deterministic and c.dropout_rate > 0.0:
+            keep_prob = 1.0 - c.dropout_rate
+            keep = jax.random.bernoulli(dropout_rng(self), keep_prob, (*w.shape[:-2], 1, w.shape[-1]))
+            w = w * (jnp.broadcast_to(keep, w.shape).astype(w.dtype) / jnp.asarray(keep_prob, w.dtype))
         o = jnp.einsum("bhqk,bkhd->bqhd", w, v.astype(dt))
         o = o.reshape(*o.shape[:2], c.inner_dim)
         return ops.qmatmul(o, self.out(), mode=self.kernels), (k, v)
@@ -212,6 +242,7 @@ class MlpBlock(nn.Module):
                            ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi_1")(), mode=self.kernels))
         else:
             h = activation(ops.qmatmul(x, Kernel((c.d_model, c.d_ff), name="wi")(), mode=self.kernels))
+        h = dropout(self, h, c.dropout_rate, not train)  # intermediate dropout, mask [B, 1, F]
         return ops.qmatmul(h, Kernel((c.d_ff, c.d_model), name="wo")(), mode=self.kernels), {}
 
 
@@ -259,19 +290,42 @@ class Experts(nn.Module):
             self.wi = Kernel((e, d, f), expert_kernel_init)
         self.wo = Kernel((e, f, d), expert_kernel_init)
 
-    def _mlp(self, x: Array, mm: Any) -> Array:
+    def _mlp(self, x: Array, mm: Any, drop: Any = None) -> Array:
         x = x.astype(self.cfg.jnp_dtype)
         if self.cfg.gated:
             h = activation(mm(x, self.wi_0()), mm(x, self.wi_1()))
         else:
             h = activation(mm(x, self.wi()))
+        if drop is not None:
+            h = drop(h)
         return mm(h, self.wo())
 
-    def __call__(self, x: Array) -> Array:
-        return self._mlp(x, lambda a, w: ops.grouped_qmatmul(a, w, mode=self.kernels))
+    def _expert_keep(self, train: bool) -> Array | None:
+        """Expert dropout (Flaxformer: each expert's ``MlpBlock`` intermediate dropout at ``expert_dropout_rate``,
+        own rng per expert, mask broadcast over the expert's token axis): keep mask ``[E, F]``, or None."""
+        rate = self.cfg.expert_dropout
+        if not train or rate == 0.0:
+            return None
+        return jax.random.bernoulli(dropout_rng(self), 1.0 - rate, (self.cfg.num_experts, self.cfg.d_ff))
 
-    def ragged(self, x: Array, group_sizes: Array) -> Array:
-        return self._mlp(x, lambda a, w: ops.ragged_qmatmul(a, w, group_sizes, mode=self.kernels))
+    def _drop(self, keep: Array | None) -> Any:
+        if keep is None:
+            return None
+        kp = 1.0 - self.cfg.expert_dropout
+        return lambda h: jax.lax.select(jnp.broadcast_to(keep, h.shape), h / jnp.asarray(kp, h.dtype),
+                                        jnp.zeros_like(h))
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        keep = self._expert_keep(train)
+        drop = self._drop(None if keep is None else keep[:, None, :])  # [E, 1, F] over [E, G·C, F]
+        return self._mlp(x, lambda a, w: ops.grouped_qmatmul(a, w, mode=self.kernels), drop)
+
+    def ragged(self, x: Array, group_sizes: Array, train: bool = False) -> Array:
+        keep = self._expert_keep(train)
+        if keep is not None:  # rows are sorted by expert: row r belongs to expert searchsorted(cumsum, r, 'right')
+            row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
+            keep = keep[jnp.minimum(row_expert, self.cfg.num_experts - 1)]  # [M, F] (rows past the groups: unused)
+        return self._mlp(x, lambda a, w: ops.ragged_qmatmul(a, w, group_sizes, mode=self.kernels), self._drop(keep))
 
 
 class MoeLayer(nn.Module):
@@ -302,7 +356,7 @@ class MoeLayer(nn.Module):
                               f"{self.cfg.routing_mode!r} is top-1 (Switch); top-k needs routing_mode='dropless'")
         if self.cfg.routing_mode == "t5x":
             return self._capacity(x, train)
-        return self._sorted(x)
+        return self._sorted(x, train)
 
     def _capacity(self, x: Array, train: bool) -> tuple[Array, dict]:
         c = self.cfg
@@ -324,7 +378,7 @@ class MoeLayer(nn.Module):
         gi = jnp.arange(g)[:, None]
         buf = jnp.zeros((g, e * cap, d), c.jnp_dtype).at[gi, slot].set(xg.astype(c.jnp_dtype), mode="drop")
         ex_in = buf.reshape(g, e, cap, d).transpose(1, 0, 2, 3).reshape(e, g * cap, d)
-        ex_out = self.expert(ex_in)  # [E, G·C, D]
+        ex_out = self.expert(ex_in, train)  # [E, G·C, D]
         ex_out = ex_out.reshape(e, g, cap, d).transpose(1, 0, 2, 3).reshape(g, e * cap, d)
         y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S,D]
         y = y.astype(jnp.float32) * r.gate[..., None]
@@ -332,7 +386,7 @@ class MoeLayer(nn.Module):
         out = out.reshape(bp, lp, d)[:b, :l]
         return out, self._info(x, logits, probs, r.expert, r.gate, r.kept, lambda a: a.reshape(bp, lp)[:b, :l])
 
-    def _sorted(self, x: Array) -> tuple[Array, dict]:
+    def _sorted(self, x: Array, train: bool = False) -> tuple[Array, dict]:
         """``"dropless"`` and ``"hf"``: slots sorted by expert, one ragged grouped matmul over active experts."""
         c = self.cfg
         b, l, d = x.shape
@@ -347,7 +401,7 @@ class MoeLayer(nn.Module):
             kept = jnp.ones(expert.shape, bool)
         slots = routing.sort_slots(jnp.where(kept, expert, e).reshape(b * l, k), e)
         xs = x.reshape(b * l, d)[slots.token]  # [T·k, D] sorted by expert
-        ys = self.expert.ragged(xs, slots.group_sizes)
+        ys = self.expert.ragged(xs, slots.group_sizes, train)
         y = routing.unsort_slots(ys, slots.order, k).reshape(b, l, k, d)
         if c.routing_mode == "hf":
             y = y * gate.astype(y.dtype)[..., None]
@@ -398,13 +452,13 @@ class EncoderLayer(nn.Module):
         h = LayerNorm(c, name="pre_attention_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        a, _ = MultiHeadAttention(c, self.kernels, name="attention")(h, h, bias)
-        x = x + a
+        a, _ = MultiHeadAttention(c, self.kernels, name="attention")(h, h, bias, deterministic=not train)
+        x = x + dropout(self, a, c.dropout_rate, not train)
         h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
         y, info = _mlp(c, self.sparse, self.kernels)(h, train)
-        return x + y, info
+        return x + dropout(self, y, c.dropout_rate, not train), info
 
 
 class DecoderLayer(nn.Module):
@@ -427,19 +481,19 @@ class DecoderLayer(nn.Module):
         if logit_mask is not None:
             h = logit_mask * h
         a, new_cache = MultiHeadAttention(c, self.kernels, name="self_attention")(
-            h, h, self_bias, cache=cache, cache_index=cache_index)
-        x = x + a
+            h, h, self_bias, cache=cache, cache_index=cache_index, deterministic=not train)
+        x = x + dropout(self, a, c.dropout_rate, not train)
         h = LayerNorm(c, name="pre_cross_attention_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        a, _ = MultiHeadAttention(c, self.kernels, name="encoder_decoder_attention")(h, encoded, cross_bias,
-                                                                                    kv=cross_kv)
-        x = x + a
+        a, _ = MultiHeadAttention(c, self.kernels, name="encoder_decoder_attention")(
+            h, encoded, cross_bias, kv=cross_kv, deterministic=not train)
+        x = x + dropout(self, a, c.dropout_rate, not train)
         h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
         y, info = _mlp(c, self.sparse, self.kernels)(h, train)
-        x = x + y
+        x = x + dropout(self, y, c.dropout_rate, not train)
         if cache is not None:
             return x, info, new_cache
         return x, info

@@ -31,6 +31,7 @@ from moqe_jax.model.layers import (
     Kernel,
     LayerNorm,
     RelativePositionBias,
+    dropout,
     mask_bias,
     relpos_bias,
 )
@@ -38,7 +39,7 @@ from moqe_jax.model.layers import (
 Array = Any
 
 __all__ = ["SwitchTransformer", "encoder_context", "decoder_context", "decoder_valid_from_ids",
-           "decoder_target_valid_from_ids", "output_logits", "summarize_aux"]
+           "decoder_target_valid_from_ids", "output_logits", "summarize_aux", "train_rngs"]
 
 
 # ---- contexts shared by the module and the layer-wise API -----------------------------------------
@@ -143,12 +144,14 @@ class Encoder(nn.Module):
 
     def __call__(self, x: Array, input_ids: Array, attention_mask: Array | None, train: bool = False):
         ctx = encoder_context(self.cfg, self.relpos_bias(), input_ids, attention_mask)
+        rate = self.cfg.dropout_rate
+        x = dropout(self, x, rate, not train)  # input dropout (Flaxformer Encoder.input_dropout)
         infos = {}
         for i, layer in enumerate(self.layers):
             x, info = layer(x, ctx["bias"], ctx["logit_mask"], train)
             if info:
                 infos[f"encoder/layers_{i}"] = info
-        y = self.encoder_norm(x)
+        y = dropout(self, self.encoder_norm(x), rate, not train)  # output dropout, before the logit mask
         if ctx["logit_mask"] is not None:
             y = ctx["logit_mask"] * y
         return y, ctx["valid"], infos
@@ -171,12 +174,13 @@ class Decoder(nn.Module):
                  decoder_attention_mask: Array | None, embedding: Array, train: bool = False):
         c = self.cfg
         ctx = decoder_context(c, self.relpos_bias(), decoder_input_ids, enc_valid, decoder_attention_mask)
+        x = dropout(self, x, c.dropout_rate, not train)  # input dropout (Flaxformer Decoder.input_dropout)
         infos = {}
         for i, layer in enumerate(self.layers):
             x, info = layer(x, encoded, ctx["self_bias"], ctx["cross_bias"], ctx["logit_mask"], train)
             if info:
                 infos[f"decoder/layers_{i}"] = info
-        y = self.decoder_norm(x)
+        y = dropout(self, self.decoder_norm(x), c.dropout_rate, not train)  # output dropout, before the logit mask
         if ctx["logit_mask"] is not None:
             y = ctx["logit_mask"] * y
         kernel = None if c.tie_word_embeddings else self.logits_dense()
@@ -213,6 +217,12 @@ class SwitchTransformer(nn.Module):
         aux = summarize_aux({**einfo, **dinfo})
         aux["encoder_output"] = encoded
         return logits, aux
+
+
+def train_rngs(key: Array) -> dict[str, Array]:
+    """The rng streams of a training forward pass, derived from one key: ``{"dropout", "jitter"}`` (Flaxformer's
+    names: dropout masks; router jitter noise). Pass as ``SwitchTransformer.apply(..., train=True, rngs=...)``."""
+    return {"dropout": jax.random.fold_in(key, 0), "jitter": jax.random.fold_in(key, 1)}
 
 
 def init_params(cfg: SwitchConfig, seed: int | Array = 0) -> dict:

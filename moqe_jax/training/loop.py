@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -78,10 +79,13 @@ def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
     state_shard = {"step": rep, "params": p_shard, "opt_state": o_shard, "rng": rep}
 
     def step_fn(st: dict, batch: Batch) -> tuple[dict, dict]:
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
+        # the state's key chain (seed -> split each step; checkpointed, so a resumed run draws the same keys):
+        # [0] is the next state key, [1] this step's dropout / router-noise key (train_rngs)
+        next_key, step_key = jax.random.split(jax.random.wrap_key_data(st["rng"]))
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch, step_key)
         updates, opt = tx.update(grads, st["opt_state"], st["params"])
         params = optax.apply_updates(st["params"], updates)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(st["rng"]))[0])
+        rng = jax.random.key_data(next_key)
         metrics["grad_norm"] = optax.tree.norm(grads)
         # 1.0 when the loss, the gradients and the update are all finite (checked on the host every step)
         metrics["finite"] = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -281,6 +285,9 @@ def _check_resume(out_dir: Path, cfg: SwitchConfig, tc: TrainConfig) -> None:
             old = None
         new = json.loads(json.dumps(cfg.to_dict()))
         if isinstance(old, dict):
+            # fields added to SwitchConfig after the run started (e.g. dropout_rate) read as their defaults
+            defaults = {f.name: f.default for f in dataclasses.fields(SwitchConfig)}
+            old = {**json.loads(json.dumps({k: defaults[k] for k in new if k not in old and k in defaults})), **old}
             old.pop("name", None)
             new.pop("name", None)
         if old != new:

@@ -39,15 +39,20 @@ def _fake_quant(tc: TrainConfig) -> Callable[[Any], Any] | None:
 
 
 def make_loss_fn(cfg: SwitchConfig, tc: TrainConfig, train: bool = True) -> Callable[[Any, Batch], tuple]:
-    """``loss(params, batch) -> (loss, metrics)`` with the T5X loss terms (module docstring)."""
-    from moqe_jax.model.switch import SwitchTransformer
+    """``loss(params, batch, rng=None) -> (loss, metrics)`` with the T5X loss terms (module docstring).
+
+    ``train=True`` with ``rng`` (a PRNG key): the config's dropout and router noise draw from ``train_rngs(rng)``
+    (one key per step from the train loop, so a run is deterministic given its seed)."""
+    from moqe_jax.model.switch import SwitchTransformer, train_rngs
 
     model = SwitchTransformer(cfg)
     fq = _fake_quant(tc)
 
-    def loss_fn(params: Any, batch: Batch) -> tuple[jax.Array, dict]:
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
         p = fq(params) if fq is not None else params
-        logits, aux = model.apply({"params": p}, batch["input_ids"], batch["decoder_input_ids"], None, None, train)
+        rngs = train_rngs(rng) if (train and rng is not None) else None
+        logits, aux = model.apply({"params": p}, batch["input_ids"], batch["decoder_input_ids"], None, None, train,
+                                  rngs=rngs)
         w = batch["weights"]
         ntok = jnp.maximum(jnp.sum(w), 1.0)
         total, ce, z = cross_entropy_with_z_loss(logits, batch["targets"], w, tc.z_loss)
