@@ -15,7 +15,7 @@ import sys
 
 from moqe_jax import __version__
 
-COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "demo", "bench")
+COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "demo", "bench", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
