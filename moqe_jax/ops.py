@@ -18,6 +18,7 @@ here, in a registry keyed by the packed class (:func:`register_kernels`). When n
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -36,7 +37,7 @@ from pallas_kernels import sub1_matmul as s1
 
 __all__ = ["KERNEL_MODES", "KernelMode", "KernelError", "check_mode", "resolve_mode", "qmatmul", "grouped_qmatmul",
            "indexed_qmatmul", "ragged_qmatmul", "ragged_plan", "dequantize_weight", "explain", "kernel_operands",
-           "register_kernels"]
+           "qt_kernel_operands", "register_kernels"]
 
 KernelMode = Literal["auto", "xla", "pallas", "interpret"]
 KERNEL_MODES: tuple[str, ...] = ("auto", "xla", "pallas", "interpret")
@@ -112,19 +113,52 @@ def _as_slots(x: jax.Array, w: Any) -> tuple[jax.Array, Callable[[jax.Array], ja
 
 
 # ---- QuantizedTensor -> pallas_kernels.dequant_matmul ------------------------------------------
-def _qt_operands(w: QuantizedTensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+# The kernels' word layout (docs/FORMATS.md §1, "kernel word layout": 4 packed bytes of a column as one uint32
+# along K) is derived from the stored bytes once per concrete weight and cached while that weight lives. Traced
+# weights (inside a caller's jit, e.g. the model's decode loop) keep the stored bytes: a repack there would
+# re-read and re-write every expert on every call.
+_WORDS: dict[int, jax.Array] = {}
+
+
+def _words_of(packed: Any) -> jax.Array:
+    key = id(packed)
+    hit = _WORDS.get(key)
+    if hit is None:
+        hit = dq.pack_words(jnp.asarray(packed))
+        try:
+            weakref.finalize(packed, _WORDS.pop, key, None)
+        except TypeError:  # not weak-referenceable: no cache
+            return hit
+        _WORDS[key] = hit
+    return hit
+
+
+def qt_kernel_operands(w: QuantizedTensor, word_bits: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Raw operands of :func:`pallas_kernels.dequant_matmul.qmm` for ``w``: ``((packed, scales, zeros), layout)``.
+
+    ``word_bits`` 8 = the stored uint8 codes; 32 = the uint32 word layout (2/4/8-bit codes with groups of ≥ 16
+    words); None = 32 when supported and ``w`` is concrete (repacked once, cached), else 8.
+    """
     spec = w.spec
     layout = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
               "group_size": None if spec.granularity == "channel" else spec.group_size(w.k)}
-    return (w.packed, w.scales, w.zeros), layout
+    if word_bits is None:
+        concrete = not isinstance(w.packed, jax.core.Tracer)
+        word_bits = 32 if concrete and dq.words_supported(layout["code_bits"], layout["group_size"]) else 8
+    packed = _words_of(w.packed) if word_bits == 32 else w.packed
+    return (packed, w.scales, w.zeros), layout
+
+
+def _qt_operands(w: QuantizedTensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return qt_kernel_operands(w)
 
 
 def _qt_explain(x: jax.Array, w: QuantizedTensor, kind: Kind) -> str | None:
     reason = _batched_x_reason(x, w, kind)
     if reason is not None:
         return reason
-    _, layout = _qt_operands(w)
-    return dq.unsupported_reason(layout["code_bits"], layout["group_size"], x.dtype)
+    return dq.unsupported_reason(w.spec.code_bits, None if w.spec.granularity == "channel" else
+                                 w.spec.group_size(w.k), x.dtype)
 
 
 def _qt_run(x: jax.Array, w: QuantizedTensor, kind: Kind, expert_ids: jax.Array | None,

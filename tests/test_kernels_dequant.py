@@ -84,18 +84,32 @@ def random_qt(spec: QuantSpec, shape: tuple[int, ...]) -> QuantizedTensor:
 
 
 def launch(x: jax.Array, qt: QuantizedTensor, *, ids: jax.Array | None = None, blocks: Blocks | None = None,
-           interpret: bool = INTERPRET) -> jax.Array:
+           interpret: bool = INTERPRET, word_bits: int | None = None) -> jax.Array:
     """The raw kernel on ``qt``'s operands, output NaN-poisoned: ``x [..., K]`` for a 2-D weight, else
-    ``x [A, C, K]`` (grouped, or indexed by ``ids``)."""
-    (packed, scales, zeros), layout = ops.kernel_operands(qt)
+    ``x [A, C, K]`` (grouped, or indexed by ``ids``). ``word_bits``: operand layout (None = the adapter's)."""
+    (packed, scales, zeros), layout = ops.qt_kernel_operands(qt, word_bits)
     if qt.ndim == 2:
         packed, scales, zeros = packed[None], scales[None], None if zeros is None else zeros[None]
         x3 = x.reshape(1, -1, x.shape[-1])
     else:
         x3 = x
-    y = dq._qmm(x3, packed, scales, zeros, ids, **layout, blocks=blocks, interpret=interpret, xprep=False,
-                poison=True)
+    call = dq.qmm_call(x3, packed, scales, zeros, ids, **layout, blocks=blocks, interpret=interpret)
+    y = poisoned(call, interpret)
     return y.reshape(*x.shape[:-1], y.shape[-1]) if qt.ndim == 2 else y
+
+
+def poisoned(call: dq.KernelCall, interpret: bool) -> jax.Array:
+    """Run a prepared launch into an output pre-filled with NaN (aliased into the kernel), so any element the
+    kernel fails to write shows up as NaN (interpret mode NaN-fills outputs itself; the GPU does not)."""
+    out = jnp.full(call.out_shape.shape, jnp.nan, call.out_shape.dtype)
+
+    def kernel(*refs):  # the aliased poison input is the same buffer as the output
+        call.kernel(*refs[:-2], refs[-1])
+
+    run = backend.pallas_call(kernel, out_shape=call.out_shape, grid=call.grid, interpret=interpret,
+                              num_warps=call.plan.blocks.num_warps, num_stages=call.plan.blocks.num_stages,
+                              input_output_aliases={len(call.args): 0})
+    return call.finish(run(*call.args, out))
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
