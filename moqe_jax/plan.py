@@ -144,7 +144,9 @@ def _nbytes(x: Any) -> int:
     return int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
-def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+def _abstract_mesh(sizes: Mapping[str, int]) -> Any:
+    """A device-less mesh of ``sizes``: the sharding rules read only ``mesh.shape``, so an ``AbstractMesh``
+    plans meshes far larger than the machine (typed Any: the rules annotate ``Mesh``)."""
     return AbstractMesh(tuple(int(sizes[a]) for a in shd.MESH_AXES), shd.MESH_AXES)
 
 
@@ -245,7 +247,8 @@ def _packed_params(cfg: SwitchConfig, params: Any, bits: str | None) -> Any:
     """Expert kernels as the packed leaves `moqe quantize` writes (RTN packer on abstract shapes)."""
     from moqe_jax.quant.policy import quantize_params
 
-    spec = QuantSpec(bits="ternary" if bits in ("sub1", "ternary") else int(bits or 4))
+    b: Any = "ternary" if bits in ("sub1", "ternary") else int(bits or 4)
+    spec = QuantSpec(bits=b)
     return jax.eval_shape(lambda p: quantize_params(p, spec, ("experts",)), params)
 
 
