@@ -34,6 +34,11 @@ def register(subparsers: Any) -> None:
     add_config_args(p)
     p.add_argument("--bits", default="ternary", help="2, 3, 4 or ternary (default ternary)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--group-size", default="channel", metavar="channel|N",
+                   help="one scale per output channel (default, QMoE) or per N inputs (a multiple of 8)")
+    p.add_argument("--dynamic-groups", action="store_true",
+                   help="with --group-size: refit each group's grid during the solve (gptq's default) instead of "
+                        "fixing the grids from the weights first (static groups)")
     p.add_argument("--calib-data", default="synthetic", help="synthetic | PATH.jsonl | corpus (default synthetic)")
     p.add_argument("--corpus-dir", default=None,
                    help="dataset dir for --calib-data corpus (default $MOQE_DATA, work_data/corpus, data/corpus, "
@@ -65,15 +70,21 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def spec_from_bits(bits: str) -> Any:
+def spec_from_bits(bits: str, group_size: str = "channel") -> Any:
     from moqe_jax.packed.spec import QuantSpec
 
     b = str(bits).lower()
-    if b in ("ternary", "tern", "1.5"):
-        return QuantSpec(bits="ternary")
-    if b not in ("2", "3", "4", "8"):
-        raise QuantizationError(f"--bits {bits!r}: choose 2, 3, 4, 8 or ternary")
-    return QuantSpec(bits=int(b), symmetric=False)  # QMoE/GPTQ: asymmetric min-max with a zero-point
+    g = str(group_size).lower()
+    if g != "channel" and not g.isdigit():
+        raise QuantizationError(f"--group-size {group_size!r}: 'channel' or a positive multiple of 8")
+    try:
+        if b in ("ternary", "tern", "1.5"):
+            return QuantSpec(bits="ternary", granularity=g)
+        if b not in ("2", "3", "4", "8"):
+            raise QuantizationError(f"--bits {bits!r}: choose 2, 3, 4, 8 or ternary")
+        return QuantSpec(bits=int(b), symmetric=False, granularity=g)  # QMoE/GPTQ: asymmetric min-max, zero-point
+    except ValueError as e:
+        raise QuantizationError(f"--group-size {group_size!r}: {e}") from None
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -135,16 +146,23 @@ def run(args: argparse.Namespace) -> int:
     from moqe_jax.quant.policy import parse_components, quantize_model_rtn
 
     t0 = time.time()
-    spec = spec_from_bits(args.bits)
+    spec = spec_from_bits(args.bits, args.group_size)
     comps = parse_components(args.components)
     if args.format == "sub1" and not spec.is_ternary:
         raise QuantizationError("--format sub1 needs --bits ternary (QMoE's sub-1-bit code is for ternary experts)")
+    if args.format == "sub1" and spec.granularity != "channel":
+        raise QuantizationError("--format sub1 needs --group-size channel (QMoE's code has one scale per channel)")
+    if args.dynamic_groups and spec.granularity == "channel":
+        raise QuantizationError("--dynamic-groups needs --group-size N")
     ckpt = os.path.normpath(args.out) + ".gptq-progress"  # sibling: Model.save replaces OUT atomically
     if args.method == "gptq":  # option and progress checks before any (slow) loading
         from moqe_jax.quant.gptq_ffn import GPTQOptions
 
         GPTQOptions(max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp, group_experts=args.group_experts,
                     dead_inputs=args.dead_inputs)
+        from moqe_jax.quant.gptq import check_options
+
+        check_options(args.dead_inputs, not args.dynamic_groups, args.actorder, spec, "--dynamic-groups")
         if not args.resume and not args.overwrite and os.path.isdir(ckpt) and os.listdir(ckpt):
             raise CheckpointError(f"{ckpt}: holds the progress of an earlier run; continue it with --resume or "
                                   "discard it with --overwrite")
@@ -160,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                                        max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp,
                                        actorder=args.actorder, group_experts=args.group_experts,
                                        true_sequential=args.true_sequential, resume=args.resume,
-                                       dead_inputs=args.dead_inputs)
+                                       dead_inputs=args.dead_inputs, static_groups=not args.dynamic_groups)
         print(f"GPTQ {spec.describe()} of {', '.join(comps)}, {sum(len(b['input_ids']) for b in calib)} "
               f"calibration samples")
         print(rep.table())
