@@ -206,6 +206,23 @@ def test_bit_flip_detected_by_checksum(tmp_path, tiny):
         api.load_model(d)
 
 
+def test_sharded_orbax_restore_checks_crc(tmp_path, tiny):
+    """A sharded restore (``load_model(..., sharding=)``) verifies each tensor's CRC-32 too (one process)."""
+    import jax
+
+    d = api.save_model(tiny, tmp_path / "m", format="orbax")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    api.load_model(d, sharding=sh)  # intact: loads
+    f = os.path.join(d, store.MANIFEST)
+    man = json.load(open(f))
+    man["leaves"]["decoder/layers_0/mlp/wi/kernel"]["crc32"] ^= 1  # as if the stored bytes had changed
+    man["checksums"]["manifest_sha256"] = store._manifest_digest(man)
+    json.dump(man, open(f, "w"))
+    with pytest.raises(CheckpointError, match=r"decoder/layers_0/mlp/wi/kernel fails its checksum"):
+        api.load_model(d, sharding=sh)
+
+
 # ---- finding 11: manifests validated as data -------------------------------------------------------------
 
 @pytest.mark.parametrize("edit", [

@@ -532,6 +532,16 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return man
 
 
+def _host_crc(t: Any) -> int | None:
+    """CRC-32 of a tensor's bytes: NumPy arrays directly, a restored ``jax.Array`` that this process holds
+    whole (one process, any sharding) through one host copy; None for a multi-process array (not checked)."""
+    if isinstance(t, np.ndarray):
+        return _crc32(t)
+    if getattr(t, "is_fully_addressable", False):
+        return _crc32(np.asarray(t))
+    return None
+
+
 def _verify(tensors: dict[str, Any], man: dict) -> None:
     """Each tensor against its manifest entry: shape, dtype and (when stored) CRC-32 of its bytes."""
     d = man["_dir"]
@@ -547,7 +557,7 @@ def _verify(tensors: dict[str, Any], man: dict) -> None:
             if tuple(t.shape) != tuple(e["shape"]) or np.dtype(t.dtype) != want_dt:
                 raise CheckpointError(f"{d}: tensor {key} is {np.dtype(t.dtype).name}{list(t.shape)}, the manifest "
                                       f"says {want_dt.name}{list(e['shape'])} (dtype or shape relabelled)")
-            if e.get("crc32") is not None and isinstance(t, np.ndarray) and _crc32(t) != e["crc32"]:
+            if e.get("crc32") is not None and _host_crc(t) not in (None, e["crc32"]):
                 raise CheckpointError(f"{d}: tensor {key} fails its checksum (bit rot or an edited file); "
                                       "re-save or re-download the model")
 
@@ -557,7 +567,7 @@ def load_params(directory: str | os.PathLike, sharding: Any = None) -> tuple[dic
     tensor, or ``fn(name, shape) -> Sharding`` (Orbax sharded restore; safetensors is placed after reading).
 
     Every tensor is checked against the manifest (shape, dtype, and the CRC-32 of its bytes when the manifest
-    has one; a sharded Orbax restore skips the CRC)."""
+    has one; a sharded restore checks it too when this process holds every shard, not across processes)."""
     man = read_manifest(directory)
     d = man["_dir"]
     specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
