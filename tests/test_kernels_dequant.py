@@ -349,3 +349,60 @@ def test_indexed_active_experts_matches_numpy(spec: QuantSpec) -> None:
         w = np_dequant(qt)[np.asarray(ids)]
         ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), w)
         assert y.shape == (a, 1, n) and rel_err(y, ref) < 1e-5, k
+
+
+# ---------------------------------------------------------------- word layout + GEMV (issue 14)
+def test_pack_words_matches_formats_text() -> None:
+    """Word ``w`` of a column = packed bytes 4w…4w+3 little-endian, code ``j`` of the word at bits [j·b, (j+1)·b)
+    (docs/FORMATS.md §1, kernel word layout), checked against codes unpacked from the stored bytes."""
+    for spec, k in ((QuantSpec(4), 77), (QuantSpec(2), 130), (QuantSpec(8), 41)):
+        qt = random_qt(spec, (2, k, 9))
+        words = np.asarray(dq.pack_words(qt.packed), np.int64)
+        b = spec.code_bits
+        p = 32 // b
+        assert words.shape == (2, -(-qt.packed.shape[-2] // 4), 9)
+        codes = np_unpack(np.asarray(qt.packed), b, qt.k)
+        ks = np.arange(k)
+        from_words = (words[:, ks // p, :] >> ((ks % p) * b)[:, None]) & ((1 << b) - 1)
+        np.testing.assert_array_equal(from_words, codes)
+        np.testing.assert_array_equal(np.asarray(dq.unpack_codes(dq.pack_words(qt.packed), code_bits=b, k=k)), codes)
+
+
+# (spec, M values): together M = 1…4 and 16 on int4 / int3 / int2 / ternary / 8-bit log, channel and group scales
+GEMV_CASES = [(QuantSpec(4), (1, 3, 16)), (QuantSpec(4, symmetric=False, granularity=128), (4,)),
+              (QuantSpec(2, granularity=256), (2, 16)), (QuantSpec("ternary"), (1, 4)),
+              (QuantSpec(3, symmetric=False), (2,)), (QuantSpec(8, "log"), (3,))]
+
+
+@pytest.mark.parametrize("spec,ms", GEMV_CASES, ids=[c[0].describe() for c in GEMV_CASES])
+def test_gemv_matches_reference(spec: QuantSpec, ms: tuple[int, ...]) -> None:
+    """Batch 1–4 GEMV (fma) and M = 16 (dot) on both operand layouts vs ``qmm_reference`` (and the reference vs
+    the float64 NumPy value table): ragged K and N, split-K planned for the small grid."""
+    k = 2 * spec.granularity if spec.granularity != "channel" else 300
+    n = 40
+    qt = random_qt(spec, (k, n))
+    gs = None if spec.granularity == "channel" else spec.granularity
+    layouts = (8, 32) if dq.words_supported(spec.code_bits, gs) else (8,)
+    for m in ms:
+        x = jnp.asarray(RNG.standard_normal((m, k)), jnp.float32)
+        ref64 = np.asarray(x, np.float64) @ np_dequant(qt)
+        for wb in layouts:
+            (packed, scales, zeros), layout = ops.qt_kernel_operands(qt, wb)
+            args = (x[None], packed[None], scales[None], None if zeros is None else zeros[None])
+            ref = np.asarray(dq.qmm_reference(*args, **layout), np.float64)[0]
+            assert rel_err(ref, ref64) < 1e-6
+            call = dq.qmm_call(*args, **layout, interpret=True)
+            assert call.plan.blocks.mode == ("fma" if m <= (dq.GEMV_MAX_M if wb == 32 else dq.FMA_MAX_M) else "dot")
+            y = poisoned(call, True)[0]
+            assert y.shape == (m, n) and rel_err(y, ref) < 1e-5, (m, wb)
+
+
+def test_word_plan_table() -> None:
+    """Word GEMV plan: 16 words × 64 columns, split-K toward ~4 programs per SM; dot mode for M > 4."""
+    b = plan_blocks(1, 4096, 10240, 1, code_bits=4, group_size=None, word_bits=32)
+    assert (b.mode, b.bm, b.bn, b.bkr, b.splits) == ("fma", 1, 64, 16, 4)
+    b = plan_blocks(4, 4096, 10240, 1, code_bits=2, group_size=None, word_bits=32)
+    assert (b.mode, b.bm, b.bkr) == ("fma", 4, 16) and 4 * b.bkr * b.bn <= 4096
+    b = plan_blocks(16, 2080, 6144, 1, code_bits=4, group_size=None, word_bits=32)
+    assert (b.mode, b.bm, b.bkr) == ("dot", 16, 16)
+    assert not dq.words_supported(3, None) and not dq.words_supported(2, 128) and dq.words_supported(4, 128)
