@@ -127,3 +127,24 @@ def test_gathered_active_experts(seed):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expert_ids"):
         ops.indexed_qmatmul(jnp.asarray(x), st, jnp.asarray(ids[:2]), mode="interpret")
+
+
+def test_gemv_form_matches_reference(seed):
+    """M ≤ 4 ("gemv" form: 2-D tiles, slots and tokens unrolled, wide row blocks) and the "tile" form vs
+    ``sub1_matmul_rows_reference``, which itself equals the float64 decode-then-matmul of the exact decoder."""
+    from pallas_kernels.sub1_matmul import plan_sub1, sub1_matmul_rows_reference
+
+    rng = np.random.default_rng(seed)
+    st, wf = make(rng, (3, 150, 20))  # odd pairs per chunk, N not a power of two
+    arrays, layout = ops.kernel_operands(st)
+    ids = jnp.asarray([2, 0], jnp.int32)
+    for m, form, prefetch in ((1, None, False), (2, None, True), (3, "gemv", False), (4, "tile", False)):
+        x = rng.normal(size=(2, 150, m)).astype(np.float32)                         # xt [A, K, M]
+        ref64 = np.einsum("ank,akm->anm", np.swapaxes(wf, 1, 2)[np.asarray(ids)], x.astype(np.float64))
+        ref = np.asarray(sub1_matmul_rows_reference(jnp.asarray(x), *arrays, **layout, expert_ids=ids))
+        np.testing.assert_allclose(ref.reshape(2, 20, m), ref64, rtol=1e-5, atol=1e-5)
+        want = form or ("gemv" if m <= 4 else "tile")
+        assert plan_sub1(40, m, 150, 2, 20, 10, 4, form=form).form == want
+        y = sub1_matmul_rows(jnp.asarray(x), *arrays, **layout, expert_ids=ids, interpret=True, form=form,
+                             prefetch=prefetch, blocks=(8, 4) if m == 3 else None)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
