@@ -17,18 +17,30 @@ one-line `ConfigError` *before any compute* when a config cannot be laid out on 
 Packed weights (``QuantizedTensor``, ``Sub1Tensor``) get a spec per array leaf: every leaf whose leading
 axis is the logical expert axis is split over ``expert``, everything else inside a packed weight is
 replicated (packed rows and groups never split across devices).
+
+Activations. ``ACTIVATION_RULES`` is the logical-axis table of T5X's MoE partitioner (docs/PARTITIONING.md):
+``batch`` → ``("data", "expert")``, ``expert`` → ``expert``, ``expert_replicas`` → ``data``, ``expert_mlp``
+→ ``model``, ``unmodeled`` / ``length`` / ``embed`` → replicated. `constrain` applies
+``jax.lax.with_sharding_constraint`` with these rules on the mesh that is *active*: the one set by
+`activation_mesh` (a trace-time context, used by the train step) or by ``jax.set_mesh`` (outside ``jit``:
+generation). Without an active mesh, or on a one-device mesh, `constrain` returns its input unchanged, so
+single-device programs are bit-identical. `dispatch_to_experts` / `combine_from_experts` are the constraints
+of the T5X capacity dispatch (Flaxformer ``MoeLayer._call_experts``): the token→expert exchange lowers to an
+all-to-all over the ``expert`` mesh axis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moqe_jax.errors import ConfigError
@@ -36,7 +48,8 @@ from moqe_jax.packed import is_packed
 
 __all__ = ["MESH_AXES", "LOGICAL_RULES", "BATCH_AXES", "parse_mesh", "make_mesh", "logical_axes", "param_axes",
            "logical_to_spec", "param_specs", "param_shardings", "batch_sharding", "replicated", "check_fits",
-           "shard_batch"]
+           "shard_batch", "ACTIVATION_RULES", "activation_mesh", "active_mesh", "activation_spec", "constrain",
+           "dispatch_to_experts", "combine_from_experts", "batch_partitions", "expert_replicas_for"]
 
 MESH_AXES: tuple[str, ...] = ("data", "expert", "model")
 LOGICAL_RULES: dict[str, str | None] = {
@@ -205,3 +218,118 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
             s = NamedSharding(mesh, P(sh.spec[0], *([None] * (v.ndim - 1))))
         out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
     return out
+
+
+# ---- activations: the T5X MoE logical-axis rules ------------------------------------------------------------
+# logical activation axis -> mesh axis (or axes, major first); t5x/contrib/moe/partitioning.py
+# `standard_logical_axis_rules` with our batch order (docs/PARTITIONING.md)
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,          # data parallel over data AND expert (T5X MoE partitioner)
+    "expert": "expert",           # experts over the expert axis
+    "expert_replicas": "data",    # the groups an expert receives: over the pure data axis
+    "expert_mlp": "model",        # expert hidden (d_ff) over the model axis
+    "mlp": "model", "heads": "model", "vocab": "model",
+    "unmodeled": None, "length": None, "embed": None, "kv": None,
+}
+
+_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("moqe_activation_mesh", default=None)
+
+
+def _trivial(mesh: Mesh | AbstractMesh | None) -> bool:
+    return mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """Make ``mesh`` the mesh `constrain` uses while tracing (may be entered inside ``jax.jit``; the caller
+    keeps the jitted function per mesh). ``None`` or a one-device mesh: no constraints."""
+    tok = _ACTIVE.set(None if _trivial(mesh) else mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(tok)
+
+
+def active_mesh() -> Mesh | AbstractMesh | None:
+    """The mesh activation constraints apply to: `activation_mesh`'s, else ``jax.set_mesh``'s, else None."""
+    m = _ACTIVE.get()
+    if m is not None:
+        return m
+    am = jax.sharding.get_abstract_mesh()
+    return None if _trivial(am) else am
+
+
+def _mesh_axes(a: str | None, mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    m = ACTIVATION_RULES.get(a) if a is not None else None
+    if m is None:
+        return ()
+    names = (m,) if isinstance(m, str) else m
+    return tuple(n for n in names if mesh.shape.get(n, 1) > 1)
+
+
+def activation_spec(axes: Sequence[str | None], mesh: Mesh | AbstractMesh, shape: Sequence[int]) -> P:
+    """`PartitionSpec` of an activation with logical ``axes`` on ``mesh``. A mesh axis is used at most once,
+    and a dim keeps only the leading mesh axes whose product divides it (the rest: replicated)."""
+    used: set[str] = set()
+    out: list[Any] = []
+    for a, n in zip(axes, shape, strict=True):
+        keep: list[str] = []
+        size = 1
+        for m in _mesh_axes(a, mesh):
+            if m in used or n % (size * mesh.shape[m]):
+                break
+            keep.append(m)
+            size *= mesh.shape[m]
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` by logical ``axes`` on the active mesh; identity without one."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    spec = activation_spec(axes, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
+
+
+def batch_partitions(mesh: Mesh | AbstractMesh | Mapping[str, int] | None = None) -> int:
+    """Number of data-parallel shards of the batch (``data × expert``) of ``mesh`` (default: the active one)."""
+    if mesh is None:
+        mesh = active_mesh()
+        if mesh is None:
+            return 1
+    shape = mesh if isinstance(mesh, Mapping) else mesh.shape
+    return math.prod(int(shape.get(a, 1)) for a in BATCH_AXES)
+
+
+def expert_replicas_for(num_experts: int, mesh: Mesh | Mapping[str, int]) -> int:
+    """The smallest ``num_expert_replicas`` R with ``E·R`` divisible by ``data × expert``: the T5X group count
+    (a multiple of ``E·R``) then splits evenly over the batch shards, which the all-to-all dispatch needs
+    (Flaxformer sets R = devices / (expert · model) from the device count; our config keeps R explicit)."""
+    n = batch_partitions(mesh)
+    return math.lcm(num_experts, n) // num_experts
+
+
+def dispatch_to_experts(buf: jax.Array) -> jax.Array:
+    """``[G, E, C, D]`` dispatched tokens (groups over the batch axes) -> ``[E, G·C, D]`` expert inputs
+    (experts over ``expert``, groups over ``data``): the all-to-all of Flaxformer's ``_call_experts``.
+    Without an active mesh this is exactly ``transpose(1, 0, 2, 3).reshape(E, G·C, D)``."""
+    g, e, c, d = buf.shape
+    buf = constrain(buf, ("batch", "unmodeled", "length", "embed"))
+    out = buf.transpose(1, 0, 2, 3)
+    out = constrain(out, ("expert", "expert_replicas", "length", "embed"))
+    return constrain(out.reshape(e, g * c, d), ("expert", "expert_replicas", "embed"))
+
+
+def combine_from_experts(out: jax.Array, groups: int) -> jax.Array:
+    """``[E, G·C, D]`` expert outputs -> ``[G, E·C, D]`` per-group slots (the all-to-all back); without an
+    active mesh exactly ``reshape(E, G, C, D).transpose(1, 0, 2, 3).reshape(G, E·C, D)``."""
+    e, gc, d = out.shape
+    c = gc // groups
+    out = constrain(out, ("expert", "expert_replicas", "embed"))
+    out = constrain(out.reshape(e, groups, c, d), ("expert", "expert_replicas", "length", "embed"))
+    out = out.transpose(1, 0, 2, 3)
+    out = constrain(out, ("batch", "unmodeled", "length", "embed"))
+    return out.reshape(groups, e * c, d)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moqe_jax import ops
+from moqe_jax import sharding as shd
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import ConfigError
 from moqe_jax.model import routing
@@ -369,7 +370,7 @@ class MoeLayer(nn.Module):
         xp = jnp.pad(x, ((0, lay.pad_batch), (0, lay.pad_seq), (0, 0))) if (lay.pad_batch or lay.pad_seq) else x
         bp, lp = xp.shape[:2]
         g, s, cap = lay.groups, lay.group_size, lay.capacity
-        xg = xp.reshape(g, s, d)
+        xg = shd.constrain(xp.reshape(g, s, d), ("batch", "length", "embed"))  # groups over the batch axes
         logits = self.router(xg)  # [G,S,E] f32
         probs = jax.nn.softmax(logits, axis=-1)
         r = routing.top1_route(probs, cap)
@@ -377,9 +378,9 @@ class MoeLayer(nn.Module):
         slot = jnp.where(r.kept, r.expert * cap + r.priority, e * cap)
         gi = jnp.arange(g)[:, None]
         buf = jnp.zeros((g, e * cap, d), c.jnp_dtype).at[gi, slot].set(xg.astype(c.jnp_dtype), mode="drop")
-        ex_in = buf.reshape(g, e, cap, d).transpose(1, 0, 2, 3).reshape(e, g * cap, d)
+        ex_in = shd.dispatch_to_experts(buf.reshape(g, e, cap, d))  # [E, G·C, D]: all-to-all on a mesh
         ex_out = self.expert(ex_in, train)  # [E, G·C, D]
-        ex_out = ex_out.reshape(e, g, cap, d).transpose(1, 0, 2, 3).reshape(g, e * cap, d)
+        ex_out = shd.combine_from_experts(ex_out, g)  # [G, E·C, D]
         y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S,D]
         y = y.astype(jnp.float32) * r.gate[..., None]
         out = jnp.where(r.kept[..., None], y, 0.0)

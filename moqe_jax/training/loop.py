@@ -82,7 +82,8 @@ def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
         # the state's key chain (seed -> split each step; checkpointed, so a resumed run draws the same keys):
         # [0] is the next state key, [1] this step's dropout / router-noise key (train_rngs)
         next_key, step_key = jax.random.split(jax.random.wrap_key_data(st["rng"]))
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch, step_key)
+        with shd.activation_mesh(mesh):  # MoE dispatch constraints (all-to-all over `expert`)
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch, step_key)
         updates, opt = tx.update(grads, st["opt_state"], st["params"])
         params = optax.apply_updates(st["params"], updates)
         rng = jax.random.key_data(next_key)
@@ -95,7 +96,11 @@ def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
     batch_in = dict.fromkeys(_BATCH_KEYS, b_shard)
     jstep = jax.jit(step_fn, in_shardings=(state_shard, batch_in), out_shardings=(state_shard, rep),
                     donate_argnums=(0,))
-    jeval = jax.jit(lambda p, b: eval_loss_fn(p, b)[1], in_shardings=(p_shard, batch_in), out_shardings=rep)
+    def eval_fn(p: Any, b: Batch) -> dict:
+        with shd.activation_mesh(mesh):
+            return eval_loss_fn(p, b)[1]
+
+    jeval = jax.jit(eval_fn, in_shardings=(p_shard, batch_in), out_shardings=rep)
     _COMPILED[key] = (tx, jstep, jeval, state_shard)
     return _COMPILED[key]
 
