@@ -30,6 +30,27 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, 
                    help="t5x: MODEL only: read missing zarr chunks as the array's fill value instead of failing")
 
 
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """``--coordinator``/``--num-processes``/``--process-id``/``--distributed``: a multi-host start
+    (``jax.distributed``, docs/LAUNCH.md); each also read from ``MOQE_*`` environment variables."""
+    g = p.add_argument_group("multi-host (docs/LAUNCH.md)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address (or MOQE_COORDINATOR / JAX_COORDINATOR_ADDRESS); not needed under "
+                        "SLURM srun, Open MPI or on a Cloud TPU pod")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes (or MOQE_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (or MOQE_PROCESS_ID)")
+    g.add_argument("--distributed", choices=("auto", "on", "off"), default=None,
+                   help="auto (default, or MOQE_DISTRIBUTED): start jax.distributed when the settings above are "
+                        "complete or a multi-process SLURM/Open MPI/TPU launch is detected; on: always; off: never")
+
+
+def init_distributed(args: argparse.Namespace) -> bool:
+    """Start ``jax.distributed`` as the ``add_distributed_args`` flags and environment ask (before any JAX work)."""
+    from moqe_jax.training.distributed import maybe_init_distributed
+
+    return maybe_init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+
+
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """``["k=v", ...]`` -> ``{k: json(v) or the string v}``."""
     out: dict[str, Any] = {}

@@ -23,7 +23,13 @@ import shutil
 import time
 from typing import Any
 
-from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args
+from moqe_jax.commands.common import (
+    MODEL_HELP,
+    add_config_args,
+    add_distributed_args,
+    init_distributed,
+    load_model_args,
+)
 from moqe_jax.errors import CheckpointError, DataError, QuantizationError
 
 
@@ -67,6 +73,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for the compressed model (Model.save)")
     p.add_argument("--json", action="store_true", help="also write OUT/compress_report.json")
+    p.add_argument("--mesh", default="", help="expert=N: the GPTQ expert solves sharded over N devices (of every "
+                                              "process in a multi-host run; default: each process solves all)")
+    add_distributed_args(p)
     p.set_defaults(func=run)
 
 
@@ -146,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
     from moqe_jax.quant.policy import parse_components, quantize_model_rtn
 
     t0 = time.time()
+    init_distributed(args)
+    import jax
+
+    from moqe_jax import sharding as shd
+
+    mesh = shd.make_mesh(args.mesh) if args.mesh else None
     spec = spec_from_bits(args.bits, args.group_size)
     comps = parse_components(args.components)
     if args.format == "sub1" and not spec.is_ternary:
@@ -155,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dynamic_groups and spec.granularity == "channel":
         raise QuantizationError("--dynamic-groups needs --group-size N")
     ckpt = os.path.normpath(args.out) + ".gptq-progress"  # sibling: Model.save replaces OUT atomically
+    if jax.process_count() > 1:  # every process keeps its own progress (one writer per directory)
+        ckpt = os.path.join(ckpt, f"process-{jax.process_index()}")
     if args.method == "gptq":  # option and progress checks before any (slow) loading
         from moqe_jax.quant.gptq_ffn import GPTQOptions
 
@@ -178,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
                                        max_tokens_factor=args.max_tokens_factor, percdamp=args.percdamp,
                                        actorder=args.actorder, group_experts=args.group_experts,
                                        true_sequential=args.true_sequential, resume=args.resume,
-                                       dead_inputs=args.dead_inputs, static_groups=not args.dynamic_groups)
+                                       dead_inputs=args.dead_inputs, static_groups=not args.dynamic_groups,
+                                       mesh=mesh)
         print(f"GPTQ {spec.describe()} of {', '.join(comps)}, {sum(len(b['input_ids']) for b in calib)} "
               f"calibration samples")
         print(rep.table())
@@ -186,10 +204,13 @@ def run(args: argparse.Namespace) -> int:
         from moqe_jax.pipeline import compress_sub1
 
         out, _ = compress_sub1(out)
+    if jax.process_index() != 0:  # process 0 writes the model (every process holds all of it)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return 0
     out.save(args.out, overwrite=args.overwrite)
     if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
         with open(os.path.join(args.out, "compress_report.json"), "w") as f:
             json.dump(rep.to_dict(), f, indent=1)
-    shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: progress no longer needed
+    shutil.rmtree(os.path.normpath(args.out) + ".gptq-progress", ignore_errors=True)  # complete: not needed
     print(f"saved {args.out} ({time.time() - t0:.1f} s total)")
     return 0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moqe_jax.commands.common import add_config_args, apply_sets, config_value, model_source, parse_sets
+from moqe_jax.commands.common import (
+    add_config_args,
+    add_distributed_args,
+    apply_sets,
+    config_value,
+    init_distributed,
+    model_source,
+    parse_sets,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the exported <out>/model weights")
-    p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0 (jax.distributed)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    add_distributed_args(p)
     p.set_defaults(func=_train)
 
 
@@ -70,12 +76,11 @@ def _train(args: argparse.Namespace) -> int:
         TrainConfig,
         load_mlm_data,
         load_mt_data,
-        maybe_init_distributed,
         save_final_model,
         train,
     )
 
-    maybe_init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_distributed(args)
     init_params = None
     if args.init:
         from moqe_jax.api import load_model
@@ -111,8 +116,12 @@ def _train(args: argparse.Namespace) -> int:
         from moqe_jax.tree import to_host
 
         save_final_model(cfg, res.params, Path(args.out) / "model-float", dtype=args.save_dtype)
-        out = Model(cfg, export_qat(to_host(res.params), tc.qat_spec(), tc.qat_components)).save(
-            Path(args.out) / "model")
+        import jax
+
+        packed = Model(cfg, export_qat(to_host(res.params), tc.qat_spec(), tc.qat_components))
+        out = Path(args.out) / "model"
+        if jax.process_index() == 0:  # one writer; to_host gathered the params on every process
+            out = packed.save(out)
         print(f"QAT {res.step} steps; packed {tc.qat_bits}-bit model saved to {out} (float masters: model-float)")
         return 0
     out = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
