@@ -406,3 +406,14 @@ def test_word_plan_table() -> None:
     b = plan_blocks(16, 2080, 6144, 1, code_bits=4, group_size=None, word_bits=32)
     assert (b.mode, b.bm, b.bkr) == ("dot", 16, 16)
     assert not dq.words_supported(3, None) and not dq.words_supported(2, 128) and dq.words_supported(4, 128)
+
+
+def test_ttir_inner_loop_loads_32bit_words() -> None:
+    """Lowered for CUDA on this machine (no GPU): the word GEMV's K loop loads one i32 tile (8 int4 codes per
+    element) and no i8; the byte layout loads i8 (benchmarks/ttir.py reads the TTIR)."""
+    from benchmarks.ttir import gemv_ttir, loads, loop_body
+
+    words = loads(loop_body(gemv_ttir(4, "linear", 32, m=1, k=512, n=256)))
+    assert "tensor<16x64x!tt.ptr<i32>>" in words and not any("i8>" in t for t in words), words
+    assert sum("bf16" in t for t in words) == 8  # one strided activation vector per residue
+    assert any("i8>" in t for t in loads(loop_body(gemv_ttir(4, "linear", 8, m=1, k=512, n=256))))
