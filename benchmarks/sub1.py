@@ -155,26 +155,31 @@ def _with_x(rng: np.random.Generator, wsets, e: int, k: int, m: int):
     return out
 
 
-def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple[str, list[str]]:
-    from benchmarks.common import n_sets_for, time_rotated
+def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 4, 16)) -> tuple[str, list[str]]:
+    """Device time per matmul (benchmarks/device_time.py: jitted loop over rotated sets > L2) vs XLA bf16."""
+    from benchmarks import device_time as dt
     from moqe_jax import ops
 
     mode = "pallas" if jax.default_backend() == "gpu" else "interpret"
     rng = np.random.default_rng(1)
-    lines = ["## Decode-fused sub1 kernel vs XLA bf16 (µs per matmul)", "",
-             "Timing: several independent weight sets (≥ 3× L2 of bytes for bf16) rotated inside one jitted call, "
-             "queued calls, median trial (benchmarks/common.py). `bf16` = `x @ W_bf16` (XLA/cuBLAS); "
-             "`xla decode` = XLA decodes the Sub1Tensor, dequantizes, then dots; `sub1` = the Pallas kernel "
-             "(never materialises W). i.i.d. ternary weights, P(0) = 0.885.", "",
-             "| case | M | bf16 µs | xla decode µs | sub1 µs | sub1 speed-up vs bf16 | max rel err vs f64 |",
-             "|---|---|---|---|---|---|---|"]
+    bw = dt.copy_bandwidth(smoke=quick)
+    lines = ["## Decode-fused sub1 kernel vs XLA bf16 (device µs per matmul)", "",
+             "Device time: median per call inside one jitted loop over rotated weight sets (≥ 2× L2 of this device "
+             "kind, benchmarks/device_time.py); wall: one dispatched call at a time. `bf16` = `x @ W_bf16` "
+             "(XLA/cuBLAS); `xla decode` (M = 1 only) = XLA decodes the Sub1Tensor, dequantizes, then dots; `sub1` = "
+             "the Pallas kernel (never materialises W; form `gemv` for M ≤ 4, `tile` above). Floor = sub1 bytes "
+             f"(stream + offsets + levels + x + y) / copy bandwidth measured in this run ({bw / 1e9:.0f} GB/s). "
+             "i.i.d. ternary weights, P(0) = 0.885.", "",
+             "| case | M | bf16 µs | xla decode µs | sub1 µs | sub1 wall µs | sub1 floor µs | % copy BW | "
+             "sub1 speed-up vs bf16 | max rel err vs f64 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     cases = [("base wi", 1, 768, 3072), ("base wo", 1, 3072, 768), ("c2048 wi", 1, 2080, 6144),
              ("c2048 wo", 1, 6144, 2080), ("base wi, 128 experts", 128, 768, 3072),
              ("base wo, 128 experts", 128, 3072, 768)]
     if quick:
         cases, ms = [("tiny", 2, 96, 64)], (1, 4)
     for name, e, k, n in cases:
-        wsets, wf = _make_weights(rng, e, k, n, n_sets_for(e * k * n * 2, quick=quick, hi=16))
+        wsets, wf = _make_weights(rng, e, k, n, dt.n_sets(e * k * n * 2, smoke=quick, hi=16))
         for m in ms:
             sets = _with_x(rng, wsets, e, k, m)
             if e == 1:
@@ -200,11 +205,14 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple
                 ref = np.einsum("eck,ekn->ecn", np.asarray(sets[0][0], np.float64), wf)
             y = np.asarray(jax.jit(f_s)(*sets[0]), np.float64)
             err = float(np.abs(y - ref).max() / np.abs(ref).max())
-            tb = time_rotated(f_b, sets, reps=reps, quick=quick)
-            tx = time_rotated(f_x, sets[:2], reps=max(2, reps // 5), quick=quick)
-            ts = time_rotated(f_s, sets, reps=reps, quick=quick)
-            lines.append(f"| {name} [{e}, {k}, {n}] | {m} | {tb * 1e6:.1f} | {tx * 1e6:.1f} | {ts * 1e6:.1f} | "
-                         f"{tb / ts:.2f}× | {err:.1e} |")
+            tb = dt.loop_time(f_b, sets, smoke=quick)
+            tx = dt.loop_time(f_x, sets[:2], smoke=True) if m == ms[0] else float("nan")
+            ts = dt.measure(f_s, sets, smoke=quick)
+            floor = (sets[0][2].nbytes + e * m * (k + n) * 2) / bw
+            lines.append(f"| {name} [{e}, {k}, {n}] | {m} | {tb * 1e6:.1f} | {tx * 1e6:.1f} | "
+                         f"{ts.device_s * 1e6:.1f} | {ts.wall_s * 1e6:.1f} | {floor * 1e6:.2f} | "
+                         f"{100 * floor / ts.device_s:.1f} | "
+                         f"{tb / ts.device_s:.2f}× | {err:.1e} |")
             print(lines[-1], flush=True)
             del sets
         del wsets
@@ -212,31 +220,30 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 16)) -> tuple
 
 
 def block_sweep(reps: int) -> str:
-    """Block / warps / prefetch / num_stages sweep for M = 1 on the 128-expert stacks (GPU only)."""
-    from benchmarks.common import time_rotated
+    """Form / block / warps / prefetch sweep for M = 1 on the 128-expert stacks (GPU only; device time)."""
+    from benchmarks import device_time as dt
     from moqe_jax import ops
-    from moqe_jax.packed.sub1_dict import NZ_SLOTS
-    from pallas_kernels.sub1_matmul import choose_blocks, sub1_matmul_rows
+    from pallas_kernels.sub1_matmul import plan_sub1, sub1_matmul_rows
 
     rng = np.random.default_rng(2)
-    lines = ["## Sweep (M = 1, µs): rows/program BR, codewords/chunk CW, warps, prefetch, num_stages", "",
-             "| case | BR | CW | warps | prefetch | stages | µs |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Sweep (M = 1, device µs): form, rows/program BR, codewords/chunk CW, warps, prefetch", "",
+             "| case | form | BR | CW | warps | prefetch | µs |", "|---|---|---|---|---|---|---|"]
     for name, e, k, n in (("base wi, 128 experts", 128, 768, 3072), ("base wo, 128 experts", 128, 3072, 768)):
         wsets, _ = _make_weights(rng, e, k, n, 2)
         xs = [(jnp.asarray(rng.normal(size=(e, k, 1)), jnp.bfloat16), st) for _, st in wsets]
-        auto = choose_blocks(e * n, 1, k, NZ_SLOTS)
-        configs = [(*auto, False, 1), (*auto, True, 1), (*auto, True, 3), (8, 8, 2, True, 1), (8, 8, 2, False, 3),
-                   (32, 8, 4, False, 1), (32, 8, 4, True, 1), (16, 16, 2, True, 1), (32, 16, 4, True, 1),
-                   (8, 32, 4, True, 1), (32, 32, 8, True, 1)]
-        for br, cw, warps, pre, stages in dict.fromkeys(configs):
+        auto = plan_sub1(e * n, 1, k, e, n, 1, 4)
+        configs = [("gemv", auto.br, auto.cw, auto.num_warps, False), ("gemv", auto.br, auto.cw, auto.num_warps, True),
+                   ("gemv", 16, 8, 1, False), ("gemv", 64, 8, 2, False), ("gemv", 32, 16, 2, False),
+                   ("gemv", 64, 16, 4, True), ("tile", 8, 8, 2, False), ("tile", 32, 16, 2, False)]
+        for form, br, cw, warps, pre in dict.fromkeys(configs):
             try:
-                t = time_rotated(lambda x, st, br=br, cw=cw, w=warps, p=pre, s=stages: sub1_matmul_rows(
+                t = dt.loop_time(lambda x, st, f=form, br=br, cw=cw, w=warps, p=pre: sub1_matmul_rows(
                     x, *ops.kernel_operands(st)[0], **ops.kernel_operands(st)[1], blocks=(br, cw), num_warps=w,
-                    prefetch=p, num_stages=s), xs, reps=reps)
-                tag = " (auto)" if (br, cw, warps, pre, stages) == (*auto, False, 1) else ""
-                lines.append(f"| {name} | {br}{tag} | {cw} | {warps} | {pre} | {stages} | {t * 1e6:.1f} |")
+                    prefetch=p, form=f), xs)
+                tag = " (auto)" if (form, br, cw, warps, pre) == configs[0] else ""
+                lines.append(f"| {name} | {form}{tag} | {br} | {cw} | {warps} | {pre} | {t * 1e6:.1f} |")
             except Exception as exc:  # noqa: BLE001 - report and go on
-                lines.append(f"| {name} | {br} | {cw} | {warps} | {pre} | {stages} | failed: {type(exc).__name__} |")
+                lines.append(f"| {name} | {form} | {br} | {cw} | {warps} | {pre} | failed: {type(exc).__name__} |")
             print(lines[-1], flush=True)
         del wsets, xs
     return "\n".join(lines) + "\n"
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-encode", action="store_true")
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="GPU: block/warps/prefetch sweep for M = 1")
-    ap.add_argument("--ms", default="1,16", help="token counts M for the kernel table (comma-separated)")
+    ap.add_argument("--ms", default="1,4,16", help="token counts M for the kernel table (comma-separated)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
