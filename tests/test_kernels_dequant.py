@@ -337,6 +337,22 @@ def test_gpu_large_shapes(spec: QuantSpec, m: int) -> None:
     assert rel_err(y, ref) < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU with the Pallas Triton backend")
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(2), QuantSpec("ternary"), QuantSpec(4, granularity=128)],
+                         ids=lambda s: s.describe())
+def test_gpu_word_gemv_and_byte_layouts(spec: QuantSpec) -> None:
+    """Triton backend: the word GEMV at M = 1…4 and the dot mode at M = 16 on words, the v3 byte kernels at M = 1
+    and 16, ragged K and N, vs float64 NumPy (bf16 activations)."""
+    k, n = 2080 if spec.granularity == "channel" else 2048, 1000
+    qt = random_qt(spec, (k, n))
+    ref_w = np_dequant(qt)
+    for m, wb in ((1, 32), (2, 32), (3, 32), (4, 32), (16, 32), (1, 8), (16, 8)):
+        x = jnp.asarray(RNG.standard_normal((m, k)), jnp.bfloat16)
+        y = launch(x, qt, interpret=False, word_bits=wb)
+        assert rel_err(y, np.asarray(x, np.float64) @ ref_w) < 2e-2, (m, wb)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=False), QuantSpec(2)], ids=lambda s: s.describe())
 def test_indexed_active_experts_matches_numpy(spec: QuantSpec) -> None:
     """Decode launch over active experts only: slot a uses W[ids[a]] (repeats allowed, unused experts skipped)."""
