@@ -140,7 +140,7 @@ def qt_kernel_operands(w: QuantizedTensor, word_bits: int | None = None) -> tupl
     words); None = 32 when supported and ``w`` is concrete (repacked once, cached), else 8.
     """
     spec = w.spec
-    layout = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
+    layout: dict[str, Any] = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
               "group_size": None if spec.granularity == "channel" else spec.group_size(w.k)}
     if word_bits is None:
         concrete = not isinstance(w.packed, jax.core.Tracer)

@@ -462,7 +462,7 @@ def _fma_kernel(*refs: Any, plan: Plan) -> None:
         vals, s_t = _tile_values(plan, wrefs, pr["e"], t, pr["nsl"], pr["cmask"], ch)
         new = []
         for i in range(bm):
-            part = accs[i] if s_t is None else None
+            part: Any = accs[i] if s_t is None else None
             for j, v in vals:
                 xv = _x_row(plan, x_ref, pr["a"], j, i, t * bkr).astype(jnp.float32)
                 xs = plan.xscale(j)
@@ -495,7 +495,7 @@ def _dot_kernel(*refs: Any, plan: Plan) -> None:
 
     def body(t: Any, acc: jax.Array) -> jax.Array:
         vals, s_t = _tile_values(plan, wrefs, pr["e"], t, pr["nsl"], pr["cmask"], ch)
-        part = acc if s_t is None else None
+        part: Any = acc if s_t is None else None
         for j, v in vals:
             d = _dot(plan, _x_block(plan, x_ref, pr["a"], j, pr["m0"], t * bkr), v.astype(plan.cdt))
             xs = plan.xscale(j)
