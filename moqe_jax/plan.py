@@ -258,12 +258,14 @@ def _check_mesh(cfg: SwitchConfig, sizes: Mapping[str, int], batch: int, job: st
 
 
 def _training_rows(cfg: SwitchConfig, ab: _Abstract, sizes: Mapping[str, int], batch: int,
-                   length: int) -> dict[str, int]:
+                   length: int, qat: bool = False) -> dict[str, int]:
     specs = _param_specs_by_key(ab.params, sizes)
     flat = {jax.tree_util.keystr(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(ab.params)[0]}
     p_bytes = sum(_shard_bytes(x, specs[k], sizes) for k, x in flat.items())
     opt = sum(_shard_bytes(x, specs[k] if k else P(), sizes) for x, k in ab.opt)
     wcopy = sum(_shard_bytes(x, specs[k], sizes) for x, k in ab.weight_res)
+    if qat:  # the STE forward materializes fake_quant(w) of every quantized expert kernel in f32
+        wcopy += sum(_shard_bytes(x, specs[k], sizes) for k, x in flat.items() if "['expert']" in k)
     dp = shd.batch_divisor(sizes)
     mo = int(sizes.get("model", 1))
     act = sum(-(-_nbytes(x) // (dp * (mo if split else 1))) for x, split in ab.act_res)
@@ -320,9 +322,10 @@ def _gptq_rows(cfg: SwitchConfig, sizes: Mapping[str, int], group_experts: int) 
     k, n = max((cfg.d_ff, cfg.d_model), (cfg.d_model, cfg.d_ff))
     h = g_loc * k * k * 4
     w = g_loc * k * n * 4
-    # XLA:CPU buffers of the batched solve (docs/MEMORY_PLAN.md): per expert the factor U [K, K] f32 and a
-    # [K, K] mask (4.5 B per K² entry), plus 18 B per K² entry of the one-at-a-time factorization's work
-    work = g_loc * 9 * k * k // 2 + 18 * k * k
+    # XLA:CPU buffers of the batched solve, measured (docs/MEMORY_PLAN.md): per expert the factor U [K, K] f32
+    # and a [K, K] mask (4.5 B per K² entry) plus 18 B per K² entry of the one-at-a-time factorization's work;
+    # with one expert per device the batch axis disappears and XLA needs 12 B per K² entry in all
+    work = 12 * k * k if g_loc == 1 else g_loc * 9 * k * k // 2 + 18 * k * k
     out = g_loc * (k * n + 3 * n * 4 + 16)  # uint8 codes, scales/zeros, loss, flags
     notes = [f"GPTQ: {g_loc} expert(s) per device per call ({grp} per call, --group-experts), K={k}, N={n}; "
              f"the host holds the layer's float kernels and Hessians ({format_bytes(_gptq_host(cfg, grp))})"]
@@ -384,7 +387,7 @@ def _rows(cfg: SwitchConfig, sizes: Mapping[str, int], job: str, batch: int, len
         ab = _abstract(cfg, job, batch, length, bits, optimizer)
         notes = ["QAT: params are the float master weights; weight copies include the fake-quantized experts"] \
             if job == "qat" else []
-        return _training_rows(cfg, ab, sizes, batch, length), notes
+        return _training_rows(cfg, ab, sizes, batch, length, job == "qat"), notes
     if job == "generate":
         ab = _abstract(cfg, job, batch, length, bits, optimizer)
         return _generate_rows(cfg, ab, sizes, batch, length, bits, dlen, num_beams)
