@@ -43,7 +43,7 @@ PLAN = [((768, 3072), (1, 16)), ((1024, 4096), (1,)), ((2080, 6144), (1, 16)), (
 FORMATS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int3": QuantSpec(3), "int2": QuantSpec(2),
            "ternary": QuantSpec("ternary"), "int4-g128": QuantSpec(4, symmetric=False, granularity=128)}
 ALL_M_FORMATS = ("int4", "int2", "ternary")  # formats timed at every batch; the others at M=1 only
-BYTES_ROWS = ("int4", "int2")                # also timed on the stored uint8 layout (v3 kernels) at M=1 and 16
+BYTES_ROWS = ("int4", "int2")                # also timed on the stored uint8 layout (v3 kernels) at M=1
 HEADER = ["K×N", "M", "method", "device µs", "wall µs", "trace µs", "floor µs", "% copy BW", "× vs bf16", "blocks"]
 
 
@@ -109,7 +109,7 @@ def _format_rows(tab: Table, shape: tuple[int, int], m: int, fmt: str, ws: list[
     k, n = shape
     name = f"{k}x{n}"
     io = (m * k + m * n) * 2
-    layouts = [None] + ([8] if fmt in BYTES_ROWS and m in (1, 16) and not tab.smoke else [])
+    layouts = [None] + ([8] if fmt in BYTES_ROWS and m == 1 and not tab.smoke else [])
     for wb in layouts:
         ops_sets = [ops.qt_kernel_operands(w, wb) for w in ws]  # repacked once per weight, before timing
         layout = ops_sets[0][1]

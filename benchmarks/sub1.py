@@ -155,7 +155,8 @@ def _with_x(rng: np.random.Generator, wsets, e: int, k: int, m: int):
     return out
 
 
-def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 4, 16)) -> tuple[str, list[str]]:
+def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 4, 16),
+                 stacks_only: bool = False) -> tuple[str, list[str]]:
     """Device time per matmul (benchmarks/device_time.py: jitted loop over rotated sets > L2) vs XLA bf16."""
     from benchmarks import device_time as dt
     from moqe_jax import ops
@@ -176,6 +177,8 @@ def kernel_table(quick: bool, reps: int, ms: tuple[int, ...] = (1, 4, 16)) -> tu
     cases = [("base wi", 1, 768, 3072), ("base wo", 1, 3072, 768), ("c2048 wi", 1, 2080, 6144),
              ("c2048 wo", 1, 6144, 2080), ("base wi, 128 experts", 128, 768, 3072),
              ("base wo, 128 experts", 128, 3072, 768)]
+    if stacks_only:
+        cases = [c for c in cases if c[1] > 1]
     if quick:
         cases, ms = [("tiny", 2, 96, 64)], (1, 4)
     for name, e, k, n in cases:
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="GPU: block/warps/prefetch sweep for M = 1")
     ap.add_argument("--ms", default="1,4,16", help="token counts M for the kernel table (comma-separated)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--stacks-only", action="store_true", help="kernel table: only the 128-expert stacks")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = jax.default_backend() == "gpu"
         md = ["# Sub-1-bit decode-fused kernel", "", _header()]
         ms = tuple(int(v) for v in a.ms.split(","))
-        md.append(kernel_table(quick=a.quick or not gpu, reps=a.reps if gpu else 1, ms=ms)[0])
+        md.append(kernel_table(quick=a.quick or not gpu, reps=a.reps if gpu else 1, ms=ms,
+                                stacks_only=a.stacks_only)[0])
         if a.sweep and gpu:
             md.append(block_sweep(a.reps))
         text = "\n".join(md)

@@ -342,12 +342,12 @@ def test_gpu_large_shapes(spec: QuantSpec, m: int) -> None:
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(2), QuantSpec("ternary"), QuantSpec(4, granularity=128)],
                          ids=lambda s: s.describe())
 def test_gpu_word_gemv_and_byte_layouts(spec: QuantSpec) -> None:
-    """Triton backend: the word GEMV at M = 1…4 and the dot mode at M = 16 on words, the v3 byte kernels at M = 1
-    and 16, ragged K and N, vs float64 NumPy (bf16 activations)."""
+    """Triton backend: the word GEMV at M = 1 and 4, the dot mode at M = 16 on words, the v3 byte GEMV at M = 1,
+    ragged K and N, vs float64 NumPy (bf16 activations)."""
     k, n = 2080 if spec.granularity == "channel" else 2048, 1000
     qt = random_qt(spec, (k, n))
     ref_w = np_dequant(qt)
-    for m, wb in ((1, 32), (2, 32), (3, 32), (4, 32), (16, 32), (1, 8), (16, 8)):
+    for m, wb in ((1, 32), (4, 32), (16, 32), (1, 8)):
         x = jnp.asarray(RNG.standard_normal((m, k)), jnp.bfloat16)
         y = launch(x, qt, interpret=False, word_bits=wb)
         assert rel_err(y, np.asarray(x, np.float64) @ ref_w) < 2e-2, (m, wb)
