@@ -56,17 +56,17 @@ PYEOF
            fi ;;
     tests) timeout "$(cap 90)" $PY -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" \
              tests/test_kernels_dequant.py tests/test_sub1_kernel.py -k "${TESTS_K:-gpu}" 2>&1 | tee -a "$LOG" || rc=1 ;;
-    kernels) timeout "$(cap 170)" $PY -m benchmarks.kernels --out kernels_gpu $KERNELS_ARGS 2>&1 | tee -a "$LOG" || rc=1
+    kernels) timeout "$(cap 170)" $PY -m benchmarks.kernels --out kernels_gpu_v4 $KERNELS_ARGS 2>&1 | tee -a "$LOG" || rc=1
              # profiler-trace check of the loop timing on the goal rows (device events vs loop time)
-             timeout "$(cap 45)" $PY -m benchmarks.kernels --out kernels_gpu_trace --trace --shapes 4096x10240 \
+             timeout "$(cap 45)" $PY -m benchmarks.kernels --out kernels_gpu_v4_trace --trace --shapes 4096x10240 \
                --batches 1 --formats int4,int2,ternary 2>&1 | tee -a "$LOG" || rc=1
              # this run vs the stored v3 run (v3: queued wall time per call; a different method, see the notes)
-             $PY -m benchmarks.kernels --compare "$OUT/kernels_gpu.json" benchmarks/results/kernels_gpu.json \
-               --out kernels_gpu_vs_v3 2>&1 | tee -a "$LOG" || rc=1 ;;
-    moe) timeout "$(cap 70)" $PY -m benchmarks.moe_decode --out moe_decode_gpu $MOE_ARGS 2>&1 | tee -a "$LOG" || rc=1
-         $PY -m benchmarks.kernels --compare "$OUT/moe_decode_gpu.json" benchmarks/results/moe_decode_gpu.json \
-           --out moe_decode_gpu_vs_v3 2>&1 | tee -a "$LOG" || rc=1 ;;
-    sub1) timeout "$(cap 120)" $PY -m benchmarks.sub1 --no-bits --no-encode --stacks-only --out "$OUT" $SUB1_ARGS 2>&1 \
+             $PY -m benchmarks.kernels --compare "$OUT/kernels_gpu_v4.json" benchmarks/results/kernels_gpu.json \
+               --out kernels_gpu_v4_vs_v3 2>&1 | tee -a "$LOG" || rc=1 ;;
+    moe) timeout "$(cap 70)" $PY -m benchmarks.moe_decode --out moe_decode_gpu_v4 $MOE_ARGS 2>&1 | tee -a "$LOG" || rc=1
+         $PY -m benchmarks.kernels --compare "$OUT/moe_decode_gpu_v4.json" benchmarks/results/moe_decode_gpu.json \
+           --out moe_decode_gpu_v4_vs_v3 2>&1 | tee -a "$LOG" || rc=1 ;;
+    sub1) timeout "$(cap 120)" $PY -m benchmarks.sub1 --no-bits --no-encode --stacks-only --kernel-name sub1_kernel_v4 --out "$OUT" $SUB1_ARGS 2>&1 \
             | tee -a "$LOG" || rc=1 ;;
     # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16 tokens)
     moe_layer) timeout "$(cap 240)" $PY -m benchmarks.moe_decode --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 \

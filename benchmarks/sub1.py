@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="GPU: block/warps/prefetch sweep for M = 1")
     ap.add_argument("--ms", default="1,4,16", help="token counts M for the kernel table (comma-separated)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernel-name", default="sub1_kernel", help="kernel table file name (GPU runs)")
     ap.add_argument("--stacks-only", action="store_true", help="kernel table: only the 128-expert stacks")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             md.append(block_sweep(a.reps))
         text = "\n".join(md)
         print(text)
-        name = "sub1_kernel.md" if gpu else "sub1_kernel_cpu_interpret.md"
+        name = f"{a.kernel_name}.md" if gpu else "sub1_kernel_cpu_interpret.md"
         (out / name).write_text(text)
     return 0
 
