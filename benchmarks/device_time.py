@@ -124,12 +124,17 @@ def wall_time(fn: Callable[..., Any], sets: Sequence[Any], *, smoke: bool = Fals
 
 
 def _device_event_us(trace: dict[str, Any]) -> float | None:
-    """Total duration (µs) of the complete events on device (GPU) tracks of a Perfetto JSON trace."""
-    pids = {e.get("pid") for e in trace.get("traceEvents", [])
-            if e.get("ph") == "M" and e.get("name") == "process_name"
-            and any(t in str(e.get("args", {}).get("name", "")) for t in ("/device:GPU", "GPU:", "Stream"))}
-    durs = [float(e["dur"]) for e in trace.get("traceEvents", [])
-            if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+    """Total duration (µs) of the kernel events of a Perfetto JSON trace: complete events on the GPU stream
+    threads (``Stream #…``) of device processes (``/device:GPU…``); the device's module/op summary lines, which
+    repeat the same time, are left out (all device threads only when no stream thread is named)."""
+    events = trace.get("traceEvents", [])
+    meta = [e for e in events if e.get("ph") == "M"]
+    pids = {e.get("pid") for e in meta if e.get("name") == "process_name"
+            and any(t in str(e.get("args", {}).get("name", "")) for t in ("/device:GPU", "GPU:"))}
+    streams = {(e.get("pid"), e.get("tid")) for e in meta if e.get("name") == "thread_name" and e.get("pid") in pids
+               and "stream" in str(e.get("args", {}).get("name", "")).lower()}
+    durs = [float(e["dur"]) for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e
+            and (not streams or (e.get("pid"), e.get("tid")) in streams)]
     return sum(durs) if durs else None
 
 
