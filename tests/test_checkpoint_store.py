@@ -147,6 +147,15 @@ def test_safetensors_interop_with_library(tmp_path, tiny):
     save_file(arrs, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
     got, meta = store.read_safetensors(str(tmp_path / "lib.safetensors"))
     assert meta == {"k": "v"} and all(np.array_equal(got[k], v) for k, v in arrs.items())
+    # the default read maps the file (no copy, read-only); mmap=False copies; both equal the library's arrays
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in ours.values() if a.size)
+    copies, _ = store.read_safetensors(f, mmap=False)
+    assert all(not isinstance(a, np.memmap) and np.array_equal(a.view(np.uint8), ours[k].view(np.uint8))
+               for k, a in copies.items())
+    empty = {"z": np.zeros((0, 3), np.float32), "x": np.ones(2, np.float16)}
+    save_file(empty, str(tmp_path / "empty.safetensors"))
+    got, _ = store.read_safetensors(str(tmp_path / "empty.safetensors"))
+    assert got["z"].shape == (0, 3) and got["z"].dtype == np.float32 and np.array_equal(got["x"], empty["x"])
 
 
 def test_atomic_save_failure_keeps_previous(tmp_path, tiny, monkeypatch):

@@ -200,10 +200,13 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         raise CheckpointError(f"{path}: cannot write safetensors file ({_one_line(e)}); {fix}") from e
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: str, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file -> ``(tensors, metadata)`` through ``safetensors.safe_open``, which validates
     the header (known dtypes, non-negative dims, offsets that match each tensor's size and tile the data
-    section exactly). A FIFO or device is refused before opening (it would hang); errors are one line."""
+    section exactly). A FIFO or device is refused before opening (it would hang); errors are one line.
+    ``mmap``: the tensors are read-only memory-mapped views of the file (no copy; the file must not be
+    rewritten in place while they live — the store's saves replace directories, never files in place);
+    ``False``: copies."""
     from safetensors import safe_open
 
     try:
@@ -213,12 +216,42 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path}: not a regular file")
     try:
-        with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        with safe_open(path, framework="numpy") as f:  # validates the header before anything is mapped
+            names, meta = list(f.keys()), dict(f.metadata() or {})  # noqa: SIM118
+            if not mmap:
+                return {k: f.get_tensor(k) for k in names}, meta
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
         lib = _one_line(e)
         why = next((w for key, w in _ST_ERRORS if key in lib.lower()), "corrupt safetensors file")
         raise CheckpointError(f"{path}: {why} ({lib}); re-save or re-download the file") from e
+    return _mapped(path, names), meta
+
+
+# safetensors dtype tags (the format's header) -> NumPy dtypes
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+              "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _mapped(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Read-only memory-mapped views of a (library-validated) safetensors file: no copy of the weights in
+    memory until they are used (the format: 8-byte little-endian header length, JSON header with ``dtype``,
+    ``shape`` and ``data_offsets`` relative to the data section, then the data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out: dict[str, np.ndarray] = {}
+    for k in names:
+        e = header[k]
+        dt = np.dtype(_ST_DTYPES[e["dtype"]])
+        start, end = e["data_offsets"]
+        count = (end - start) // dt.itemsize
+        if count == 0:
+            out[k] = np.zeros(e["shape"], dt)
+            continue
+        out[k] = np.memmap(path, dtype=dt.newbyteorder("<"), mode="r", offset=8 + n + start,
+                           shape=(count,)).reshape(e["shape"])
+    return out
 
 
 # ---- atomic directory replacement -------------------------------------------------------------------
