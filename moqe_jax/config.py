@@ -24,11 +24,13 @@ from typing import Any
 
 from moqe_jax.errors import ConfigError
 
-__all__ = ["SwitchConfig", "sparse_layer_indices", "layout_sparse_indices", "ROUTING_MODES", "LAYER_LAYOUTS"]
+__all__ = ["SwitchConfig", "sparse_layer_indices", "layout_sparse_indices", "ROUTING_MODES", "LAYER_LAYOUTS",
+           "ROUTER_TYPES"]
 
 _ACTIVATIONS = ("relu", "gated-gelu")
 _DTYPES = ("bfloat16", "float32", "float16")
 ROUTING_MODES = ("t5x", "hf", "dropless")
+ROUTER_TYPES = ("tokens_choose", "experts_choose")
 LAYER_LAYOUTS = ("bottom", "middle", "mixed", "top")  # Flaxformer moe_enums.LayerLayout
 
 
@@ -106,6 +108,18 @@ class SwitchConfig:
     aux_loss_factor: float = 0.01
     router_z_loss_factor: float = 0.0
     z_loss: float = 1e-4
+    # ---- router options (Flaxformer routing.py / moe_layers.py; docs/ROUTING.md) -------------------------
+    # tokens-choose top-k: each token's k most probable experts (1 = the Switch router)
+    num_selected_experts: int = 1
+    # batch-prioritized routing (V-MoE / Flaxformer BPR): in the encoder's sparse layers, a group's tokens claim
+    # expert capacity in order of their top-1 probability instead of token order (the decoder never uses BPR)
+    batch_prioritized_routing: bool = False
+    # "tokens_choose" (TokensChooseMaskedRouter) | "experts_choose" (ExpertsChooseMaskedRouter: each expert takes
+    # its C most probable tokens of a group; encoder sparse layers only, the decoder stays tokens-choose)
+    router_type: str = "tokens_choose"
+    router_jitter_noise: float = 0.0  # train only: router inputs × uniform(1-j, 1+j) ('jitter' rng)
+    router_bias: bool = False  # router logits + bias (param router/router_weights/w/bias [E])
+    router_ignore_padding_tokens: bool = False  # all-zero router inputs (padding) are dispatched nowhere
     # ---- fine-tuning and layer layouts (Flaxformer; docs/FINETUNING.md) -----------------------------------
     # dropout, active only with train=True and a 'dropout' rng: embeddings, after attention / cross-attention /
     # MLP, final layer norms, attention weights, dense-MLP hidden; the experts' hidden uses expert_dropout_rate
@@ -149,6 +163,7 @@ class SwitchConfig:
             raise ConfigError(f"SwitchConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if self.relative_attention_num_buckets % 2:
             raise ConfigError("SwitchConfig.relative_attention_num_buckets must be even")
+        self._validate_routing()
         self._validate_finetuning()
 
     def _validate_finetuning(self) -> None:
@@ -182,6 +197,33 @@ class SwitchConfig:
         """The experts' hidden-layer dropout rate (``expert_dropout_rate``, else ``dropout_rate``)."""
         return float(self.dropout_rate if self.expert_dropout_rate is None else self.expert_dropout_rate)
 
+    def _validate_routing(self) -> None:
+        """Router options (docs/ROUTING.md) and what each routing mode can represent."""
+        k = self.num_selected_experts
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts:
+            raise ConfigError(f"SwitchConfig.num_selected_experts must be an integer in [1, num_experts="
+                              f"{self.num_experts}], got {k!r}")
+        if self.router_type not in ROUTER_TYPES:
+            raise ConfigError(f"SwitchConfig.router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        for f in ("batch_prioritized_routing", "router_bias", "router_ignore_padding_tokens"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"SwitchConfig.{f} must be true or false, got {getattr(self, f)!r}")
+        j = self.router_jitter_noise
+        if isinstance(j, bool) or not isinstance(j, (int, float)) or not 0.0 <= float(j) < 1.0:
+            raise ConfigError(f"SwitchConfig.router_jitter_noise must be a number in [0, 1), got {j!r}")
+        if self.routing_mode == "hf":
+            bad = [f"{f}={getattr(self, f)!r}" for f, ok in (
+                ("num_selected_experts", k == 1), ("batch_prioritized_routing", not self.batch_prioritized_routing),
+                ("router_type", self.router_type == "tokens_choose"),
+                ("router_ignore_padding_tokens", not self.router_ignore_padding_tokens)) if not ok]
+            if bad:
+                raise ConfigError(f"routing_mode='hf' reproduces transformers' top-1 Switch router, which cannot do "
+                                  f"{', '.join(bad)} (it never reads router_ignore_padding_tokens); use "
+                                  "routing_mode='t5x' or 'dropless'")
+        if self.routing_mode == "dropless" and self.router_type == "experts_choose":
+            raise ConfigError("router_type='experts_choose' needs routing_mode='t5x': experts choose a fixed "
+                              "number of tokens (the capacity), which dropless routing does not have")
+
     # ---- derived -----------------------------------------------------------------------------
     @property
     def inner_dim(self) -> int:
@@ -206,7 +248,6 @@ class SwitchConfig:
         if n is None:
             return sparse_layer_indices(n_layers, getattr(self, f"{stack}_sparse_step"))
         return layout_sparse_indices(n_layers, n, getattr(self, f"{stack}_sparse_layout"))
-
 
     def is_sparse(self, stack: str, i: int) -> bool:
         return i in self.sparse_layers(stack)
@@ -350,16 +391,13 @@ class SwitchConfig:
         elif act_fn not in (None, "relu"):
             raise ConfigError(f"HF config dense_act_fn {act_fn!r} is not supported (moqe_jax implements relu and "
                               "gated-gelu MLPs)")
-        if flag("router_bias", False):
-            raise ConfigError("HF config router_bias=true is not supported (Switch routers have no bias)")
         if g("router_dtype") not in (None, "float32"):
             raise ConfigError(f"HF config router_dtype {g('router_dtype')!r} is not supported (the router runs in "
                               "float32, as in T5X)")
         if not flag("is_encoder_decoder", True):
             raise ConfigError("HF config is_encoder_decoder=false: only the encoder-decoder Switch is supported")
         name = g("_name_or_path") or "hf"
-        # router_jitter_noise, dropout_rate, initializer_factor, router_ignore_padding_tokens, use_cache and
-        # add_router_probs only affect HF training / outputs: ignored
+        # dropout_rate, initializer_factor, use_cache and add_router_probs only affect HF training / outputs: ignored
         kw: dict[str, Any] = dict(
             vocab_size=integer("vocab_size", 32128), d_model=integer("d_model", 768), d_ff=integer("d_ff", 2048),
             d_kv=integer("d_kv", 64), num_heads=integer("num_heads", 12), num_layers=num_layers,
@@ -375,6 +413,12 @@ class SwitchConfig:
             activation="gated-gelu" if gated else "relu", hf_expert_capacity=integer("expert_capacity", 64),
             name=str(name),
         )
+        # router options transformers' SwitchTransformersConfig defines (its router is always top-1 tokens-choose
+        # without BPR; the legacy Hub keys num_selected_experts / batch_prioritized_routing / router_type are read
+        # by no transformers code, so they do not describe the HF model and are ignored)
+        kw["router_bias"] = flag("router_bias", False)
+        kw["router_jitter_noise"] = number("router_jitter_noise", 0.0)
+        kw["router_ignore_padding_tokens"] = flag("router_ignore_padding_tokens", False)
         if g("router_z_loss_coef") is not None:
             kw["router_z_loss_factor"] = number("router_z_loss_coef", 0.0)
         if g("router_aux_loss_coef") is not None:
@@ -426,6 +470,7 @@ class SwitchConfig:
             "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
             "decoder_start_token_id": self.decoder_start_token_id,
             "dense_act_fn": "gelu_new" if self.gated else "relu",
-            "is_gated_act": self.gated, "router_bias": False, "router_dtype": "float32",
-            "router_jitter_noise": 0.0, "dropout_rate": self.dropout_rate,
+            "is_gated_act": self.gated, "router_bias": self.router_bias, "router_dtype": "float32",
+            "router_ignore_padding_tokens": self.router_ignore_padding_tokens,
+            "router_jitter_noise": float(self.router_jitter_noise), "dropout_rate": self.dropout_rate,
         }

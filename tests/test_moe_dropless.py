@@ -175,7 +175,7 @@ def test_dropless_layer_matches_numpy_topk(seed, k, shape):
     assert _rel(out, _np_layer(x, p, k)) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["t5x", "hf"])
+@pytest.mark.parametrize("mode", ["hf"])  # "t5x" has Flaxformer's top-k since issue 17 (test_moe_routing_options)
 def test_topk_needs_dropless(mode):
     cfg = SwitchConfig.preset("tiny", routing_mode=mode)
     p = _layer_params(np.random.default_rng(0), 4, 32, 64)

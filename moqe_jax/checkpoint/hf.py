@@ -144,6 +144,8 @@ def hf_name_map(cfg: SwitchConfig) -> dict[str, tuple[list[str], Transform]]:
             m[f"{p}/pre_mlp_layer_norm/scale"] = ([f"{h}.{ml}.layer_norm.weight"], _id)
             if i in sparse:
                 m[f"{p}/mlp/router/router_weights/w/kernel"] = ([f"{h}.{ml}.mlp.router.classifier.weight"], _t)
+                if cfg.router_bias:  # transformers' nn.Linear(bias=config.router_bias)
+                    m[f"{p}/mlp/router/router_weights/w/bias"] = ([f"{h}.{ml}.mlp.router.classifier.bias"], _id)
                 for w in mlp_names:
                     m[f"{p}/mlp/expert/{w}/kernel"] = (
                         [f"{h}.{ml}.mlp.experts.expert_{j}.{w}.weight" for j in range(cfg.num_experts)], _stack_t)

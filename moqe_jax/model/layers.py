@@ -247,27 +247,53 @@ class MlpBlock(nn.Module):
         return ops.qmatmul(h, Kernel((c.d_ff, c.d_model), name="wo")(), mode=self.kernels), {}
 
 
+class _RouterDense(nn.Module):
+    """Flaxformer ``RouterWeights``' ``DenseGeneral`` ``w``: ``kernel [D, E]`` and, with ``router_bias``,
+    ``bias [E]`` (init zeros, Flaxformer's ``RouterWeights`` default)."""
+
+    cfg: SwitchConfig
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        kernel = get_param(self, "kernel", router_init, (self.cfg.d_model, self.cfg.num_experts))
+        if not self.cfg.router_bias:
+            return kernel, None
+        return kernel, get_param(self, "bias", nn.initializers.zeros, (self.cfg.num_experts,))
+
+
 class _RouterWeights(nn.Module):
     cfg: SwitchConfig
 
     def setup(self) -> None:
-        self.w = Kernel((self.cfg.d_model, self.cfg.num_experts), router_init)
+        self.w = _RouterDense(self.cfg)
 
-    def __call__(self) -> Array:
+    def __call__(self) -> tuple[Array, Array | None]:
         return self.w()
 
 
 class Router(nn.Module):
-    """``router/router_weights/w/kernel [D, E]``; logits fully in f32 (spec §4.8 step 4)."""
+    """``router/router_weights/w/kernel [D, E]`` (+ ``w/bias [E]``); logits fully in f32 (spec §4.8 step 4).
+
+    ``jitter_rng`` (training with ``router_jitter_noise = j > 0``): the f32 router inputs are multiplied by
+    ``uniform(1 - j, 1 + j)`` noise before the matmul (Flaxformer ``Router._compute_router_probabilities``);
+    the experts see the un-jittered inputs (docs/ROUTING.md §5)."""
 
     cfg: SwitchConfig
 
     def setup(self) -> None:
         self.router_weights = _RouterWeights(self.cfg)
 
-    def __call__(self, x: Array) -> Array:
-        w = ops.dequantize_weight(self.router_weights(), jnp.float32)
-        return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    def __call__(self, x: Array, jitter_rng: Array | None = None) -> Array:
+        kernel, bias = self.router_weights()
+        w = ops.dequantize_weight(kernel, jnp.float32)
+        x = x.astype(jnp.float32)
+        if jitter_rng is not None:
+            j = float(self.cfg.router_jitter_noise)
+            x = x * jax.random.uniform(jitter_rng, x.shape, jnp.float32, minval=1.0 - j, maxval=1.0 + j)
+        logits = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+        if bias is not None:
+            logits = logits + ops.dequantize_weight(bias, jnp.float32)
+        return logits
 
 
 class Experts(nn.Module):
@@ -330,39 +356,74 @@ class Experts(nn.Module):
 
 
 class MoeLayer(nn.Module):
-    """Switch top-1 MoE layer (Flaxformer ``MoeLayer`` + ``TokensChooseMaskedRouter``, spec §4.8–4.9).
+    """Flaxformer ``MoeLayer`` with its routers (spec §4.8–4.9, docs/ROUTING.md); the Switch top-1 router by default.
+
+    Router options (``SwitchConfig``): ``num_selected_experts`` (tokens-choose top-k), ``batch_prioritized_routing``
+    (encoder only), ``router_type`` ("tokens_choose" | "experts_choose", the latter encoder only: decoder layers
+    (``decoder=True``) always route tokens-choose, as Flaxformer's gins), ``router_jitter_noise`` (train only;
+    rng ``'jitter'``, else ``'dropout'``), ``router_bias``, ``router_ignore_padding_tokens``.
 
     ``routing_mode="t5x"``: ``_maybe_pad``, batch-major groups, banker's-rounded capacity, dropped -> 0,
     f32 combine (output f32), experts run on the ``[E, G·C, D]`` capacity layout.
-    ``"dropless"``: the same router (f32 logits, softmax, argmax, gate) and combine (f32, output f32), no
+    ``"dropless"``: the same router (f32 logits, softmax, top-k, gates) and combine (f32, output f32), no
     capacity and no padding: token slots sorted by expert, only the experts that received tokens run
     (``ops.ragged_qmatmul``). Equals ``"t5x"`` whenever ``"t5x"`` drops no token; the one difference is that
-    a token the capacity rule would drop is kept. Aux loss is computed over one group per sequence.
+    a token the capacity rule would drop is kept (so batch-prioritized routing changes nothing). Aux loss is
+    computed over one group per sequence. No experts-choose (it needs a capacity).
     ``"hf"``: one group per sequence, capacity ``hf_expert_capacity`` (a mask over the sorted slots:
     dropped slots go to no expert), gate multiply in the activation dtype, output in the input dtype
-    (HF ≥ PR #37123 / #48421 semantics).
+    (HF ≥ PR #37123 / #48421 semantics); top-1 tokens-choose only.
     """
 
     cfg: SwitchConfig
     kernels: str = "auto"
-    num_selected: int = 1  # experts per token (k); the Switch router is top-1
+    num_selected: int | None = None  # experts per token (k); None: cfg.num_selected_experts
+    decoder: bool = False  # a decoder layer: no batch-prioritized routing, no experts-choose
 
     def setup(self) -> None:
         self.router = Router(self.cfg)
         self.expert = Experts(self.cfg, self.kernels)
 
+    @property
+    def k(self) -> int:
+        return self.cfg.num_selected_experts if self.num_selected is None else self.num_selected
+
+    @property
+    def experts_choose(self) -> bool:
+        return self.cfg.router_type == "experts_choose" and not self.decoder
+
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict]:
-        if self.num_selected < 1 or (self.num_selected != 1 and self.cfg.routing_mode != "dropless"):
-            raise ConfigError(f"MoeLayer.num_selected={self.num_selected}: routing_mode "
-                              f"{self.cfg.routing_mode!r} is top-1 (Switch); top-k needs routing_mode='dropless'")
+        if not 1 <= self.k <= self.cfg.num_experts or (self.k != 1 and self.cfg.routing_mode == "hf"):
+            raise ConfigError(f"MoeLayer.num_selected={self.k}: routing_mode {self.cfg.routing_mode!r} is top-1 "
+                              f"(transformers' Switch); top-k needs routing_mode='dropless' or 't5x' and "
+                              f"1 <= k <= num_experts={self.cfg.num_experts}")
         if self.cfg.routing_mode == "t5x":
             return self._capacity(x, train)
+        if self.experts_choose:
+            raise ConfigError("router_type='experts_choose' needs routing_mode='t5x' (experts choose a capacity's "
+                              f"worth of tokens), got routing_mode={self.cfg.routing_mode!r}")
         return self._sorted(x, train)
+
+    def _jitter_rng(self, train: bool) -> Array | None:
+        """The PRNG key for router jitter (training with ``router_jitter_noise > 0``), else None."""
+        j = self.cfg.router_jitter_noise
+        if not train or not j > 0:
+            return None
+        for name in ("jitter", "dropout"):  # Flaxformer's stream is 'jitter'; a training loop's 'dropout' also serves
+            if self.has_rng(name):
+                return self.make_rng(name)
+        raise ConfigError(f"router_jitter_noise={j} with train=True needs a PRNG key: apply(..., rngs={{'jitter': "
+                          "key}}) (or a 'dropout' key); or set router_jitter_noise=0")
+
+    def _valid(self, x: Array) -> Array | None:
+        """``ignore_padding_tokens``: a token is padding iff its router input is all zeros (Flaxformer
+        ``Router.__call__``: ``sum(|x|) > 0``; T5X's logit mask and ``_maybe_pad`` zero padding)."""
+        return jnp.sum(jnp.abs(x), axis=-1) > 0 if self.cfg.router_ignore_padding_tokens else None
 
     def _capacity(self, x: Array, train: bool) -> tuple[Array, dict]:
         c = self.cfg
         b, l, d = x.shape
-        e = c.num_experts
+        e, k = c.num_experts, self.k
         cf = c.train_capacity_factor if train else c.eval_capacity_factor
         lay = routing.group_layout(b, l, e, max_group_size=c.max_group_size, capacity_factor=cf,
                                    min_expert_capacity=c.min_expert_capacity,
@@ -371,35 +432,64 @@ class MoeLayer(nn.Module):
         bp, lp = xp.shape[:2]
         g, s, cap = lay.groups, lay.group_size, lay.capacity
         xg = shd.constrain(xp.reshape(g, s, d), ("batch", "length", "embed"))  # groups over the batch axes
-        logits = self.router(xg)  # [G,S,E] f32
+        logits = self.router(xg, self._jitter_rng(train))  # [G,S,E] f32
         probs = jax.nn.softmax(logits, axis=-1)
-        r = routing.top1_route(probs, cap)
-        # dispatch: slot = expert·C + priority; dropped tokens go nowhere
-        slot = jnp.where(r.kept, r.expert * cap + r.priority, e * cap)
+        valid = self._valid(xg)
         gi = jnp.arange(g)[:, None]
-        buf = jnp.zeros((g, e * cap, d), c.jnp_dtype).at[gi, slot].set(xg.astype(c.jnp_dtype), mode="drop")
+
+        def view(a: Array) -> Array:
+            return a.reshape(bp, lp, *a.shape[2:])[:b, :l]
+
+        if self.experts_choose:
+            if cap > s:
+                raise ConfigError(f"router_type='experts_choose': expert capacity {cap} exceeds the {s} tokens of a "
+                                  "group (Flaxformer's top_k over tokens needs C <= S); lower the capacity factor / "
+                                  "min_expert_capacity or route more tokens at once")
+            er = routing.experts_choose_route(probs, cap, valid)
+            tok = er.token.reshape(g, e * cap)
+            buf = jnp.take_along_axis(xg.astype(c.jnp_dtype), tok[..., None], axis=1)  # [G, E·C, D]
+            ex_in = shd.dispatch_to_experts(buf.reshape(g, e, cap, d))  # [E, G·C, D]
+            ex_out = shd.combine_from_experts(self.expert(ex_in, train), g)  # [G, E·C, D]
+            y = ex_out.astype(jnp.float32) * er.gate.reshape(g, e * cap)[..., None]
+            out = jnp.zeros((g, s, d), jnp.float32).at[gi, tok].add(y)
+            ei = jnp.arange(e)[None, :, None]
+            disp = jnp.zeros((g, s, e), jnp.float32).at[gi[..., None], er.token, ei].add(1.0)
+            comb = jnp.zeros((g, s, e), jnp.float32).at[gi[..., None], er.token, ei].add(er.gate)
+            info = self._info(x, logits, probs, None, None, None, view, valid=valid, usage=jnp.float32(1.0),
+                              disp=disp, comb=comb)
+            return out.reshape(bp, lp, d)[:b, :l], info
+        r = routing.tokens_choose_route(probs, k, cap, batch_prioritized=c.batch_prioritized_routing
+                                        and not self.decoder, valid=valid)
+        # dispatch: slot = expert·C + priority; dropped choices go nowhere
+        slot = jnp.where(r.kept, r.expert * cap + r.priority, e * cap).reshape(g, s * k)
+        xs = xg.astype(c.jnp_dtype) if k == 1 else jnp.repeat(xg.astype(c.jnp_dtype), k, axis=1)
+        buf = jnp.zeros((g, e * cap, d), c.jnp_dtype).at[gi, slot].set(xs, mode="drop")
         ex_in = shd.dispatch_to_experts(buf.reshape(g, e, cap, d))  # [E, G·C, D]: all-to-all on a mesh
         ex_out = self.expert(ex_in, train)  # [E, G·C, D]
         ex_out = shd.combine_from_experts(ex_out, g)  # [G, E·C, D]
-        y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S,D]
-        y = y.astype(jnp.float32) * r.gate[..., None]
+        y = jnp.take_along_axis(ex_out, jnp.minimum(slot, e * cap - 1)[..., None], axis=1)  # [G,S·k,D]
+        y = y.reshape(g, s, k, d).astype(jnp.float32) * r.gate[..., None]
         out = jnp.where(r.kept[..., None], y, 0.0)
+        out = out[..., 0, :] if k == 1 else jnp.sum(out, axis=2)  # Σ over kept choices of gate·expert(x)
         out = out.reshape(bp, lp, d)[:b, :l]
-        return out, self._info(x, logits, probs, r.expert, r.gate, r.kept, lambda a: a.reshape(bp, lp)[:b, :l])
+        return out, self._info(x, logits, probs, r.expert, r.gate, r.kept, view, valid=valid, slots=e * cap * g)
 
     def _sorted(self, x: Array, train: bool = False) -> tuple[Array, dict]:
         """``"dropless"`` and ``"hf"``: slots sorted by expert, one ragged grouped matmul over active experts."""
         c = self.cfg
         b, l, d = x.shape
-        e, k = c.num_experts, self.num_selected
-        logits = self.router(x)  # [B,L,E] f32
+        e, k = c.num_experts, self.k
+        logits = self.router(x, self._jitter_rng(train))  # [B,L,E] f32
         probs = jax.nn.softmax(logits, axis=-1)
+        valid = self._valid(x)
         if c.routing_mode == "hf":  # per-sequence capacity, in-order priority (the t5x router per group)
             r = routing.top1_route(probs, c.hf_expert_capacity)
             expert, gate, kept = r.expert[..., None], r.gate[..., None], r.kept[..., None]
+            slots_total = e * c.hf_expert_capacity * b
         else:
             expert, gate = routing.topk_choice(probs, k)  # [B,L,k]
-            kept = jnp.ones(expert.shape, bool)
+            kept = jnp.ones(expert.shape, bool) if valid is None else jnp.broadcast_to(valid[..., None], expert.shape)
+            slots_total = b * l * k
         slots = routing.sort_slots(jnp.where(kept, expert, e).reshape(b * l, k), e)
         xs = x.reshape(b * l, d)[slots.token]  # [T·k, D] sorted by expert
         ys = self.expert.ragged(xs, slots.group_sizes, train)
@@ -409,35 +499,66 @@ class MoeLayer(nn.Module):
             out = jnp.where(kept[..., None], y, jnp.zeros((), y.dtype))[..., 0, :].astype(x.dtype)
         else:
             y = y.astype(jnp.float32) * gate[..., None]
-            out = jnp.sum(jnp.where(kept[..., None], y, 0.0), axis=2) if k > 1 else y[..., 0, :]
-        return out, self._info(x, logits, probs, expert[..., 0], gate[..., 0], kept[..., 0], lambda a: a)
+            out = jnp.sum(jnp.where(kept[..., None], y, 0.0), axis=2) if k > 1 or valid is not None else y[..., 0, :]
+        return out, self._info(x, logits, probs, expert, gate, kept, lambda a: a, valid=valid, slots=slots_total)
 
-    def _info(self, x: Array, logits: Array, probs: Array, expert: Array, gate: Array, kept: Array,
-              view: Any) -> dict:
-        """Aux losses / metrics (spec §4.9) over the ``[G, S]`` groups (all, incl. padded, tokens; the sorted
-        modes: one group per sequence); ``view`` maps a ``[G, S]`` array to the ``[B, L]`` tokens."""
+    def _info(self, x: Array, logits: Array, probs: Array, expert: Array | None, gate: Array | None,
+              kept: Array | None, view: Any, *, valid: Array | None = None, slots: int | None = None,
+              usage: Array | None = None, disp: Array | None = None, comb: Array | None = None) -> dict:
+        """Aux losses / metrics (spec §4.9, docs/ROUTING.md §6) over the ``[G, S]`` groups (all, incl. padded,
+        tokens; the sorted modes: one group per sequence); ``view`` maps a ``[G, S, ...]`` array to ``[B, L, ...]``.
+
+        Tokens-choose: ``expert``/``gate``/``kept [G, S, k]``; experts-choose: ``disp``/``comb [G, S, E]`` (how
+        often / with which weight each expert took each token) and ``usage`` (1). Per-token ``expert``/``gate``/
+        ``kept`` in the result: the 1st choice and whether it was dispatched (experts-choose: the most probable
+        expert, and whether any expert took the token); ``dispatch [B, L, E]``: which experts processed it."""
         e = self.cfg.num_experts
-        onehot = jax.nn.one_hot(expert, e, dtype=jnp.float32)
-        aux = jnp.mean(jnp.mean(onehot, axis=1) * jnp.mean(probs, axis=1)) * (e ** 2)
-        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
-        kept_f = kept.astype(jnp.float32)
+        if disp is None:  # tokens choose
+            assert expert is not None and gate is not None and kept is not None
+            kept_f = kept.astype(jnp.float32)[..., None]
+            onehot = jax.nn.one_hot(expert, e, dtype=jnp.float32)  # [G, S, k, E]
+            disp = jnp.sum(onehot * kept_f, axis=-2)
+            comb = jnp.sum(onehot * (gate[..., None] * kept_f), axis=-2)
+            aux = routing.load_balancing_loss(probs, expert, valid)
+            first_e, first_g, first_k = expert[..., 0], gate[..., 0], kept[..., 0]
+            somewhere = jnp.any(kept, axis=-1)
+        else:  # experts choose: no load-balancing loss (Flaxformer: 0)
+            assert comb is not None
+            aux = jnp.zeros((), jnp.float32)
+            first_e = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+            first_g = jnp.max(probs, axis=-1)
+            somewhere = first_k = jnp.sum(disp, axis=-1) > 0
+        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits if valid is None else logits * valid[..., None], axis=-1)))
+        n_disp = jnp.sum(disp)
+        if valid is None:
+            n_tok = jnp.float32(somewhere.size)
+            dropped = jnp.sum(~somewhere).astype(jnp.float32) / somewhere.size
+        else:
+            n_tok = jnp.sum(valid).astype(jnp.float32)
+            dropped = jnp.sum(valid & ~somewhere).astype(jnp.float32) / jnp.maximum(n_tok, 1.0)
         info = {
             "inputs": x,
-            "expert": view(expert),
-            "gate": view(gate),
-            "kept": view(kept),
+            "expert": view(first_e),
+            "gate": view(first_g),
+            "kept": view(first_k),
+            "dispatch": view(disp > 0),
             "aux_loss": aux,
             "z_loss": z,
-            "dropped_fraction": jnp.sum(~kept).astype(jnp.float32) / kept.size,
-            "expert_usage": jnp.mean(onehot * kept_f[..., None], axis=(0, 1)),
-            "router_confidence": jnp.mean(gate),
+            # share of the (non-padding) tokens dispatched to no expert
+            "dropped_fraction": dropped,
+            # Flaxformer's sown metrics (moe_layers._sow_expert_metrics)
+            "fraction_tokens_left_behind": 1.0 - jnp.sum(somewhere).astype(jnp.float32) / n_tok,
+            "router_confidence": jnp.sum(comb) / jnp.maximum(n_disp, 1.0),
+            "expert_usage": usage if usage is not None else n_disp / jnp.float32(slots),
+            # ours: per expert, the share of the layer's tokens it processed
+            "expert_load": jnp.mean(disp, axis=(0, 1)),
         }
         self.sow("intermediates", "moe", {n: info[n] for n in ("inputs", "expert", "gate", "kept")})
         return info
 
 
-def _mlp(cfg: SwitchConfig, sparse: bool, kernels: str) -> nn.Module:
-    return MoeLayer(cfg, kernels, name="mlp") if sparse else MlpBlock(cfg, kernels, name="mlp")
+def _mlp(cfg: SwitchConfig, sparse: bool, kernels: str, decoder: bool = False) -> nn.Module:
+    return MoeLayer(cfg, kernels, decoder=decoder, name="mlp") if sparse else MlpBlock(cfg, kernels, name="mlp")
 
 
 class EncoderLayer(nn.Module):
@@ -493,7 +614,7 @@ class DecoderLayer(nn.Module):
         h = LayerNorm(c, name="pre_mlp_layer_norm")(x)
         if logit_mask is not None:
             h = logit_mask * h
-        y, info = _mlp(c, self.sparse, self.kernels)(h, train)
+        y, info = _mlp(c, self.sparse, self.kernels, decoder=True)(h, train)
         x = x + dropout(self, y, c.dropout_rate, not train)
         if cache is not None:
             return x, info, new_cache

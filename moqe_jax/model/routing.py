@@ -1,8 +1,10 @@
-"""Top-1 tokens-choose routing of Flaxformer's ``MoeLayer`` (docs/T5X_SWITCH.md §4.8), pure functions.
+"""Routing of Flaxformer's ``MoeLayer`` (docs/T5X_SWITCH.md §4.8, docs/ROUTING.md), pure functions.
 
 Static shape helpers (``maybe_pad_amounts``, ``num_groups``, ``expert_capacity``) work on Python ints
-and are usable outside jit (e.g. by calibration code or NumPy references). ``top1_route`` works on
-router probabilities ``[G, S, E]``.
+and are usable outside jit (e.g. by calibration code or NumPy references). ``top1_route`` (the Switch
+router), ``tokens_choose_route`` (``TokensChooseMaskedRouter``: top-k, batch-prioritized routing, padding
+tokens ignored) and ``experts_choose_route`` (``ExpertsChooseMaskedRouter``) work on router probabilities
+``[G, S, E]``; ``load_balancing_loss`` is Flaxformer's ``_load_balancing_loss`` for k choices.
 
 Dropless dispatch (``routing_mode="dropless"``, and ``"hf"`` with its capacity as a mask): ``topk_choice``
 picks ``k`` experts per token (``k = 1``: exactly ``top1_route``'s argmax and gate), ``sort_slots`` orders
@@ -19,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["maybe_pad_amounts", "num_groups", "expert_capacity", "group_layout", "top1_route", "Top1Routing",
-           "hf_layout", "topk_choice", "sort_slots", "unsort_slots", "SortedSlots"]
+           "tokens_choose_route", "TokensChooseRouting", "experts_choose_route", "ExpertsChooseRouting",
+           "load_balancing_loss", "hf_layout", "topk_choice", "sort_slots", "unsort_slots", "SortedSlots"]
 
 
 def maybe_pad_amounts(batch: int, length: int, multiple: int) -> tuple[int, int]:
@@ -93,6 +96,76 @@ def top1_route(probs: jax.Array, capacity: int) -> Top1Routing:
     onehot = jax.nn.one_hot(expert, e, dtype=jnp.int32)
     prio = jnp.sum(jnp.cumsum(onehot, axis=-2) * onehot, axis=-1) - 1
     return Top1Routing(expert, gate, prio.astype(jnp.int32), prio < capacity)
+
+
+class TokensChooseRouting(NamedTuple):
+    expert: jax.Array  # [G, S, k] int32 chosen experts, most probable first
+    gate: jax.Array  # [G, S, k] f32 router probability of each chosen expert (not renormalised)
+    priority: jax.Array  # [G, S, k] int32 position in that expert's buffer (-1: an ignored padding token)
+    kept: jax.Array  # [G, S, k] bool 0 <= priority < capacity
+
+
+def tokens_choose_route(probs: jax.Array, k: int, capacity: int, *, batch_prioritized: bool = False,
+                        valid: jax.Array | None = None) -> TokensChooseRouting:
+    """Flaxformer ``TokensChooseMaskedRouter`` over ``probs [G, S, E]`` (docs/ROUTING.md §2).
+
+    Each token picks its ``k`` most probable experts. Buffer positions are handed out per group in one pass
+    over the ``k·S`` (choice, token) slots, choice-major: every token's 1st choice before any 2nd choice; within
+    a choice, token order, or with ``batch_prioritized`` descending top-1 probability (stable: ties keep token
+    order). A slot is kept iff its position is below ``capacity``; a dropped 2nd choice does not affect the
+    1st. ``valid [G, S]`` (``ignore_padding_tokens``): tokens with ``valid = False`` take no slot (priority
+    -1, never kept) and, with BPR, sort last (their gate counts as 0). ``k = 1`` without BPR or ``valid`` is
+    exactly ``top1_route``.
+    """
+    g, s, e = probs.shape
+    expert, gate = topk_choice(probs, k)
+    ex, ok = expert, valid
+    if batch_prioritized:
+        key = gate[..., 0] if valid is None else jnp.where(valid, gate[..., 0], 0.0)
+        perm = jnp.argsort(-key, axis=-1, stable=True)  # [G, S]
+        ex = jnp.take_along_axis(expert, perm[..., None], axis=1)
+        ok = None if valid is None else jnp.take_along_axis(valid, perm, axis=1)
+    flat = jnp.swapaxes(ex, 1, 2).reshape(g, k * s)  # choice-major slot order
+    onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)  # [G, k·S, E]
+    if ok is not None:
+        onehot = onehot * jnp.tile(ok, (1, k)).astype(jnp.int32)[..., None]
+    prio = jnp.sum(jnp.cumsum(onehot, axis=1) * onehot, axis=-1) - 1  # [G, k·S]
+    prio = jnp.swapaxes(prio.reshape(g, k, s), 1, 2)  # [G, S, k]
+    if batch_prioritized:
+        prio = jnp.take_along_axis(prio, jnp.argsort(perm, axis=-1)[..., None], axis=1)
+    prio = prio.astype(jnp.int32)
+    kept = prio < capacity if valid is None else (prio >= 0) & (prio < capacity)
+    return TokensChooseRouting(expert, gate, prio, kept)
+
+
+class ExpertsChooseRouting(NamedTuple):
+    token: jax.Array  # [G, E, C] int32 the tokens each expert takes, most probable first
+    gate: jax.Array  # [G, E, C] f32 their router probability for that expert
+
+
+def experts_choose_route(probs: jax.Array, capacity: int, valid: jax.Array | None = None) -> ExpertsChooseRouting:
+    """Flaxformer ``ExpertsChooseMaskedRouter`` (docs/ROUTING.md §4): per group, each expert takes the
+    ``capacity`` tokens with the highest probability for it (``lax.top_k`` over tokens: ties -> lower token
+    index). ``valid`` multiplies the probabilities (padding is down-weighted to 0 but may still be taken)."""
+    if capacity > probs.shape[1]:
+        raise ValueError(f"experts-choose capacity {capacity} exceeds the {probs.shape[1]} tokens of a group")
+    if valid is not None:
+        probs = probs * valid[..., None].astype(probs.dtype)
+    gate, token = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+    return ExpertsChooseRouting(token.astype(jnp.int32), gate)
+
+
+def load_balancing_loss(probs: jax.Array, expert: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Flaxformer ``_load_balancing_loss`` (spec §4.9) for ``expert [G, S, k]`` choices made before capacity:
+    ``mean_{g,e}(f·P)·E²`` with ``f`` the fraction of a group's tokens that chose ``e`` among their ``k``
+    choices and ``P`` the mean probability. ``valid = False`` tokens count with a zero row in both (the mean
+    still divides by all ``S`` tokens, as Flaxformer's masked router)."""
+    e = probs.shape[-1]
+    mask = jnp.max(jax.nn.one_hot(expert, e, dtype=jnp.float32), axis=-2)  # [G, S, E]
+    if valid is not None:
+        mask = mask * valid[..., None]
+        probs = probs * valid[..., None]
+    return jnp.mean(jnp.mean(mask, axis=1) * jnp.mean(probs, axis=1)) * (e ** 2)
 
 
 def topk_choice(probs: jax.Array, k: int = 1) -> tuple[jax.Array, jax.Array]:
