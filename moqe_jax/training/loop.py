@@ -50,7 +50,7 @@ def _compiled(cfg: SwitchConfig, tc: TrainConfig, mesh: Any) -> tuple:
     so that repeated runs in one process (tests, resume) reuse the compiled step."""
     key = (cfg, json.dumps({k: v for k, v in tc.to_dict().items()
                             if k not in ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep",
-                                         "async_save")}, sort_keys=True, default=str), mesh)
+                                         "async_save", "seed")}, sort_keys=True, default=str), mesh)
     if key in _COMPILED:
         return _COMPILED[key]
     from moqe_jax.model.switch import init_params as model_init
