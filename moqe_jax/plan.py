@@ -14,7 +14,8 @@ sizes). The categories and the exact accounting are in docs/MEMORY_PLAN.md; in s
 * ``weight copies``: the compute-dtype (and, for QAT, fake-quantized) copies of the weights the backward pass
   keeps, sharded like their parameter;
 * ``activations``: the residuals of the loss's VJP that are not weights, divided over the data-parallel
-  devices (data × expert) and, for tensors with an ``mlp``/``heads``/``vocab`` sized dim, over ``model``;
+  devices (data × expert) and, for tensors with an ``mlp``/``heads``/``vocab`` sized dim, over ``model``, plus
+  the f32 gradient of the loss w.r.t. the logits;
 * ``kv cache`` (generate): self-attention cache ``[B·beams, cache_len, H, d_kv]`` ×2 per decoder layer and the
   cross-attention keys/values of the encoder output;
 * ``hessians`` / ``gptq work`` (gptq): one batched GPTQ call of the largest expert kernel (``wo``, K = d_ff):
@@ -258,17 +259,17 @@ def _check_mesh(cfg: SwitchConfig, sizes: Mapping[str, int], batch: int, job: st
 
 
 def _training_rows(cfg: SwitchConfig, ab: _Abstract, sizes: Mapping[str, int], batch: int,
-                   length: int, qat: bool = False) -> dict[str, int]:
+                   length: int) -> dict[str, int]:
     specs = _param_specs_by_key(ab.params, sizes)
     flat = {jax.tree_util.keystr(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(ab.params)[0]}
     p_bytes = sum(_shard_bytes(x, specs[k], sizes) for k, x in flat.items())
     opt = sum(_shard_bytes(x, specs[k] if k else P(), sizes) for x, k in ab.opt)
     wcopy = sum(_shard_bytes(x, specs[k], sizes) for x, k in ab.weight_res)
-    if qat:  # the STE forward materializes fake_quant(w) of every quantized expert kernel in f32
-        wcopy += sum(_shard_bytes(x, specs[k], sizes) for k, x in flat.items() if "['expert']" in k)
     dp = shd.batch_divisor(sizes)
     mo = int(sizes.get("model", 1))
     act = sum(-(-_nbytes(x) // (dp * (mo if split else 1))) for x, split in ab.act_res)
+    # + the loss's gradient w.r.t. the f32 logits [B, L, V], live with the residuals when the backward starts
+    act += -(-batch // dp) * length * -(-cfg.vocab_size // mo) * 4
     b_bytes = -(-sum(_nbytes(x) for x in _batch_structs(batch, length).values()) // dp)
     return {"params": p_bytes, "optimizer state": opt, "gradients": p_bytes, "weight copies": wcopy,
             "activations": act, "batch": b_bytes}
@@ -385,9 +386,9 @@ def _rows(cfg: SwitchConfig, sizes: Mapping[str, int], job: str, batch: int, len
           dlen: int, num_beams: int, group_experts: int, optimizer: str) -> tuple[dict[str, int], list[str]]:
     if job in ("train", "qat"):
         ab = _abstract(cfg, job, batch, length, bits, optimizer)
-        notes = ["QAT: params are the float master weights; weight copies include the fake-quantized experts"] \
+        notes = ["QAT: params are the float master weights (f32), trained through fake-quantized experts (STE)"] \
             if job == "qat" else []
-        return _training_rows(cfg, ab, sizes, batch, length, job == "qat"), notes
+        return _training_rows(cfg, ab, sizes, batch, length), notes
     if job == "generate":
         ab = _abstract(cfg, job, batch, length, bits, optimizer)
         return _generate_rows(cfg, ab, sizes, batch, length, bits, dlen, num_beams)
