@@ -121,8 +121,9 @@ class MemoryPlan:
     def table(self) -> str:
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
         bits = f", bits {self.bits}" if self.bits else ""
-        lines = [f"{self.config} {self.job}: mesh {mesh} ({self.devices} devices), batch {self.batch} × length "
-                 f"{self.length}{bits}", f"{'per device':<18}{'bytes':>18}{'':>4}"]
+        shape = "" if self.job == "gptq" else f", batch {self.batch} × length {self.length}"
+        lines = [f"{self.config} {self.job}: mesh {mesh} ({self.devices} devices){shape}{bits}",
+                 f"{'per device':<18}{'bytes':>18}{'':>4}"]
         for k, v in self.rows.items():
             if v:
                 lines.append(f"  {k:<16}{v:>18,}  {format_bytes(v):>10}")
