@@ -325,8 +325,9 @@ def test_model_qat_step_with_options():
     assert np.isfinite(np.asarray(gw)).all() and np.asarray(gw).any()
 
 
-def test_hf_export_import_carries_router_bias(tmp_path, seed):
-    """router_bias: the bias travels as transformers' ``router.classifier.bias`` through export and import."""
+def test_hf_and_t5x_carry_router_bias(tmp_path, seed):
+    """router_bias: the bias travels as transformers' ``router.classifier.bias`` through HF export and import, and as
+    ``router_weights/w/bias`` through T5X export and load."""
     from types import SimpleNamespace
 
     from safetensors.numpy import load_file
@@ -353,3 +354,14 @@ def test_hf_export_import_carries_router_bias(tmp_path, seed):
     f2 = flatten_params(p2)
     for k in biases:
         np.testing.assert_array_equal(np.asarray(f2[k]), flat[k])
+    # T5X checkpoints carry no config: the bias is the param router_weights/w/bias; the loader names the field
+    from moqe_jax.checkpoint.t5x import load_t5x
+    from moqe_jax.checkpoint.t5x_writer import export_t5x
+    from moqe_jax.errors import CheckpointError
+
+    t5x_dir = export_t5x(unflatten_params(flat), str(tmp_path / "t5x"))
+    _, p3 = load_t5x(t5x_dir, cfg, progress=False)
+    for k in biases:
+        np.testing.assert_array_equal(np.asarray(flatten_params(p3)[k]), flat[k])
+    with pytest.raises(CheckpointError, match="a router bias: set router_bias=True"):
+        load_t5x(t5x_dir, cfg.replace(router_bias=False), progress=False)

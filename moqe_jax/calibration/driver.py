@@ -258,9 +258,12 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
                             f"{lname}/mlp: NaN/inf activations in {int(nonfinite.sum())} of {int(m.sum())} "
                             "calibration tokens (the model's earlier layers produce non-finite values; check "
                             "its weights)")
-                    m = m & np.asarray(info["kept"])
-                    xs.append(np.asarray(info["inputs"], np.float32)[m])
-                    es.append(np.asarray(info["expert"])[m].astype(np.int64))
+                    # every (token, expert) pair the router dispatched (top-k, experts-choose; top-1: the kept
+                    # tokens with their expert, in token order)
+                    disp = np.asarray(info["dispatch"]) & m[..., None]
+                    tok, ex = np.nonzero(disp.reshape(-1, disp.shape[-1]))
+                    xs.append(np.asarray(info["inputs"], np.float32).reshape(-1, inp.shape[-1])[tok])
+                    es.append(ex.astype(np.int64))
                 else:
                     xs.append(np.asarray(dense_in, np.float32)[m])
                     es.append(np.zeros(int(m.sum()), np.int64))

@@ -519,10 +519,13 @@ def check_against(ckpt: T5XCheckpoint, expected: dict[str, tuple[int, ...]], nam
     """Raise naming the first (sorted) path that is missing, unexpected or mis-shaped."""
     have = {p: i.shape for p, i in ckpt.params.items()}
     for p in sorted(set(have) | set(expected)):
+        bias = p.endswith("router_weights/w/bias")  # Flaxformer RouterWeights(use_bias=...): config router_bias
         if p not in have:
-            raise CheckpointError(f"{ckpt.file}: parameter {p} of config {name} is missing from the checkpoint")
+            raise CheckpointError(f"{ckpt.file}: parameter {p} of config {name} is missing from the checkpoint"
+                                  + (" (its routers have no bias: set router_bias=False)" if bias else ""))
         if p not in expected:
-            raise CheckpointError(f"{ckpt.file}: checkpoint parameter {p} {list(have[p])} is not in config {name}")
+            raise CheckpointError(f"{ckpt.file}: checkpoint parameter {p} {list(have[p])} is not in config {name}"
+                                  + (" (a router bias: set router_bias=True)" if bias else ""))
         if tuple(have[p]) != tuple(expected[p]):
             raise CheckpointError(f"{ckpt.file}: {p} has shape {list(have[p])}, config {name} expects "
                                   f"{list(expected[p])}")

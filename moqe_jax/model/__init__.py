@@ -2,7 +2,7 @@
 
 Modules:
   * ``switch``     — ``SwitchTransformer`` (param tree = T5X ``target`` tree, spec §2), masks, logits.
-  * ``layers``     — RMSNorm, relative-position buckets, attention, dense MLP, ``MoeLayer`` (top-1 router).
+  * ``layers``     — RMSNorm, relative-position buckets, attention, dense MLP, ``MoeLayer`` (Flaxformer routers).
   * ``routing``    — pure grouping / capacity / priority functions of the MoE layer (spec §4.8).
   * ``layerwise``  — functional layer-by-layer API for calibration (``encode_embed``, ``encoder_layer``,
     ``encoder_final``, ``decode_embed``, ``decoder_layer``, ``decoder_final``); see its docstring.

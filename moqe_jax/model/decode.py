@@ -216,7 +216,7 @@ def generation_routing_mode(cfg: SwitchConfig, routing_mode: str | None = None) 
         if routing_mode not in ROUTING_MODES:
             raise ConfigError(f"generate: routing_mode must be one of {', '.join(ROUTING_MODES)}, got {routing_mode!r}")
         return routing_mode
-    if cfg.routing_mode == "t5x":
+    if cfg.routing_mode == "t5x" and cfg.router_type != "experts_choose":  # experts-choose needs a capacity
         return "dropless"
     return cfg.routing_mode
 

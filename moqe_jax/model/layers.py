@@ -7,8 +7,9 @@ untouched. The modules that matmul carry ``kernels`` (an ``ops`` kernel mode), a
 choice is part of the trace.
 
 Layers return ``(x, info)``; ``info`` is ``{}`` for dense layers and for MoE layers a dict with
-``inputs`` (post-norm, logit-masked ``[B,L,D]``), ``expert``/``gate``/``kept`` ``[B,L]``, and the
-scalars ``aux_loss``, ``z_loss``, ``dropped_fraction`` plus ``expert_usage [E]`` (spec §4.9).
+``inputs`` (post-norm, logit-masked ``[B,L,D]``), ``expert``/``gate``/``kept`` ``[B,L]``, ``dispatch [B,L,E]``,
+the scalars ``aux_loss``, ``z_loss``, ``dropped_fraction`` and Flaxformer's ``fraction_tokens_left_behind``,
+``router_confidence``, ``expert_usage``, plus ``expert_load [E]`` (spec §4.9, docs/ROUTING.md §8).
 """
 
 from __future__ import annotations
@@ -490,10 +491,19 @@ class MoeLayer(nn.Module):
             expert, gate = routing.topk_choice(probs, k)  # [B,L,k]
             kept = jnp.ones(expert.shape, bool) if valid is None else jnp.broadcast_to(valid[..., None], expert.shape)
             slots_total = b * l * k
-        slots = routing.sort_slots(jnp.where(kept, expert, e).reshape(b * l, k), e)
-        xs = x.reshape(b * l, d)[slots.token]  # [T·k, D] sorted by expert
-        ys = self.expert.ragged(xs, slots.group_sizes, train)
-        y = routing.unsort_slots(ys, slots.order, k).reshape(b, l, k, d)
+        def run(xt: Array, et: Array, n: int, params: Any) -> Array:  # sort by expert, ragged MLP, unsort
+            slots = routing.sort_slots(et, n)
+            xs = xt[slots.token]  # [T·k, D] sorted by expert
+            if params is None:
+                ys = self.expert.ragged(xs, slots.group_sizes, train)
+            else:  # the local experts of an expert-parallel mesh (moqe_jax.sharding.expert_parallel_sorted)
+                rngs = {"dropout": self.make_rng("dropout")} if train and self.has_rng("dropout") else None
+                ys = Experts(c.replace(num_experts=n), self.kernels, parent=None).apply(
+                    {"params": params}, xs, slots.group_sizes, train, method=Experts.ragged, rngs=rngs)
+            return routing.unsort_slots(ys, slots.order, k)
+
+        y = shd.expert_parallel_sorted(x.reshape(b * l, d), jnp.where(kept, expert, e).reshape(b * l, k), e, run,
+                                       self.expert.variables.get("params", {})).reshape(b, l, k, d)
         if c.routing_mode == "hf":
             y = y * gate.astype(y.dtype)[..., None]
             out = jnp.where(kept[..., None], y, jnp.zeros((), y.dtype))[..., 0, :].astype(x.dtype)

@@ -37,7 +37,7 @@ def run_layer(cfg: Any, stack: str, i: int, layer_params: dict, x: jax.Array, ct
             y, info = layerwise.encoder_layer(cfg, p, i, x, ctx)
         else:
             y, info = layerwise.decoder_layer(cfg, p, i, x, ctx)
-    info = {k: info[k] for k in ("inputs", "expert", "kept") if k in info}
+    info = {k: info[k] for k in ("inputs", "expert", "kept", "dispatch") if k in info}
     return y, info, captured.get("dense_in")
 
 
