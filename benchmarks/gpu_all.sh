@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ONE device call: GPU kernel tests (Pallas Triton backend, not interpret) + the GPU benchmarks, inside a time budget.
 #   run tool:  bash benchmarks/gpu_all.sh [stage ...]
-#   stages: env probe tests kernels moe sub1 moe_layer generate scaling (default: all, in this order)
+#   stages: env probe tests kernels moe sub1 sweep moe_layer generate scaling (default: all, in this order)
 # BUDGET_S (default 470 s): every stage's timeout is capped by what is left of it, and a stage with < 20 s left is
 # skipped, so the default call (issue 14: tests + kernel table + MoE decode table + sub-1-bit table first) ends in
 # under 8 minutes; the later stages run with whatever budget remains (name them alone for a full run).
@@ -24,7 +24,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); if [ "$1" -lt "$l" ]; then echo "$1"; else echo $(( l > 1 ? l : 1 )); fi; }
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env probe tests kernels moe sub1 moe_layer generate scaling)
+[ ${#stages[@]} -eq 0 ] && stages=(env probe tests kernels moe sub1 sweep moe_layer generate scaling)
 rc=0
 for s in "${stages[@]}"; do
   if [ "$(left)" -lt 20 ]; then echo "=== stage $s skipped: $(left) s of the $BUDGET_S s budget left ===" | tee -a "$LOG"; continue; fi
@@ -68,6 +68,9 @@ PYEOF
            --out moe_decode_gpu_v4_vs_v3 2>&1 | tee -a "$LOG" || rc=1 ;;
     sub1) timeout "$(cap 120)" $PY -m benchmarks.sub1 --no-bits --no-encode --stacks-only --kernel-name sub1_kernel_v4 --out "$OUT" $SUB1_ARGS 2>&1 \
             | tee -a "$LOG" || rc=1 ;;
+    # word-GEMV tilings beside the planned one (4096x10240, M=1, int4/int2) with trace times
+    sweep) timeout "$(cap 120)" $PY -m benchmarks.kernels --out kernels_gpu_v4_sweep --sweep --trace --shapes 4096x10240 \
+             --batches 1 --formats int4,int2 2>&1 | tee -a "$LOG" || rc=1 ;;
     # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16 tokens)
     moe_layer) timeout "$(cap 240)" $PY -m benchmarks.moe_decode --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 \
                  | tee -a "$LOG" || rc=1 ;;

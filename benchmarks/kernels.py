@@ -19,6 +19,7 @@ time column) and writes ``base µs``, ``new µs`` and the speed-up new vs base.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -67,10 +68,14 @@ def quant_matmul(x: jax.Array, w: QuantizedTensor, *, interpret: bool, blocks: d
     return dq.quant_matmul(x, *arrays, **layout, blocks=blocks, interpret=interpret)
 
 
-def _kernel_fn(layout: dict[str, Any], interpret: bool) -> Callable[..., jax.Array]:
+def _kernel_fn(layout: dict[str, Any], interpret: bool, blocks: dq.Blocks | None = None) -> Callable[..., jax.Array]:
     def f(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None) -> jax.Array:
-        return dq.quant_matmul(x, packed, scales, zeros, **layout, interpret=interpret)
+        return dq.quant_matmul(x, packed, scales, zeros, **layout, blocks=blocks, interpret=interpret)
     return f
+
+
+# (BN, BKr) word-GEMV tilings tried by --sweep (int4 / int2 at M = 1) beside the planned 64 × 16
+SWEEP_WORDS = [(32, 16), (64, 8), (64, 32), (128, 8), (128, 16)]
 
 
 def _blocks_desc(m: int, k: int, n: int, layout: dict[str, Any], word_bits: int) -> str:
@@ -82,8 +87,8 @@ def _blocks_desc(m: int, k: int, n: int, layout: dict[str, Any], word_bits: int)
 class Table:
     """Rows of one run (copy bandwidth and flags shared)."""
 
-    def __init__(self, bw: float, smoke: bool, trace: bool) -> None:
-        self.bw, self.smoke, self.trace = bw, smoke, trace
+    def __init__(self, bw: float, smoke: bool, trace: bool, sweep: bool = False) -> None:
+        self.bw, self.smoke, self.trace, self.sweep = bw, smoke, trace, sweep
         self.rows: list[list[Any]] = []
 
     def add(self, shape: str, m: int, method: str, fn: Callable[..., Any], sets: list[Any], nbytes: int,
@@ -118,6 +123,17 @@ def _format_rows(tab: Table, shape: tuple[int, int], m: int, fmt: str, ws: list[
         tag = " (bytes)" if wb == 8 else ""
         tab.add(name, m, f"{fmt} kernel{tag}", _kernel_fn(layout, interpret), sets, ws[0].nbytes + io, t_bf16,
                 _blocks_desc(m, k, n, layout, word_bits))
+        plan = dq.plan_blocks(m, k, n, 1, code_bits=layout["code_bits"], group_size=layout["group_size"],
+                              word_bits=word_bits)
+        variants = []
+        if word_bits == 32 and fmt == "int4" and m == 1 and plan.splits > 1:  # the split-K second pass vs none
+            variants.append(("no split-K", dataclasses.replace(plan, splits=1)))
+        if tab.sweep and word_bits == 32 and fmt in BYTES_ROWS and m == 1:
+            variants += [(f"sweep bn{bn} bkr{bkr}", dataclasses.replace(plan, bn=bn, bkr=bkr))
+                         for bn, bkr in SWEEP_WORDS if bn <= max(16, n)]
+        for label, blk in variants:
+            tab.add(name, m, f"{fmt} kernel ({label})", _kernel_fn(layout, interpret, blk), sets, ws[0].nbytes + io,
+                    t_bf16, f"w32 {blk.mode} bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits} warps{blk.num_warps}")
     if fmt == "int4" and first_m:
         sets = list(zip(xs, ws, strict=False))
         tab.add(name, m, "int4 XLA dequant+dot", lambda x, w: jnp.dot(x, w.dequantize(jnp.bfloat16)), sets,
@@ -125,7 +141,7 @@ def _format_rows(tab: Table, shape: tuple[int, int], m: int, fmt: str, ws: list[
 
 
 def run(smoke: bool, out: str, plan: list[tuple[tuple[int, int], tuple[int, ...]]] | None = None,
-        formats: list[str] | None = None, trace: bool = False) -> list[list[Any]]:
+        formats: list[str] | None = None, trace: bool = False, sweep: bool = False) -> list[list[Any]]:
     interpret = not backend.gpu_kernels_available()
     if interpret and not smoke:
         print("no GPU kernels available: running in interpret mode (numbers are not meaningful)", file=sys.stderr)
@@ -137,7 +153,7 @@ def run(smoke: bool, out: str, plan: list[tuple[tuple[int, int], tuple[int, ...]
                 "sets; wall: one dispatched call; trace: profiler device events")
     print(f"# {meta['device']} jax {meta['jax']}: copy bandwidth {bw / 1e9:.0f} GB/s, L2 {dt.l2_bytes() >> 20} MiB",
           flush=True)
-    tab = Table(bw, smoke, trace)
+    tab = Table(bw, smoke, trace, sweep)
     key = jax.random.key(1234)
     for (k, n), batches in plan:
         key, kw = jax.random.split(key)
@@ -211,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None, help="comma list of KxN (with --batches; default: the PLAN table)")
     ap.add_argument("--batches", default="1,16", help="comma list of M for --shapes")
     ap.add_argument("--trace", action="store_true", help="also time every row from a jax.profiler trace")
+    ap.add_argument("--sweep", action="store_true", help="also time word-GEMV tilings (int4/int2, M=1)")
     ap.add_argument("--compare", nargs=2, metavar=("NEW_JSON", "BASE_JSON"), help="only join two result files")
     a = ap.parse_args(argv)
     if a.compare:
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(tuple(int(v) for v in s.split("x")), batches) for s in a.shapes.split(",")]
     out = a.out or ("kernels_smoke" if a.smoke else "kernels_" + jax.devices()[0].platform)
     check_correct(a.smoke)
-    run(a.smoke, out, plan, a.formats.split(",") if a.formats else None, a.trace)  # type: ignore[arg-type]
+    run(a.smoke, out, plan, a.formats.split(",") if a.formats else None, a.trace, a.sweep)  # type: ignore[arg-type]
     return 0
 
 
