@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,7 +50,8 @@ from moqe_jax.packed import is_packed
 __all__ = ["MESH_AXES", "LOGICAL_RULES", "BATCH_AXES", "parse_mesh", "make_mesh", "logical_axes", "param_axes",
            "logical_to_spec", "param_specs", "param_shardings", "batch_sharding", "replicated", "check_fits",
            "shard_batch", "ACTIVATION_RULES", "activation_mesh", "active_mesh", "activation_spec", "constrain",
-           "dispatch_to_experts", "combine_from_experts", "batch_partitions", "expert_replicas_for"]
+           "dispatch_to_experts", "combine_from_experts", "batch_partitions", "expert_replicas_for",
+           "expert_parallel_sorted"]
 
 MESH_AXES: tuple[str, ...] = ("data", "expert", "model")
 LOGICAL_RULES: dict[str, str | None] = {
@@ -333,3 +335,41 @@ def combine_from_experts(out: jax.Array, groups: int) -> jax.Array:
     out = out.transpose(1, 0, 2, 3)
     out = constrain(out, ("batch", "unmodeled", "length", "embed"))
     return out.reshape(groups, e * c, d)
+
+
+def expert_parallel_sorted(x_tok: jax.Array, e_tok: jax.Array, num_experts: int, run: Any,
+                           expert_params: Any) -> jax.Array:
+    """The sorted (``"dropless"`` / ``"hf"``) MoE exchange with experts split over the ``expert`` mesh axis.
+
+    ``x_tok [T, D]`` tokens, ``e_tok [T, k]`` chosen experts (``num_experts`` = not dispatched); ``run(x, e,
+    n, params)`` sorts ``x``'s slots by ``e`` (values in ``[0, n]``), runs the experts (``params``: the local
+    expert weights, or None for the module's own) and returns the per-slot outputs ``[T, k, D]`` (0 for slots
+    of expert ``n``). Without an active mesh (or when the expert axis is 1, ``E`` or ``T`` do not divide)
+    this is exactly ``run(x_tok, e_tok, num_experts, None)``. On a mesh (``jax.shard_map``): the tokens of
+    the expert-axis peers are all-gathered, each device runs its own ``E / expert`` experts on the slots that
+    chose them, and a reduce-scatter returns every slot's output to its token's device (docs/PARTITIONING.md
+    §3: the static, CPU-testable equivalent of a ragged all-to-all; only the slots' owner adds a non-zero).
+    """
+    mesh = active_mesh()
+    x_ax = 1 if mesh is None else mesh.shape.get("expert", 1)
+    t = x_tok.shape[0]
+    if mesh is None or x_ax == 1 or num_experts % x_ax or t % batch_partitions(mesh):
+        return run(x_tok, e_tok, num_experts, None)
+    local = num_experts // x_ax
+    bspec = activation_spec(("batch",), mesh, (t,))[0]
+
+    def leaf_spec(a: Any) -> P:
+        return P("expert") if a.ndim and a.shape[0] == num_experts else P()
+
+    w_specs = jax.tree.map(leaf_spec, expert_params)
+
+    def body(xl: jax.Array, el: jax.Array, wl: Any) -> jax.Array:
+        xa = jax.lax.all_gather(xl, "expert", axis=0, tiled=True)
+        ea = jax.lax.all_gather(el, "expert", axis=0, tiled=True)
+        loc = ea - jax.lax.axis_index("expert") * local
+        loc = jnp.where((loc >= 0) & (loc < local), loc, local)
+        y = run(xa, loc, local, wl)
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(bspec), P(bspec), w_specs), out_specs=P(bspec),
+                         check_vma=False)(x_tok, e_tok, expert_params)
