@@ -497,7 +497,10 @@ class MoeLayer(nn.Module):
             if params is None:
                 ys = self.expert.ragged(xs, slots.group_sizes, train)
             else:  # the local experts of an expert-parallel mesh (moqe_jax.sharding.expert_parallel_sorted)
-                rngs = {"dropout": self.make_rng("dropout")} if train and self.has_rng("dropout") else None
+                # expert dropout: fold in the shard index, so the local experts' masks differ from the other shards'
+                # (Flaxformer draws every expert's mask from its own key)
+                rngs = ({"dropout": jax.random.fold_in(self.make_rng("dropout"), jax.lax.axis_index("expert"))}
+                        if train and self.has_rng("dropout") else None)
                 ys = Experts(c.replace(num_experts=n), self.kernels, parent=None).apply(
                     {"params": params}, xs, slots.group_sizes, train, method=Experts.ragged, rngs=rngs)
             return routing.unsort_slots(ys, slots.order, k)
