@@ -329,3 +329,52 @@ def test_num_expert_replicas_vs_numpy(seed: int) -> None:
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5, err_msg=f"replicas={r}")
         layouts.add(lay)
     assert len(layouts) == 3  # the replica count changes padding / groups / capacity
+
+
+# ---- expert dropout with the experts split over an `expert` mesh axis (2 forced CPU devices) ----------------------
+_EP_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from moqe_jax import sharding as shd
+from moqe_jax.config import SwitchConfig
+from moqe_jax.model.layers import MoeLayer
+f, e = 32, 4
+eye = jnp.eye(f, dtype=jnp.float32)
+wr = np.zeros((f, e), np.float32)
+wr[np.arange(f), np.arange(f) % e] = 10.0  # token with feature j hot -> expert j % e
+p = {"router": {"router_weights": {"w": {"kernel": jnp.asarray(wr)}}},
+     "expert": {"wi": {"kernel": jnp.broadcast_to(eye, (e, f, f))}, "wo": {"kernel": jnp.broadcast_to(eye, (e, f, f))}}}
+x = np.full((16, f), 0.01, np.float32)
+x[np.arange(16), np.arange(16) % e] = 1.0  # token t -> expert t % e
+mesh = shd.make_mesh(shd.parse_mesh({"data": 1, "expert": 2, "model": 1}))
+res = {}
+for mode in ("dropless", "t5x"):
+    cfg = SwitchConfig.preset("tiny", dtype="float32", d_model=f, d_ff=f, num_experts=e, routing_mode=mode,
+                              expert_dropout_rate=0.5, train_capacity_factor=4.0)
+    def run(key, cfg=cfg):
+        with shd.activation_mesh(mesh):
+            return MoeLayer(cfg).apply({"params": p}, jnp.asarray(x).reshape(2, 8, f), True, rngs={"dropout": key})[0]
+    res[mode] = (np.asarray(jax.jit(run)(jax.random.PRNGKey({seed}))).reshape(16, f) != 0).tolist()
+print("RESULT" + json.dumps(res))
+"""
+
+
+def test_expert_dropout_masks_per_expert_on_an_expert_mesh(seed: int) -> None:
+    """Experts on different shards of the `expert` axis draw different masks; one expert's tokens share one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOQE_NO_PROGRESS="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    p = subprocess.run([sys.executable, "-c", _EP_SCRIPT.replace("{seed}", str(seed % 2 ** 31))], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for mode, keep in json.loads(p.stdout.split("RESULT", 1)[1]).items():
+        keep = np.asarray(keep)  # [16 tokens, F]; token t went to expert t % 4 (experts 0,1 | 2,3 per shard)
+        masks = [keep[t] for t in range(4)]
+        for t in range(16):
+            np.testing.assert_array_equal(keep[t], masks[t % 4], err_msg=f"{mode} token {t}")
+        assert not (masks[0] == masks[2]).all() and not (masks[1] == masks[3]).all(), mode  # shards differ
+        _zero_fraction_ok(~np.stack(masks), 0.5)
