@@ -158,7 +158,7 @@ def maybe_init_distributed(coordinator: str | None = None, num_processes: int | 
         t = _int_setting(None, "MOQE_DISTRIBUTED_TIMEOUT", ("MOQE_DISTRIBUTED_TIMEOUT",), os.environ)
         timeout_s = 300 if t is None else t
     try:  # CPU cross-process collectives (no effect on GPU/TPU clients); must not touch the backend yet
-        if jax.config.jax_cpu_collectives_implementation is None:
+        if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):
         pass
