@@ -1,10 +1,11 @@
-"""Training loop: loss terms vs NumPy, 4-device CPU mesh = single device, kill-and-resume, bad configs, 2 processes."""
+"""Training loop: loss terms vs NumPy, 4-device CPU mesh = single device, kill-and-resume, bad configs.
+
+(2 and 4 processes, checkpoints across process counts: tests/test_multiprocess.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -151,48 +152,6 @@ def test_four_device_mesh_matches_single_device() -> None:
     np.testing.assert_allclose(m["aux"], s["aux"], rtol=2e-5)
     np.testing.assert_allclose(m["w"], s["w"], rtol=1e-4, atol=1e-6)
     assert s["loss"][-1] < s["loss"][0]
-
-
-_MP_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, {repo!r})
-    from moqe_jax.training import maybe_init_distributed, SyntheticData, TrainConfig, train
-    maybe_init_distributed("localhost:{port}", 2, int(sys.argv[1]))
-    import jax
-    assert jax.process_count() == 2 and len(jax.devices()) == 2, jax.devices()
-    from moqe_jax.config import SwitchConfig
-    cfg = SwitchConfig.preset("tiny", dtype="float32")
-    data = SyntheticData(cfg.vocab_size, 8, 16, seed=4)
-    tc = TrainConfig(steps=2, batch_size=8, log_every=1000, eval_every=0, save_every=2, async_save=False,
-                     mesh={{"data": 1, "expert": 2}}, warmup_steps=10)
-    r = train(cfg, tc, data, out_dir={out!r}, log=lambda s: None)
-    print("RESULT" + json.dumps([h["loss"] for h in r.history]))
-""")
-
-
-def test_two_process_training_matches_single_process(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    script = _MP_SCRIPT.format(repo=str(REPO), port=port, out=str(tmp_path / "mp"))
-    env = dict(os.environ, MOQE_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=str(REPO), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-process training timed out")
-        assert p.returncode == 0, e[-3000:]
-        outs.append(json.loads(o.split("RESULT", 1)[1]))
-    assert outs[0] == outs[1]
-    cfg = _cfg()
-    ref = train(cfg, _tc(steps=2), SyntheticData(cfg.vocab_size, 8, 16, seed=4))
-    np.testing.assert_allclose(outs[0], [h["loss"] for h in ref.history], rtol=2e-5)
-    assert (tmp_path / "mp" / "checkpoints" / "2").is_dir()
 
 
 def test_mlm_objective_trains() -> None:

@@ -42,6 +42,7 @@ class TrainingDivergedError(MoqeError, RuntimeError):
     """The loss (or the update) became NaN/inf: the run stopped without saving that state."""
 
 _COMPILED: dict[Any, tuple] = {}
+_INIT: dict[Any, Any] = {}
 _BATCH_KEYS = ("input_ids", "decoder_input_ids", "targets", "weights")
 
 
@@ -145,7 +146,9 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     from moqe_jax.model.switch import init_params as model_init
 
     if init_params is None:
-        params = jax.jit(lambda: model_init(cfg, tc.seed), out_shardings=p_shard)()
+        if (cfg, mesh) not in _INIT:  # one compiled init per (config, mesh), the seed's key is its argument
+            _INIT[(cfg, mesh)] = jax.jit(lambda key: model_init(cfg, key), out_shardings=p_shard)
+        params = _INIT[(cfg, mesh)](jax.random.PRNGKey(tc.seed))
     else:
         params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
             np.shape(x), s, lambda idx, x=np.asarray(x, np.float32): x[idx]), init_params, p_shard)
