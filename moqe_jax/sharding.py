@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -209,16 +210,20 @@ def check_fits(cfg: Any, mesh: Mesh | Mapping[str, int], batch_rows: Sequence[in
                               f"(mesh data×expert = {shape.get('data', 1)}×{ex})")
 
 
+def _index(v: np.ndarray, idx: Any) -> np.ndarray:
+    return v[idx]
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Place a (globally identical on every process) NumPy batch on the mesh, rows over the data axes."""
     sh = batch_sharding(mesh)
-    out = {}
+    out: dict[str, jax.Array] = {}
     for k, v in batch.items():
         v = np.asarray(v)
         s = sh if v.ndim >= 1 else replicated(mesh)
         if v.ndim >= 1 and v.ndim != 2:
             s = NamedSharding(mesh, P(sh.spec[0], *([None] * (v.ndim - 1))))
-        out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+        out[k] = jax.make_array_from_callback(v.shape, s, functools.partial(_index, v))
     return out
 
 
