@@ -47,7 +47,7 @@ def test_field_read_faithfully(hf_field, value, ours, expected):
 @pytest.mark.parametrize("hf_field,value,msg", [
     ("dense_act_fn", "gelu", "dense_act_fn"),
     ("dense_act_fn", "gelu_new", "dense_act_fn"),
-    ("router_bias", True, "router_bias"),
+    ("router_bias", "yes", "router_bias"),
     ("router_dtype", "bfloat16", "router_dtype"),
     ("is_encoder_decoder", False, "is_encoder_decoder"),
     ("eos_token_id", [1, 2], "eos_token_id"),
@@ -63,13 +63,22 @@ def test_unsupported_or_bad_field_rejected(hf_field, value, msg):
     assert "\n" not in str(ei.value)
 
 
-@pytest.mark.parametrize("field", ["router_jitter_noise", "dropout_rate", "initializer_factor", "use_cache",
-                                   "add_router_probs", "router_ignore_padding_tokens"])
+@pytest.mark.parametrize("field", ["dropout_rate", "initializer_factor", "use_cache", "add_router_probs"])
 def test_training_only_fields_ignored(field):
     base = SwitchConfig.from_hf(_hf())
     d = _hf()
     d[field] = 0.5 if isinstance(d[field], float) else (not d[field])
     assert SwitchConfig.from_hf(d) == base
+
+
+@pytest.mark.parametrize("field,value", [("router_jitter_noise", 0.25), ("router_ignore_padding_tokens", True),
+                                         ("router_bias", True)])
+def test_router_fields_carried(field, value):
+    """The router options HF's config defines are read (docs/ROUTING.md) and written back by ``to_hf``."""
+    d = _hf()
+    d[field] = value
+    cfg = SwitchConfig.from_hf(d)
+    assert getattr(cfg, field) == value and cfg.to_hf()[field] == value
 
 
 def test_gated_roundtrip_and_feed_forward_proj():
