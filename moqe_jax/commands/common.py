@@ -46,9 +46,14 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 def init_distributed(args: argparse.Namespace) -> bool:
     """Start ``jax.distributed`` as the ``add_distributed_args`` flags and environment ask (before any JAX work)."""
-    from moqe_jax.training.distributed import maybe_init_distributed
+    import sys
 
-    return maybe_init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    from moqe_jax.training.distributed import describe_processes, maybe_init_distributed
+
+    started = maybe_init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    if started:  # one line per process: shows at once which processes joined and what each sees
+        print(f"moqe: multi-host {describe_processes()}", file=sys.stderr, flush=True)
+    return started
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:  # process 0 writes the model (every process holds all of it)
         shutil.rmtree(ckpt, ignore_errors=True)
         return 0
-    out.save(args.out, overwrite=args.overwrite)
+    # process 0 alone: Orbax would wait for the other processes at its barriers, the safetensors store does not
+    out.save(args.out, overwrite=args.overwrite, format="safetensors" if jax.process_count() > 1 else "orbax")
     if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
         with open(os.path.join(args.out, "compress_report.json"), "w") as f:
             json.dump(rep.to_dict(), f, indent=1)

@@ -120,8 +120,8 @@ def _train(args: argparse.Namespace) -> int:
 
         packed = Model(cfg, export_qat(to_host(res.params), tc.qat_spec(), tc.qat_components))
         out = Path(args.out) / "model"
-        if jax.process_index() == 0:  # one writer; to_host gathered the params on every process
-            out = packed.save(out)
+        if jax.process_index() == 0:  # one writer; to_host gathered the params on every process (Orbax would
+            out = packed.save(out, format="safetensors" if jax.process_count() > 1 else "orbax")  # wait for all)
         print(f"QAT {res.step} steps; packed {tc.qat_bits}-bit model saved to {out} (float masters: model-float)")
         return 0
     out = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
