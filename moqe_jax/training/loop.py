@@ -163,8 +163,11 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
         import orbax.checkpoint as ocp
 
         ckdir = Path(out_dir).absolute() / "checkpoints"
+        # cleanup_tmp_directories: a save killed mid-write leaves `<step>.orbax-checkpoint-tmp-*`; it is removed
+        # here, so it neither piles up nor blocks the next save of that step
         opts = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, save_interval_steps=1,
-                                            enable_async_checkpointing=tc.async_save, create=True)
+                                            enable_async_checkpointing=tc.async_save, create=True,
+                                            cleanup_tmp_directories=True)
         mngr = ocp.CheckpointManager(ckdir, options=opts)
         latest = mngr.latest_step()
         if latest is not None:
@@ -188,14 +191,36 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
             (Path(out_dir) / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
             (Path(out_dir) / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=1))
 
+    def kept() -> str:
+        ckd = Path(out_dir or ".").absolute() / "checkpoints"
+        steps = _finished_steps(ckd)
+        return (f"the last good checkpoint (step {steps[-1]}) is kept in {ckd}" if steps
+                else f"no checkpoint was saved in {ckd}")
+
+    def save_failed(e: BaseException, step: int) -> CheckpointError:
+        """One line for an Orbax training-checkpoint save that failed (a full disk, often wrapped by Orbax's
+        writer threads): the run directory, what is kept, the fix."""
+        from moqe_jax.checkpoint.store import _no_space
+
+        if mngr is not None:
+            _quietly(mngr.wait_until_finished)  # let other in-flight writes finish (or fail) first
+        fix = "free disk space" if _no_space(e) else "check free space and permissions"
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return CheckpointError(f"{out_dir}: saving the training checkpoint of step {step} failed "
+                               f"({type(e).__name__}{': ' + cause if cause else ''}); {kept()}; {fix} and rerun "
+                               "the same command to resume from it")
+
     def save(step: int, force: bool = False) -> None:
         if mngr is None:
             return
         import orbax.checkpoint as ocp
 
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave({"data_position": step, "seed": tc.seed})),
-                  force=force)
+        try:
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"data_position": step, "seed": tc.seed})), force=force)
+        except Exception as e:  # noqa: BLE001 - orbax raises OSError or wraps it (ExceptionGroup, ValueError, ...)
+            raise save_failed(e, step) from e
 
     def run_eval(step: int) -> dict:
         acc: dict[str, float] = {}
@@ -223,6 +248,7 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
     jsonl = None
     if out_dir is not None and jax.process_index() == 0:
         jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    finished = False
     try:
         for step in range(start, end):
             host_batch = data.batch(step)
@@ -264,14 +290,56 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
                     jsonl.flush()
             if tc.save_every and (s % tc.save_every == 0 or s == end):
                 save(s, force=True)
+        if mngr is not None:
+            try:  # the async writes of the last saves: a full disk surfaces here
+                mngr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                raise save_failed(e, end) from e
+        finished = True
+    except KeyboardInterrupt:
+        if mngr is not None:  # Ctrl-C: finish (or drop) the in-flight write, remove partial step directories
+            _quietly(mngr.wait_until_finished)
+            _remove_partial_steps(Path(out_dir or ".").absolute() / "checkpoints")
+            log(f"{out_dir}: training interrupted; {kept()}; rerun the same command to resume from it")
+        raise
     finally:
         bar.close()
         if jsonl is not None:
             jsonl.close()
         if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
+            try:
+                mngr.close()
+            except Exception as e:  # noqa: BLE001 - only reported when nothing else failed first
+                if finished:
+                    raise save_failed(e, end) from e
     return TrainResult(state["params"], int(state["step"]), history, eval_history)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` (waiting for Orbax writers) while another error is already being reported."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001, S110 - the first error is the one the user sees
+        pass
+
+
+def _finished_steps(ckdir: Path) -> list[int]:
+    """Step directories Orbax finalized (an unfinished write is still named `<step>.orbax-checkpoint-tmp-*`)."""
+    try:
+        return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit() and p.is_dir())
+    except OSError:
+        return []
+
+
+def _remove_partial_steps(ckdir: Path) -> None:
+    """Remove `<step>.orbax-checkpoint-tmp-*` directories left by an interrupted save (never a finished step)."""
+    import shutil
+
+    if jax.process_index() != 0 or not ckdir.is_dir():
+        return
+    for p in ckdir.iterdir():
+        if ".orbax-checkpoint-tmp" in p.name and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _check_ids(batch: Batch, vocab: int, step: int) -> None:
