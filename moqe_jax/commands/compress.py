@@ -79,6 +79,19 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _remove_progress(prog: str) -> None:
+    """Remove a finished run's ``OUT.gptq-progress``: renamed aside first (one atomic step), so that a kill during
+    the removal never leaves a half-deleted progress directory that the next ``--resume`` would refuse."""
+    gone = prog + ".removing"
+    shutil.rmtree(gone, ignore_errors=True)  # left by a run killed while removing its progress
+    if os.path.isdir(prog):
+        try:
+            os.replace(prog, gone)
+        except OSError:
+            gone = prog
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def spec_from_bits(bits: str, group_size: str = "channel") -> Any:
     from moqe_jax.packed.spec import QuantSpec
 
@@ -212,6 +225,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json and args.method == "gptq":  # after the save: Model.save replaces OUT as a whole
         with open(os.path.join(args.out, "compress_report.json"), "w") as f:
             json.dump(rep.to_dict(), f, indent=1)
-    shutil.rmtree(os.path.normpath(args.out) + ".gptq-progress", ignore_errors=True)  # complete: not needed
+    _remove_progress(os.path.normpath(args.out) + ".gptq-progress")  # complete: not needed
     print(f"saved {args.out} ({time.time() - t0:.1f} s total)")
     return 0
