@@ -127,3 +127,31 @@ def test_sigkill_loop_compress_resume_is_bit_identical(tmp_path, seed):
     _run(_COMPRESS + ["--out", str(out)], env)
     _assert_identical(ref, _leaves(out))
     assert sorted(os.listdir(work)) == ["keep.txt", "o"]
+
+
+def test_kill_while_removing_finished_progress_never_blocks_the_next_resume(tmp_path, monkeypatch):
+    """A kill while `moqe compress` removes its finished OUT.gptq-progress must not leave a half-deleted progress
+    directory that the next `--resume` refuses (it is renamed aside first, in one step)."""
+    import shutil
+
+    from moqe_jax.calibration.driver import _Progress
+    from moqe_jax.commands import compress
+
+    prog = tmp_path / "o.gptq-progress"
+    _Progress(str(prog), "fp", resume=True).save_step(1, "encoder", [], [], [np.zeros(3, np.float32)], None)
+    real = shutil.rmtree
+
+    def killed(path, ignore_errors=False):  # deletes the progress manifest, then the process dies
+        if not os.path.exists(path):
+            return real(path, ignore_errors=ignore_errors)
+        os.remove(os.path.join(path, "state", "moqe_model.json"))
+        raise SystemExit("killed")
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    try:
+        compress._remove_progress(str(prog))
+    except SystemExit:
+        pass
+    monkeypatch.undo()
+    assert _Progress(str(prog), "fp", resume=True).state is None  # no progress: the rerun starts over
+    compress._remove_progress(str(prog))
+    assert os.listdir(tmp_path) == []
