@@ -142,6 +142,7 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
     src = os.fspath(source)
     if (allow_outside or allow_missing_chunks) and not src.startswith("t5x:"):
         raise ConfigError(f"{src}: allow_outside/allow_missing_chunks apply to t5x: checkpoints only")
+    cfg: SwitchConfig | None
     if isinstance(config, str):
         cfg = read_config_file(config) if os.path.isfile(config) else SwitchConfig.preset(config)
     else:
@@ -153,9 +154,9 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         from moqe_jax.checkpoint.hf_export import export_config
 
         cfg = cfg or export_config(src[3:])  # our own export: the full config it embedded
-        cfg, params = load_hf(src[3:], config=cfg)
-        store.warn_nonfinite(params, src, nonfinite)
-        return Model(cfg, params)
+        hf_cfg, hf_params = load_hf(src[3:], config=cfg)
+        store.warn_nonfinite(hf_params, src, nonfinite)
+        return Model(hf_cfg, hf_params)
     if src.startswith("t5x:"):
         from moqe_jax.checkpoint.t5x import load_t5x
 
@@ -163,9 +164,10 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         if cfg is None:
             raise ConfigError(f"{src}: T5X checkpoints carry no config and no {CONFIG_FILE} was found next to it; "
                               "pass config= (a SwitchConfig, preset name or config JSON file)")
-        params = load_t5x(src[4:], cfg, allow_outside=allow_outside, allow_missing_chunks=allow_missing_chunks)
-        store.warn_nonfinite(params[1], src, nonfinite)
-        return Model(*params)
+        t5x_cfg, t5x_params = load_t5x(src[4:], cfg, allow_outside=allow_outside,
+                                       allow_missing_chunks=allow_missing_chunks)
+        store.warn_nonfinite(t5x_params, src, nonfinite)
+        return Model(t5x_cfg, t5x_params)
     try:
         return Model(*store.load(src, sharding, nonfinite))
     except CheckpointError as e:

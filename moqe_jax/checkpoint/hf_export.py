@@ -38,8 +38,10 @@ CONFIG_KEY = "moqe_jax_config"
 
 
 class _ModelLike(Protocol):
-    config: SwitchConfig
-    params: dict
+    @property
+    def config(self) -> SwitchConfig: ...
+    @property
+    def params(self) -> dict: ...
 
 
 def hf_sparse_layers(num_layers: int, num_sparse: int) -> tuple[int, ...]:

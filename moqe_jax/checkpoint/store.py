@@ -70,7 +70,7 @@ def _crc32(a: np.ndarray) -> int:
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":
         a = a.byteswap().view(a.dtype.newbyteorder("<"))
-    return zlib.crc32(a.reshape(-1).view(np.uint8))
+    return zlib.crc32(a.reshape(-1).view(np.uint8).data)
 
 
 def _manifest_digest(man: dict) -> str:
@@ -128,7 +128,7 @@ def _rebuild(tensors: dict[str, Any], leaves: dict[str, dict], where: str) -> di
                     raise CheckpointError(f"{where}: tensor {key} listed in the manifest is missing")
                 arrays[name] = tensors[key]
             try:
-                cls = packed_type(ent.get("type"))
+                cls: Any = packed_type(str(ent.get("type")))
             except KeyError as e:
                 raise CheckpointError(f"{where}: {path}: {e.args[0]}") from None
             try:

@@ -93,7 +93,7 @@ def _remove_progress(prog: str) -> None:
 
 
 def spec_from_bits(bits: str, group_size: str = "channel") -> Any:
-    from moqe_jax.packed.spec import QuantSpec
+    from moqe_jax.packed.spec import QuantSpec, as_bits
 
     b = str(bits).lower()
     g = str(group_size).lower()
@@ -104,7 +104,7 @@ def spec_from_bits(bits: str, group_size: str = "channel") -> Any:
             return QuantSpec(bits="ternary", granularity=g)
         if b not in ("2", "3", "4", "8"):
             raise QuantizationError(f"--bits {bits!r}: choose 2, 3, 4, 8 or ternary")
-        return QuantSpec(bits=int(b), symmetric=False, granularity=g)  # QMoE/GPTQ: asymmetric min-max, zero-point
+        return QuantSpec(bits=as_bits(b), symmetric=False, granularity=g)  # QMoE/GPTQ: asymmetric min-max, zero-pt
     except ValueError as e:
         raise QuantizationError(f"--group-size {group_size!r}: {e}") from None
 

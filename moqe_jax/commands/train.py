@@ -100,6 +100,7 @@ def _train(args: argparse.Namespace) -> int:
                      qat_granularity=gran)
     tc.validate()
     shd.check_fits(cfg, tc.mesh, [tc.batch_size] if tc.tokens_per_batch is None else [])
+    data: Any
     if args.data == "synthetic":
         data = SyntheticData(cfg.vocab_size, args.batch_size, 16, args.seed)
     else:
@@ -118,12 +119,14 @@ def _train(args: argparse.Namespace) -> int:
         save_final_model(cfg, res.params, Path(args.out) / "model-float", dtype=args.save_dtype)
         import jax
 
-        packed = Model(cfg, export_qat(to_host(res.params), tc.qat_spec(), tc.qat_components))
-        out = Path(args.out) / "model"
+        spec = tc.qat_spec()
+        assert spec is not None  # qat_bits is set
+        packed = Model(cfg, export_qat(to_host(res.params), spec, tc.qat_components))
+        out: str | Path = Path(args.out) / "model"
         if jax.process_index() == 0:  # one writer; to_host gathered the params on every process (Orbax would
             out = packed.save(out, format="safetensors" if jax.process_count() > 1 else "orbax")  # wait for all)
         print(f"QAT {res.step} steps; packed {tc.qat_bits}-bit model saved to {out} (float masters: model-float)")
         return 0
-    out = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
-    print(f"trained {res.step} steps; model saved to {out}")
+    final = save_final_model(cfg, res.params, Path(args.out) / "model", dtype=args.save_dtype)
+    print(f"trained {res.step} steps; model saved to {final}")
     return 0

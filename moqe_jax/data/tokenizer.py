@@ -198,7 +198,7 @@ def _strip_paths(path: Path) -> None:
         from sentencepiece import sentencepiece_model_pb2 as pb2
     except ImportError:  # protobuf missing: the pieces are still reproducible, only the file bytes differ
         return
-    m = pb2.ModelProto()
+    m = pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module
     m.ParseFromString(path.read_bytes())
     m.trainer_spec.model_prefix = "spm"
     path.write_bytes(m.SerializeToString())

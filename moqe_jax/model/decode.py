@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +93,9 @@ def decode_step(cfg: SwitchConfig, params: dict, tokens: Array, pos: Array, cach
     new_cache = []
     for i in range(cfg.num_decoder_layers):
         layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i), kernels=kernels)
-        x, _, c = layer.apply({"params": params["decoder"][f"layers_{i}"]}, x, None, self_bias, cross_bias, None,
-                              False, cross_kv=cross[i], cache=cache[i], cache_index=pos)
+        x, _, c = cast(tuple[Array, Any, Any], layer.apply(
+            {"params": params["decoder"][f"layers_{i}"]}, x, None, self_bias, cross_bias, None, False,
+            cross_kv=cross[i], cache=cache[i], cache_index=pos))
         new_cache.append(c)
     ctx = {"logit_mask": None}
     logits = layerwise.decoder_final(cfg, params, x, ctx, kernels)

@@ -212,6 +212,8 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = kv
         if cache is not None:
+            if cache_index is None:
+                raise ValueError("Attention: cache= needs cache_index=")
             kc, vc = cache
             k = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, cache_index, 0, 0))

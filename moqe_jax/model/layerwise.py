@@ -22,7 +22,7 @@ functions take ``kernels`` (the ``moqe_jax.ops`` kernel mode, static).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 
@@ -52,7 +52,8 @@ def encoder_layer(cfg: SwitchConfig, params: dict, i: int, x: Array, ctx: dict,
                   train: bool = False, kernels: str = "auto") -> tuple[Array, dict]:
     """Apply encoder layer ``i`` (params ``params["encoder"][f"layers_{i}"]``)."""
     layer = EncoderLayer(cfg, sparse=cfg.is_sparse("encoder", i), kernels=kernels)
-    return layer.apply({"params": params["encoder"][f"layers_{i}"]}, x, ctx["bias"], ctx["logit_mask"], train)
+    out = layer.apply({"params": params["encoder"][f"layers_{i}"]}, x, ctx["bias"], ctx["logit_mask"], train)
+    return cast(tuple[Array, dict], out)
 
 
 def encoder_final(cfg: SwitchConfig, params: dict, x: Array, ctx: dict) -> Array:
@@ -74,8 +75,9 @@ def decoder_layer(cfg: SwitchConfig, params: dict, i: int, y: Array, ctx: dict,
                   train: bool = False, kernels: str = "auto") -> tuple[Array, dict]:
     """Apply decoder layer ``i`` (params ``params["decoder"][f"layers_{i}"]``)."""
     layer = DecoderLayer(cfg, sparse=cfg.is_sparse("decoder", i), kernels=kernels)
-    return layer.apply({"params": params["decoder"][f"layers_{i}"]}, y, ctx["encoded"], ctx["self_bias"],
-                       ctx["cross_bias"], ctx["logit_mask"], train)
+    out = layer.apply({"params": params["decoder"][f"layers_{i}"]}, y, ctx["encoded"], ctx["self_bias"],
+                      ctx["cross_bias"], ctx["logit_mask"], train)
+    return cast(tuple[Array, dict], out)
 
 
 def decoder_final(cfg: SwitchConfig, params: dict, y: Array, ctx: dict, kernels: str = "auto") -> Array:

@@ -115,6 +115,8 @@ def output_logits(cfg: SwitchConfig, embedding: Array, logits_kernel: Array | No
         if cfg.routing_mode == "hf":
             return jnp.dot(y * (cfg.d_model ** -0.5), e.T)
         return jnp.dot(y, e.T) / jnp.sqrt(jnp.float32(cfg.d_model))
+    if logits_kernel is None:
+        raise ValueError("output_logits: an untied model needs its logits_dense kernel")
     return ops.qmatmul(y.astype(jnp.float32), logits_kernel, mode=kernels)
 
 

@@ -15,6 +15,15 @@ from typing import Literal
 
 Bits = Literal[8, 4, 3, 2, "ternary"]
 SUPPORTED_BITS: tuple[object, ...] = (8, 4, 3, 2, "ternary")
+_BITS: dict[object, Bits] = {8: 8, 4: 4, 3: 3, 2: 2, "ternary": "ternary", "tern": "ternary", "1.5": "ternary"}
+
+
+def as_bits(bits: object) -> Bits:
+    """``bits`` as a :data:`Bits` value: ints, their strings (``"4"``) and ``"ternary"``/``"tern"``/``"1.5"``."""
+    key = int(bits) if isinstance(bits, str) and bits.isdigit() else bits
+    if isinstance(key, bool) or key not in _BITS:
+        raise ValueError(f"unsupported bits={bits!r}; choose one of 8, 4, 3, 2, 'ternary'")
+    return _BITS[key]
 
 
 @dataclass(frozen=True)
@@ -41,13 +50,7 @@ class QuantSpec:
     mse: bool = False
 
     def __post_init__(self) -> None:
-        bits = self.bits
-        if isinstance(bits, str) and bits.isdigit():
-            object.__setattr__(self, "bits", int(bits))
-        if self.bits in ("1.5", "tern", "ternary"):
-            object.__setattr__(self, "bits", "ternary")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bits={self.bits!r}; choose one of 8, 4, 3, 2, 'ternary'")
+        object.__setattr__(self, "bits", as_bits(self.bits))
         if self.scheme not in ("linear", "log"):
             raise ValueError(f"unsupported scheme={self.scheme!r}; choose 'linear' or 'log'")
         g = self.granularity

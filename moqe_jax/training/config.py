@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moqe_jax.errors import ConfigError
-from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.spec import QuantSpec, as_bits
 
 __all__ = ["TrainConfig"]
 
@@ -77,5 +77,4 @@ class TrainConfig:
     def qat_spec(self) -> QuantSpec | None:
         if self.qat_bits is None:
             return None
-        bits = self.qat_bits if self.qat_bits == "ternary" else int(self.qat_bits)
-        return QuantSpec(bits=bits, granularity=self.qat_granularity)
+        return QuantSpec(bits=as_bits(self.qat_bits), granularity=self.qat_granularity)

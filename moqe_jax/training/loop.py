@@ -150,8 +150,10 @@ def train(cfg: SwitchConfig, tc: TrainConfig, data: TrainData, out_dir: str | os
             _INIT[(cfg, mesh)] = jax.jit(lambda key: model_init(cfg, key), out_shardings=p_shard)
         params = _INIT[(cfg, mesh)](jax.random.PRNGKey(tc.seed))
     else:
-        params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
-            np.shape(x), s, lambda idx, x=np.asarray(x, np.float32): x[idx]), init_params, p_shard)
+        def place(x: Any, s: Any) -> jax.Array:
+            host = np.asarray(x, np.float32)
+            return jax.make_array_from_callback(np.shape(host), s, lambda idx: host[idx])
+        params = jax.tree.map(place, init_params, p_shard)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
              "rng": jax.random.key_data(jax.random.PRNGKey(tc.seed))}
     state = jax.device_put(state, state_shard)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moqe_jax.api import Model
-from moqe_jax.packed.spec import QuantSpec
+from moqe_jax.packed.spec import QuantSpec, as_bits
 from moqe_jax.quant.ste import export_qat
 from moqe_jax.training.config import TrainConfig
 from moqe_jax.training.data import TrainData
@@ -29,5 +29,5 @@ def qat_finetune(model: Model, data: TrainData, bits: int | str = 2, steps: int 
                      qat_granularity=granularity)
     kw = {} if log is None else {"log": log}
     res = train(model.config, tc, data, out_dir, init_params=model.params, **kw)
-    spec = QuantSpec(bits=bits if bits == "ternary" else int(bits), granularity=granularity)
+    spec = QuantSpec(bits=as_bits(bits), granularity=granularity)
     return Model(model.config, export_qat(to_host(res.params), spec, components)), res
