@@ -404,6 +404,8 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="comma list of bundled, base8, base128 (default: bundled,base8; "
                    "with --gpu: base128)")
     p.add_argument("--gpu", action="store_true", help="the GPU sweep (switch-base-128 shape, bf16/int4/sub1, batch 1)")
+    p.add_argument("--engines", default=None, help="comma list: run only these engines of each model's sweep "
+                   "(e.g. moqe-int4,moqe-sub1 for switch-base-128 on a 24 GiB CPU machine, where bf16 does not fit)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per shape (median reported; ≥5)")
     p.add_argument("--quick", action="store_true", help="tiny sweep (smoke test), 2 rounds")
     p.add_argument("--rss", action="store_true", help="also measure each engine's peak RSS alone (subprocesses)")
@@ -438,6 +440,8 @@ def run(argv: list[str] | None = None) -> int:
         if name not in sweep:
             raise SystemExit(f"unknown model {name!r}: {', '.join(sweep)}")
         batches, news, engines = sweep[name]
+        if a.engines:
+            engines = tuple(e for e in engines if e in a.engines.split(","))
         rows, info = bench_model(name, batches, news, engines, rounds, log)
         all_rows += rows
         infos[name] = info
@@ -467,8 +471,9 @@ def _write_md(path: Path, out: str, meta: dict, infos: dict, rss: dict, rows: li
          "hf-1t/hf-2t set torch's intra-op threads. The machine is shared with other jobs, so expect noise.", ""]
     for name, info in infos.items():
         w = ", ".join(f"{k} {v:.0f}" for k, v in info["weights_mib"].items())
-        L.append(f"- **{name}** ({info['config']}): weights MiB: {w}; HF logits vs ours (routing hf) max rel err "
-                 f"{info.get('hf_logits_rel_err', float('nan')):.1e}; process peak RSS "
+        hf_err = (f"HF logits vs ours (routing hf) max rel err {info['hf_logits_rel_err']:.1e}; "
+                  if "hf_logits_rel_err" in info else "")
+        L.append(f"- **{name}** ({info['config']}): weights MiB: {w}; {hf_err}process peak RSS "
                  f"{info['process_peak_rss_mib']:.0f} MiB"
                  + (f"; device peak {info['device_peak_mib']:.0f} MiB" if "device_peak_mib" in info else ""))
         if name in rss:
