@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,3 +23,19 @@ def random_tiny_model(seed: int, **overrides):
         std = 1.0 if (leaf == "scale" or "embedd" in path) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
         flat[path] = jnp.asarray(rng.standard_normal(shape) * std + (1.0 if leaf == "scale" else 0.0), jnp.float32)
     return api.Model(cfg, unflatten_params(flat))
+
+
+def enospc() -> OSError:
+    """A full disk, as the OS reports it."""
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def wrapped_enospc() -> Exception:
+    """How Orbax's writer threads report a full disk: the OSError wrapped in another exception."""
+    try:
+        raise enospc()
+    except OSError as e:
+        try:
+            raise RuntimeError("async save failed") from e
+        except RuntimeError as w:
+            return w

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
-from _helpers import random_tiny_model
+from _helpers import enospc, random_tiny_model, wrapped_enospc
 
 from moqe_jax import api
 from moqe_jax.cli import main
@@ -35,10 +35,6 @@ def _other(tiny):
                                                  for k, v in flatten_params(tiny.params).items()}))
 
 
-def _enospc() -> OSError:
-    return OSError(errno.ENOSPC, "No space left on device")
-
-
 def _after_real_save(exc_factory):
     """CheckpointManager.save that writes (partially: the async writer is still running) and then fails."""
     real = ocp.CheckpointManager.save
@@ -54,17 +50,7 @@ def test_orbax_save_on_full_disk_is_one_line_and_keeps_old_model(tmp_path, tiny,
     d = tmp_path / "m"
     api.save_model(tiny, d, format="orbax")
 
-    def fail():
-        if not wrap:
-            return _enospc()
-        try:  # orbax's writer threads re-raise the OSError wrapped in another exception
-            raise _enospc()
-        except OSError as e:
-            try:
-                raise RuntimeError("async save failed") from e
-            except RuntimeError as w:
-                return w
-    monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(fail))
+    monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(wrapped_enospc if wrap else enospc))
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="orbax")
     monkeypatch.undo()
@@ -96,7 +82,7 @@ def test_safetensors_save_on_full_disk_is_one_line(tmp_path, tiny, monkeypatch):
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
-        raise _enospc()
+        raise enospc()
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="safetensors")
@@ -110,7 +96,7 @@ def test_cli_convert_full_disk_exit_2_and_sigint_exit_130(tmp_path, tiny, monkey
     src = str(api.save_model(tiny, tmp_path / "src", format="safetensors"))
     out = tmp_path / "out"
     api.save_model(tiny, out, format="orbax")
-    for exc, rc in ((_enospc, 2), (KeyboardInterrupt, 130)):
+    for exc, rc in ((enospc, 2), (KeyboardInterrupt, 130)):
         monkeypatch.setattr(ocp.CheckpointManager, "save", _after_real_save(exc))
         capsys.readouterr()
         assert main(["convert", "--from", src, "--to", str(out), "--format", "orbax", "--overwrite"]) \
@@ -131,7 +117,7 @@ def test_full_disk_while_copying_user_files_or_writing_manifest(tmp_path, tiny, 
     (d / "tokenizer.model").write_bytes(b"user")
 
     def full(*a, **k):
-        raise _enospc()
+        raise enospc()
     monkeypatch.setattr(store, "_copy_user_files", full)
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="safetensors")

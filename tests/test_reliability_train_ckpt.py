@@ -4,7 +4,6 @@ the last good checkpoint intact, no partial step directory left, and the rerun r
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _helpers import enospc, wrapped_enospc
 
 from moqe_jax.checkpoint.store import load_params
 from moqe_jax.cli import main
@@ -19,21 +19,6 @@ from moqe_jax.tree import flatten_params
 
 _ARGS = ["train", "--config", "tiny", "--set", 'dtype="float32"', "--data", "synthetic", "--steps", "3",
          "--batch-size", "8", "--warmup", "10", "--log-every", "1", "--eval-every", "0", "--save-every", "1"]
-
-
-def _enospc() -> OSError:
-    return OSError(errno.ENOSPC, "No space left on device")
-
-
-def _wrapped_enospc() -> Exception:
-    """How Orbax's writer threads report a full disk: the OSError wrapped in another exception."""
-    try:
-        raise _enospc()
-    except OSError as e:
-        try:
-            raise RuntimeError("async save failed") from e
-        except RuntimeError as w:
-            return w
 
 
 def _failing_save(at_step: int, exc_factory, partial: bool):
@@ -76,7 +61,7 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("exc,partial", [(_enospc, True), (_wrapped_enospc, False)], ids=["partial", "wrapped"])
+@pytest.mark.parametrize("exc,partial", [(enospc, True), (wrapped_enospc, False)], ids=["partial", "wrapped"])
 def test_full_disk_during_training_checkpoint(tmp_path, monkeypatch, capsys, reference, exc, partial):
     run = tmp_path / "run"
     monkeypatch.setattr(ocp.CheckpointManager, "save", _failing_save(2, exc, partial))
