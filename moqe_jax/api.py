@@ -69,6 +69,14 @@ class Model:
         """A copy whose matmuls run in kernel ``mode`` (``auto``/``xla``/``pallas``/``interpret``)."""
         return dataclasses.replace(self, kernels=mode)
 
+    def with_weight_layout(self, layout: str = "words") -> Model:
+        """A copy whose ``QuantizedTensor`` weights are held in ``layout`` (``"words"``: the kernels' uint32 words,
+        read as they are by the compiled decode loop; ``"bytes"``: the stored byte layout). One exact repack,
+        outside ``jit``; formats without a word layout stay bytes (docs/KERNELS.md, docs/FORMATS.md §1)."""
+        from moqe_jax.packed.qtensor import convert_layout
+
+        return dataclasses.replace(self, params=convert_layout(self.params, layout))
+
     # ---- inference -------------------------------------------------------------------------------
     def apply(self, input_ids: Any, decoder_input_ids: Any, attention_mask: Any = None,
               decoder_attention_mask: Any = None, train: bool = False, rng: Any = None) -> tuple[jax.Array, dict]:
@@ -119,6 +127,14 @@ class Model:
 
         return export_hf(self, directory, dtype=dtype)
 
+    def to_qmoe(self, directory: str | os.PathLike, dtype: str = "float32", format: str = "safetensors") -> str:
+        """Export a sub-1-bit model in QMoE's checkpoint layout (docs/QMOE.md §1.8): compressed experts as
+        ``expNN`` files, the rest as ``noexp`` in HF's names, ``sizes``, ``config.json``; ``format``
+        ``"safetensors"`` or ``"pt"`` (torch, what QMoE's own loader reads). Read back with ``qmoe:DIR``."""
+        from moqe_jax.checkpoint.qmoe import export_qmoe
+
+        return export_qmoe(self, directory, dtype=dtype, format=format)
+
     def param_counts(self) -> dict[str, int]:
         return param_counts(self.config)
 
@@ -130,7 +146,8 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
                sharding: Any = None, allow_outside: bool = False, allow_missing_chunks: bool = False,
                nonfinite: str = "warn") -> Model:
     """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config``, preset name or JSON file, else the
-    ``config.json`` that ``moqe convert --to-t5x`` writes next to it) or a
+    ``config.json`` that ``moqe convert --to-t5x`` writes next to it), ``qmoe:DIR`` (QMoE checkpoint, e.g.
+    from :meth:`Model.to_qmoe`) or a
     directory written by :func:`save_model`. ``sharding`` (saved directories only): a
     ``jax.sharding.Sharding`` for every tensor or ``fn(name, shape) -> Sharding`` (Orbax sharded restore).
 
@@ -147,7 +164,7 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         cfg = read_config_file(config) if os.path.isfile(config) else SwitchConfig.preset(config)
     else:
         cfg = config
-    if sharding is not None and src.startswith(("hf:", "t5x:")):
+    if sharding is not None and src.startswith(("hf:", "t5x:", "qmoe:")):
         raise ConfigError(f"{src}: sharding= applies to saved model directories only")
     if src.startswith("hf:"):
         from moqe_jax.checkpoint.hf import load_hf
@@ -157,6 +174,12 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
         hf_cfg, hf_params = load_hf(src[3:], config=cfg)
         store.warn_nonfinite(hf_params, src, nonfinite)
         return Model(hf_cfg, hf_params)
+    if src.startswith("qmoe:"):
+        from moqe_jax.checkpoint.qmoe import load_qmoe
+
+        q_cfg, q_params = load_qmoe(src[5:], config=cfg)
+        store.warn_nonfinite(q_params, src, nonfinite)
+        return Model(q_cfg, q_params)
     if src.startswith("t5x:"):
         from moqe_jax.checkpoint.t5x import load_t5x
 
@@ -173,7 +196,7 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
     except CheckpointError as e:
         if os.path.exists(src):
             raise
-        raise CheckpointError(f"{e} (use hf:DIR, t5x:DIR or a saved model dir)") from None
+        raise CheckpointError(f"{e} (use hf:DIR, t5x:DIR, qmoe:DIR or a saved model dir)") from None
 
 
 #: The config written next to an exported T5X checkpoint (``moqe convert --to-t5x``), read back by ``t5x:DIR``.

@@ -113,10 +113,12 @@ def _as_slots(x: jax.Array, w: Any) -> tuple[jax.Array, Callable[[jax.Array], ja
 
 
 # ---- QuantizedTensor -> pallas_kernels.dequant_matmul ------------------------------------------
-# The kernels' word layout (docs/FORMATS.md §1, "kernel word layout": 4 packed bytes of a column as one uint32
-# along K) is derived from the stored bytes once per concrete weight and cached while that weight lives. Traced
-# weights (inside a caller's jit, e.g. the model's decode loop) keep the stored bytes: a repack there would
-# re-read and re-write every expert on every call.
+# The kernels read the word layout (docs/FORMATS.md §1: 4 packed bytes of a column as one uint32 along K).
+# A QuantizedTensor held in layout "words" (QuantizedTensor.with_layout, Model.with_weight_layout) hands its
+# words over as they are, traced or not: that is how the model's compiled decode loop reaches the word kernels.
+# A byte-layout weight is repacked once per concrete weight and cached while that weight lives (eager calls,
+# benchmarks); a traced byte weight (inside a caller's jit) runs the byte kernels: a repack there would re-read
+# and re-write every expert on every call.
 _WORDS: dict[int, jax.Array] = {}
 
 
@@ -136,12 +138,17 @@ def _words_of(packed: Any) -> jax.Array:
 def qt_kernel_operands(w: QuantizedTensor, word_bits: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Raw operands of :func:`pallas_kernels.dequant_matmul.qmm` for ``w``: ``((packed, scales, zeros), layout)``.
 
-    ``word_bits`` 8 = the stored uint8 codes; 32 = the uint32 word layout (2/4/8-bit codes with groups of ≥ 16
-    words); None = 32 when supported and ``w`` is concrete (repacked once, cached), else 8.
+    ``word_bits`` 8 = uint8 codes; 32 = the uint32 word layout (2/4/8-bit codes with groups of ≥ 16 words);
+    None = the words ``w`` holds when ``w.layout == "words"`` (traced or not); for a byte-layout ``w``, 32 when
+    supported and ``w`` is concrete (repacked once, cached), else 8.
     """
     spec = w.spec
     layout: dict[str, Any] = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
               "group_size": None if spec.granularity == "channel" else spec.group_size(w.k)}
+    if w.layout == "words":
+        if word_bits == 8:
+            return (w.to_bytes().packed, w.scales, w.zeros), layout
+        return (w.packed, w.scales, w.zeros), layout
     if word_bits is None:
         concrete = not isinstance(w.packed, jax.core.Tracer)
         word_bits = 32 if concrete and dq.words_supported(layout["code_bits"], layout["group_size"]) else 8
@@ -158,7 +165,7 @@ def _qt_explain(x: jax.Array, w: QuantizedTensor, kind: Kind) -> str | None:
     if reason is not None:
         return reason
     return dq.unsupported_reason(w.spec.code_bits, None if w.spec.granularity == "channel" else
-                                 w.spec.group_size(w.k), x.dtype)
+                                 w.spec.group_size(w.k), x.dtype, 32 if w.layout == "words" else 8)
 
 
 def _qt_run(x: jax.Array, w: QuantizedTensor, kind: Kind, expert_ids: jax.Array | None,

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SCHEMES", "check_format", "codes_per_row", "dequant_codes", "code_consts", "value_shift", "code_values"]
+__all__ = ["SCHEMES", "WORD_MIN_GROUP_WORDS", "check_format", "codes_per_row", "dequant_codes", "code_consts",
+           "value_shift", "code_values", "words_supported", "words_unsupported_reason", "pack_words", "unpack_words"]
 
 SCHEMES = ("linear", "log", "ternary")
 
@@ -30,6 +31,55 @@ def check_format(scheme: str, code_bits: int) -> None:
 def codes_per_row(code_bits: int) -> int:
     """K rows per packed row (and per plane row for 3-bit): the residue count ``p``."""
     return 8 if code_bits == 3 else 8 // code_bits
+
+
+# ---------------------------------------------------------------------------------------------- word layout
+#: A scale group must span at least this many 32-bit words along K (the kernels' K tile of 16 word rows must
+#: lie inside one group).
+WORD_MIN_GROUP_WORDS = 16
+
+
+def words_unsupported_reason(code_bits: int, group_size: int | None) -> str | None:
+    """Why the uint32 word layout (docs/FORMATS.md §1) does not serve this format (None = it does): 2/4/8-bit
+    codes only (3-bit bit planes stay bytes), and a scale group of ≥ 16 words (power-of-two part of the group
+    size ≥ 16·32/b K rows: int4 ≥ 128, int2/ternary ≥ 256, int8 ≥ 64; channel-wise always)."""
+    if code_bits not in (2, 4, 8):
+        return f"{code_bits}-bit codes have no word layout (bit planes stay bytes)"
+    if group_size is not None and (group_size & -group_size) < WORD_MIN_GROUP_WORDS * (32 // code_bits):
+        return (f"group size {group_size} too small for the word layout of {code_bits}-bit codes (needs a "
+                f"power-of-two part ≥ {WORD_MIN_GROUP_WORDS * (32 // code_bits)})")
+    return None
+
+
+def words_supported(code_bits: int, group_size: int | None) -> bool:
+    """Whether the uint32 word layout serves this format (see :func:`words_unsupported_reason`)."""
+    return words_unsupported_reason(code_bits, group_size) is None
+
+
+def pack_words(packed: Any) -> jax.Array:
+    """Stored uint8 layout ``[..., R, N]`` (2/4/8-bit codes) -> word layout uint32 ``[..., ceil(R/4), N]``:
+    word ``w`` of a column = bytes ``4w … 4w+3`` little-endian (missing bytes are 0 = padding codes)."""
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"pack_words takes the uint8 byte layout, got {packed.dtype}")
+    *lead, r, n = packed.shape
+    rw = -(-r // 4)
+    b = jnp.pad(packed, [(0, 0)] * len(lead) + [(0, 4 * rw - r), (0, 0)]).astype(jnp.uint32)
+    b = b.reshape(*lead, rw, 4, n)
+    return b[..., 0, :] | (b[..., 1, :] << 8) | (b[..., 2, :] << 16) | (b[..., 3, :] << 24)
+
+
+def unpack_words(words: Any, rows: int) -> jax.Array:
+    """Inverse of :func:`pack_words`: uint32 ``[..., ceil(rows/4), N]`` -> the uint8 byte layout ``[..., rows, N]``."""
+    words = jnp.asarray(words)
+    if words.dtype != jnp.uint32:
+        raise ValueError(f"unpack_words takes the uint32 word layout, got {words.dtype}")
+    *lead, rw, n = words.shape
+    if rw != -(-rows // 4):
+        raise ValueError(f"{rw} word rows cannot hold {rows} byte rows")
+    sh = (jnp.arange(4, dtype=jnp.uint32) * jnp.uint32(8)).reshape(4, 1)
+    b = ((words[..., :, None, :] >> sh) & jnp.uint32(0xFF)).astype(jnp.uint8)
+    return b.reshape(*lead, 4 * rw, n)[..., :rows, :]
 
 
 def dequant_codes(q: Any, scale: Any, zero: Any, *, scheme: str, code_bits: int) -> jax.Array:

@@ -45,10 +45,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend
-from pallas_kernels.codes import check_format, code_consts, code_values, dequant_codes, value_shift
+from pallas_kernels.codes import (check_format, code_consts, code_values, dequant_codes, pack_words, unpack_words,
+                                  value_shift, words_supported, words_unsupported_reason)
 
 __all__ = ["Blocks", "Plan", "KernelCall", "FMA_MAX_M", "GEMV_MAX_M", "plan_blocks", "unsupported_reason",
-           "words_supported", "word_bits_of", "codes_per_word", "packed_height", "pack_words", "unpack_codes",
+           "words_supported", "word_bits_of", "codes_per_word", "packed_height", "pack_words", "unpack_words",
+           "unpack_codes",
            "qmm", "qmm_call", "qmm_reference", "quant_matmul"]
 
 _SMS = 132                       # H100 SXM streaming multiprocessors: the scale of the program-count targets
@@ -85,16 +87,6 @@ def codes_per_word(code_bits: int, word_bits: int = 8) -> int:
 def packed_height(k: int, code_bits: int, word_bits: int = 8) -> int:
     """Word rows per plane along K (``R`` of FORMATS §1 for bytes; ``ceil(R/4)`` for words)."""
     return -(-(-(-k // 8) * 8) // codes_per_word(code_bits, word_bits))
-
-
-def pack_words(packed: jax.Array) -> jax.Array:
-    """Stored uint8 layout ``[..., R, N]`` (2/4/8-bit codes) -> kernel word layout uint32 ``[..., ceil(R/4), N]``:
-    word ``w`` of a column = bytes ``4w … 4w+3`` little-endian (missing bytes are 0 = padding codes)."""
-    *lead, r, n = packed.shape
-    rw = -(-r // 4)
-    b = jnp.pad(jnp.asarray(packed), [(0, 0)] * len(lead) + [(0, 4 * rw - r), (0, 0)]).astype(jnp.uint32)
-    b = b.reshape(*lead, rw, 4, n)
-    return b[..., 0, :] | (b[..., 1, :] << 8) | (b[..., 2, :] << 16) | (b[..., 3, :] << 24)
 
 
 def unpack_codes(packed: jax.Array, *, code_bits: int, k: int) -> jax.Array:
@@ -140,18 +132,12 @@ def _max_bkr(code_bits: int, group_size: int | None, word_bits: int = 8) -> int:
     return _pow2_divisor(group_size) // codes_per_word(code_bits, word_bits)
 
 
-def words_supported(code_bits: int, group_size: int | None) -> bool:
-    """Whether the uint32 word layout serves this format in every mode (2/4/8-bit codes, and a scale group
-    of ≥ 16 words so that the dot mode's K tile stays inside one group)."""
-    return code_bits in (2, 4, 8) and _max_bkr(code_bits, group_size, 32) >= 16
-
-
 def unsupported_reason(code_bits: int, group_size: int | None, x_dtype: Any, word_bits: int = 8) -> str | None:
     """Why the kernel cannot run this case (None = supported). The caller falls back to XLA."""
     if jnp.dtype(x_dtype) not in _FLOAT_DTYPES:
         return f"activation dtype {jnp.dtype(x_dtype)} (needs bf16/f16/f32)"
-    if word_bits == 32 and code_bits == 3:
-        return "3-bit codes have no word layout (bit planes stay bytes)"
+    if word_bits == 32:
+        return words_unsupported_reason(code_bits, group_size)
     if _max_bkr(code_bits, group_size, word_bits) < 16:
         return (f"group size {group_size} too small for {code_bits}-bit codes in {word_bits}-bit words "
                 f"(a tile of ≥16 word rows must lie in one group)")
