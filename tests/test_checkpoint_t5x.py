@@ -13,10 +13,10 @@ import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
+from flax.serialization import msgpack_restore, msgpack_serialize
 
-from moqe_jax.checkpoint import msgpack_flax
 from moqe_jax.checkpoint.t5x import T5XCheckpoint, check_against, flatten, load_t5x_params, resolve_checkpoint_file
-from moqe_jax.checkpoint.t5x_writer import odd_chunk_shape, t5x_chunk_shape, write_t5x_checkpoint
+from moqe_jax.checkpoint.t5x_writer import chunked, odd_chunk_shape, t5x_chunk_shape, write_t5x_checkpoint
 from moqe_jax.checkpoint.zarr import ZarrArray, write_zarr
 from moqe_jax.errors import CheckpointError
 
@@ -73,7 +73,7 @@ def test_roundtrip_every_branch(tmp_path, tree):
         gcs=["encoder/relpos_bias/rel_embedding"], gfile=["decoder/relpos_bias/rel_embedding"],
         chunked_array=["encoder/layers_0/mlp/wi/kernel"], skip_chunks={WI: {(1, 0, 1)}}, fill_value=0)
     assert os.path.basename(out) == "checkpoint_7"
-    raw = msgpack_flax.unpackb(open(os.path.join(out, "checkpoint"), "rb").read())
+    raw = msgpack_restore(open(os.path.join(out, "checkpoint"), "rb").read())
     tgt = raw["optimizer"]["target"]
     assert raw["version"] == 3 and set(raw) == {"version", "optimizer"}
     assert "path" in tgt["decoder"]["decoder_norm"]["scale"]
@@ -153,22 +153,31 @@ def test_tensorstore_interop(tmp_path):
     assert float(back) == 3.5
 
 
-def test_flax_msgpack_interop(monkeypatch):
+def test_flax_msgpack_interop(tmp_path, monkeypatch):
+    """The reader decodes what flax writes (ext types, bf16, chunked leaves); the writer's chunked leaves are
+    flax's own form."""
     from flax import serialization as ser
     rng = np.random.default_rng(4)
     tree = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": {"c": rng.standard_normal(5).astype(BF16),
             "s": np.int32(11), "z": 1 + 2j, "n": 7, "txt": "x"}, "big": rng.standard_normal((6, 5)).astype(np.float32)}
     monkeypatch.setattr(ser, "MAX_CHUNK_SIZE", 40)  # force flax to write __msgpack_chunked_array__ leaves
-    ours = msgpack_flax.unpackb(ser.msgpack_serialize(tree))
-    theirs = ser.msgpack_restore(msgpack_flax.packb(tree))
-    for got in (ours, theirs):
+    d = tmp_path / "checkpoint_1"
+    os.makedirs(d)
+    target = {"a": tree["a"], "big": tree["big"], "b": {"c": tree["b"]["c"], "s": tree["b"]["s"]}}
+    (d / "checkpoint").write_bytes(ser.msgpack_serialize({"version": 3, "optimizer": {"target": target},
+                                                          "extra": tree}))
+    ck = T5XCheckpoint(str(d))
+    raw = ck._read_msgpack(str(d / "checkpoint"))["extra"]
+    for got in (raw, {"a": ck.read("a"), "big": ck.read("big"), "b": {**raw["b"], "c": ck.read("b/c"),
+                                                                        "s": ck.read("b/s")}}):
         np.testing.assert_array_equal(got["a"], tree["a"])
         np.testing.assert_array_equal(got["big"], tree["big"])
         assert got["b"]["c"].dtype == np.dtype(BF16) and np.array_equal(got["b"]["c"], tree["b"]["c"])
         assert got["b"]["s"] == 11 and got["b"]["z"] == 1 + 2j and got["b"]["n"] == 7
-    # flax's own chunked form decodes with ours, and ours with flax
-    chunked = msgpack_flax.packb({"w": msgpack_flax.chunk_array(tree["big"], 24)})
-    np.testing.assert_array_equal(ser.msgpack_restore(chunked)["w"], tree["big"])
+    # the writer's chunked form decodes with flax
+    monkeypatch.setattr(ser, "MAX_CHUNK_SIZE", 2**30)
+    np.testing.assert_array_equal(ser.msgpack_restore(ser.msgpack_serialize({"w": chunked(tree["big"], 24)}))["w"],
+                                  tree["big"])
 
 
 def test_checkpoint_path_forms(tmp_path, tree):
@@ -217,14 +226,14 @@ def test_bad_inputs(tmp_path, tree):
     with pytest.raises(CheckpointError, match="not a valid msgpack") as e:
         T5XCheckpoint(variant("trunc", data[: len(data) // 2]))
     _one_line(e)
-    tree_ = msgpack_flax.unpackb(data)
+    tree_ = msgpack_restore(data)
     no_version = {"optimizer": tree_["optimizer"]}
     with pytest.raises(CheckpointError, match="no 'version'"):
-        T5XCheckpoint(variant("nover", msgpack_flax.packb(no_version)))
+        T5XCheckpoint(variant("nover", msgpack_serialize(no_version)))
     t1 = json.loads(json.dumps(tree_["optimizer"]["target"], default=lambda x: None))
     t1["token_embedder"]["embedding"]["dtype"] = "uint16"
     with pytest.raises(CheckpointError, match="uint16") as e:
-        T5XCheckpoint(variant("u16", msgpack_flax.packb({"version": 2, "optimizer": {"target": t1}})))
+        T5XCheckpoint(variant("u16", msgpack_serialize({"version": 2, "optimizer": {"target": t1}})))
     _one_line(e)
 
     d = _write(tmp_path / "nodir", small)

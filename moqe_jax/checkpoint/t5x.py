@@ -2,7 +2,7 @@
 
 Three layouts, one lazy index (:class:`T5XCheckpoint`):
 
-- **legacy** (T5X version 3/2): ``checkpoint_<step>/checkpoint`` (flax msgpack, :mod:`.msgpack_flax`) whose
+- **legacy** (T5X version 3/2): ``checkpoint_<step>/checkpoint`` (flax msgpack, ``flax.serialization``) whose
   ``optimizer/target`` leaves are tensorstore spec dicts of zarr v2 directories (:mod:`.zarr`);
 - **Orbax, 2023** (``PLACEHOLDER://`` layout): the same msgpack file, but its leaves are
   ``PLACEHOLDER://<name>`` strings and each array is a zarr directory ``<name>/`` (zstd chunks);
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from moqe_jax.checkpoint.msgpack_flax import unpackb
 from moqe_jax.checkpoint.zarr import ZarrArray, check_confined, ts_error
 from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import CheckpointError
@@ -202,7 +201,13 @@ class T5XCheckpoint:
             raise CheckpointError(f"{f}: cannot read ({e.strerror})") from None
         if data[:21] == b"model_checkpoint_path":
             raise CheckpointError(f"{f} is a TensorFlow checkpoint index, not a T5X msgpack checkpoint")
-        tree = unpackb(data, where=f)
+        from flax import serialization
+
+        try:  # ext types (ndarray, complex, numpy scalar, bfloat16) and __msgpack_chunked_array__ leaves
+            tree = serialization.msgpack_restore(data)
+        except Exception as e:  # noqa: BLE001 - OutOfData, ExtraData, FormatError, ValueError, TypeError ...
+            raise CheckpointError(f"{f}: not a valid msgpack file ({type(e).__name__}: {e}".splitlines()[0]
+                                  + ") (truncated or not a flax/T5X checkpoint)") from None
         if not isinstance(tree, dict):
             raise CheckpointError(f"{f}: top level is a {type(tree).__name__}, expected a map")
         return tree

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from moqe_jax.checkpoint.msgpack_flax import chunk_array, packb
 from moqe_jax.checkpoint.zarr import write_zarr
 from moqe_jax.errors import CheckpointError
 from moqe_jax.packed import is_packed
@@ -52,6 +51,15 @@ def t5x_chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 def odd_chunk_shape(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...]:
     """Chunk shapes that do not divide the array, so edge chunks are padded (reader tests)."""
     return tuple(n if n <= 2 else n // 2 + 1 for n in shape)
+
+
+def chunked(arr: np.ndarray, max_chunk_bytes: int) -> dict:
+    """Flax's ``__msgpack_chunked_array__`` form of ``arr`` (flax uses it above 1 GiB; tests force it small)."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    per = max(1, max_chunk_bytes // max(1, arr.dtype.itemsize))
+    chunks = {str(i): flat[s:s + per] for i, s in enumerate(range(0, max(flat.size, 1), per))}
+    return {"__msgpack_chunked_array__": True, "shape": {str(i): int(d) for i, d in enumerate(arr.shape)},
+            "chunks": chunks}
 
 
 def _spec(rel: str, arr: np.ndarray, chunks: tuple[int, ...], form: str, compressor: dict | None) -> dict:
@@ -105,6 +113,8 @@ def write_t5x_checkpoint(
       compressor: gzip (T5X's), zlib, zstd, blosc or None; fill_value: declared in every ``.zarray`` (T5X: null).
       spec_hook: edit each spec dict before it is serialised (bad-input tests).
     """
+    from flax import serialization
+
     if isinstance(params, dict):
         flat = flatten_params(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
         pairs: Iterable[tuple[str, Any]] = list(flat.items())
@@ -125,7 +135,7 @@ def write_t5x_checkpoint(
                 target[path] = arr
                 continue
             if path in chunked_array:
-                target[path] = chunk_array(arr, chunked_array_bytes)
+                target[path] = chunked(arr, chunked_array_bytes)
                 continue
             if isinstance(chunks, str):
                 ch = (t5x_chunk_shape if chunks == "t5x" else odd_chunk_shape)(arr.shape, arr.dtype.itemsize)
@@ -134,8 +144,9 @@ def write_t5x_checkpoint(
             else:
                 ch = chunks(path, arr)
             rel = "target." + path.replace("/", ".")
-            meta = write_zarr(os.path.join(tmp, rel), arr, ch, compressor=compressor,
-                              skip_chunks=(skip_chunks or {}).get(path), fill_value=fill_value)
+            meta = write_zarr(os.path.join(tmp, rel), arr, ch, compressor=compressor, fill_value=fill_value)
+            for cidx in (skip_chunks or {}).get(path, ()):
+                os.remove(os.path.join(tmp, rel, ".".join(map(str, cidx)) or "0"))
             form = ("legacy" if path in legacy_path else "gcs" if path in gcs else "gfile" if path in gfile
                     else "file")
             spec = _spec(rel, arr, tuple(ch), form, meta["compressor"])
@@ -143,7 +154,7 @@ def write_t5x_checkpoint(
         state = {"step": np.int32(step), "param_states": {}}
         tree = {"version": version, "optimizer": {"state": state, "target": unflatten_params(target)}}
         with open(os.path.join(tmp, "checkpoint"), "wb") as f:
-            f.write(packb(tree))
+            f.write(serialization.msgpack_serialize(tree))
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(final):
@@ -180,6 +191,7 @@ def write_orbax_t5x(directory: str, params: dict[str, Any], step: int = 1, *, la
     ``item``: a subdirectory for the tree (T5X writes ``state``).
     """
     import orbax.checkpoint as ocp
+    from flax import serialization
 
     if layout not in ("ocdbt", "zarr", "placeholder"):
         raise ValueError(f"unknown Orbax layout {layout!r} (ocdbt, zarr, placeholder)")
@@ -199,5 +211,5 @@ def write_orbax_t5x(directory: str, params: dict[str, Any], step: int = 1, *, la
         ph = {p: f"PLACEHOLDER://{top}.target.{p.replace('/', '.')}" for p in flat}
         msg = {top: {"target": unflatten_params(ph), "state": {"step": np.int32(step)}}, "flax_mutables": None}
         with open(os.path.join(out, "checkpoint"), "wb") as f:
-            f.write(packb(msg))
+            f.write(serialization.msgpack_serialize(msg))
     return step_dir

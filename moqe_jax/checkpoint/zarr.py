@@ -10,6 +10,7 @@ local array directories stay inside their checkpoint (:func:`check_confined`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -76,30 +77,30 @@ def check_confined(path: str, root: str, *, what: str = "array", recursive: bool
             one(os.path.join(dirpath, n))
 
 
-def _normalize_index(index: Any, shape: tuple[int, ...], where: str) -> tuple[Any, ...]:
-    """Validate an index of ints / unit-step slices / Ellipsis (what can be read lazily) against ``shape``;
-    returns one int or ``slice(start, stop)`` per dimension."""
+def _region(index: Any, shape: tuple[int, ...], where: str) -> tuple[list[tuple[int, int]], list[bool]]:
+    """NumPy basic index (ints, unit-step slices, Ellipsis) -> ``[start, stop)`` per dim and which dims an int
+    drops. Checked here: tensorstore leaves zarr upper bounds open (resizable) and reads ``-1`` as a coordinate."""
     index = () if index is None else index if isinstance(index, tuple) else (index,)
     if any(ix is Ellipsis for ix in index):
         i = index.index(Ellipsis)
         index = index[:i] + (slice(None),) * (len(shape) - len(index) + 1) + index[i + 1:]
     if len(index) > len(shape):
         raise CheckpointError(f"{where}: index {index!r} has more entries than the array rank {len(shape)}")
-    index = index + (slice(None),) * (len(shape) - len(index))
-    out: list[Any] = []
+    index += (slice(None),) * (len(shape) - len(index))
+    bounds = []
     for ix, n in zip(index, shape, strict=True):
-        if isinstance(ix, (int, np.integer)):
-            if not -n <= int(ix) < n:
-                raise CheckpointError(f"{where}: index {int(ix)} out of range for a dimension of size {n}")
-            out.append(int(ix) % n)
-        elif isinstance(ix, slice):
+        if isinstance(ix, slice):
             start, stop, step = ix.indices(n)
             if step != 1:
                 raise CheckpointError(f"{where}: only unit-step slices can be read lazily, got {ix!r}")
-            out.append(slice(start, max(start, stop)))
-        else:
+            bounds.append((start, max(start, stop)))
+        elif not isinstance(ix, (int, np.integer)):
             raise CheckpointError(f"{where}: unsupported index {ix!r} (use ints and unit-step slices)")
-    return tuple(out)
+        elif not -n <= ix < n:
+            raise CheckpointError(f"{where}: index {int(ix)} out of range for a dimension of size {n}")
+        else:
+            bounds.append((int(ix) % n, int(ix) % n + 1))
+    return bounds, [not isinstance(ix, slice) for ix in index]
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,7 @@ class ZarrArray:
     compressor: str | None
 
     @classmethod
-    def open(cls, spec: str | dict, *, where: str | None = None, allow_missing_chunks: bool = False,
-             context: Any = None) -> ZarrArray:
+    def open(cls, spec: str | dict, *, where: str | None = None, allow_missing_chunks: bool = False) -> ZarrArray:
         """``spec``: a local zarr directory or a tensorstore spec dict (passed through unchanged, plus the
         missing-chunk policy). Errors name ``where`` (default: the directory)."""
         import tensorstore as ts
@@ -125,9 +125,9 @@ class ZarrArray:
         else:
             kv = spec.get("kvstore")
             path = where or (kv.get("path", "?") if isinstance(kv, dict) else str(kv))
-        spec = {**spec, "fill_missing_data_reads": bool(allow_missing_chunks)}
         try:
-            store = ts.open(spec, read=True, open=True, **({"context": context} if context else {})).result()
+            store = ts.open({**spec, "fill_missing_data_reads": bool(allow_missing_chunks)}, read=True,
+                            open=True).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError for every failure
             raise ts_error(e, where or path) from None
         comp = store.spec().to_json().get("metadata", {}).get("compressor")
@@ -142,101 +142,57 @@ class ZarrArray:
         return tuple(int(s) for s in self.store.shape)
 
     @property
-    def chunks(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in self.store.chunk_layout.read_chunk.shape or ())
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.store.dtype.numpy_dtype)
 
-    @property
-    def fill_value(self) -> Any:
-        return self.store.fill_value
+    def _chunk_boxes(self, bounds: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Per dim, the region ``bounds`` cut at the chunk boundaries."""
+        chunks = self.store.chunk_layout.read_chunk.shape or ()
+        return [[(max(a, k * c), min(b, (k + 1) * c)) for k in range(a // c, (b - 1) // c + 1)] if b > a else []
+                for (a, b), c in zip(bounds, chunks, strict=True)]
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def _boxes(self, index: Any) -> tuple[list[tuple[int, int]], list[bool], list[list[tuple[int, int]]]]:
-        """Region bounds per dim, which dims an int index drops, and the region cut at chunk boundaries."""
-        idx = _normalize_index(index, self.shape, self.path)
-        bounds = [(ix, ix + 1) if isinstance(ix, int) else (ix.start, ix.stop) for ix in idx]
-        cuts = [[(max(a, k * c), min(b, (k + 1) * c)) for k in range(a // c, (b - 1) // c + 1)] if b > a else []
-                for (a, b), c in zip(bounds, self.chunks, strict=True)]
-        return bounds, [isinstance(ix, int) for ix in idx], cuts
-
-    def read(self, index: Any = None, dtype: Any = None, inflight: int = 1) -> np.ndarray:
+    def read(self, index: Any = None, dtype: Any = None) -> np.ndarray:
         """The whole array, or ``index`` (ints / unit-step slices), touching only the chunks it intersects.
 
-        One tensorstore read per chunk, at most ``inflight`` at a time, into a preallocated output: memory is
-        the output plus ``inflight`` chunks, whatever the region (tensorstore alone keeps every chunk of a
-        read in flight). ``dtype`` casts chunk by chunk (tensorstore ``cast``)."""
-        import itertools
-
+        One tensorstore read per chunk, one at a time, into a preallocated output: memory is the output plus
+        one compressed and one decoded chunk, whatever the region. A single tensorstore read keeps every chunk
+        of the region decoded until it completes, context limits (``data_copy_concurrency``,
+        ``file_io_concurrency``, ``cache_pool`` 0) or not (benchmarks/results/t5x_lazy_rss.md). ``dtype``
+        casts chunk by chunk (tensorstore ``cast``)."""
         import tensorstore as ts
 
-        bounds, drop, cuts = self._boxes(index)
+        bounds, drop = _region(index, self.shape, self.path)
         out = np.empty([b - a for a, b in bounds], dtype=self.dtype if dtype is None else np.dtype(dtype))
-        t = self.store
-        if dtype is not None and np.dtype(dtype) != self.dtype:
-            t = ts.cast(t, ts.dtype(np.dtype(dtype).name))
-        pending: list[tuple[tuple[slice, ...], Any]] = []
+        t = self.store if out.dtype == self.dtype else ts.cast(self.store, ts.dtype(out.dtype.name))
         try:
-            for box in itertools.product(*cuts) if out.size else ():
+            for box in itertools.product(*self._chunk_boxes(bounds)):
                 dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(box, bounds, strict=True))
-                pending.append((dst, t[tuple(slice(lo, hi) for lo, hi in box)].read(order="C")))
-                while len(pending) >= max(1, inflight):
-                    d, fut = pending.pop(0)
-                    out[d] = fut.result()
-            for d, fut in pending:
-                out[d] = fut.result()
+                out[dst] = t[tuple(slice(lo, hi) for lo, hi in box)].read(order="C").result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError for every failure
             raise ts_error(e, self.path, self.compressor) from None
         return out.reshape([n for n, dr in zip(out.shape, drop, strict=True) if not dr])
 
     def chunks_for(self, index: Any = None) -> int:
         """Number of chunks a read of ``index`` touches (for tests / benchmarks)."""
-        return math.prod(len(c) for c in self._boxes(index)[2])
-
-
-def _compressor_json(compressor: str | None, level: int) -> dict | None:
-    if compressor is None:
-        return None
-    if compressor == "blosc":
-        return {"id": "blosc", "cname": "lz4", "clevel": level, "shuffle": 1}
-    return {"id": compressor, "level": level}
+        return math.prod(len(c) for c in self._chunk_boxes(_region(index, self.shape, self.path)[0]))
 
 
 def write_zarr(path: str, array: np.ndarray, chunks: tuple[int, ...] | None = None, compressor: str | None = "gzip",
-               level: int = 1, skip_chunks: set[tuple[int, ...]] | None = None, fill_value: Any = None) -> dict:
+               level: int = 1, fill_value: Any = None) -> dict:
     """Write ``array`` as a zarr v2 directory with tensorstore (as T5X does); return the ``.zarray`` dict.
 
-    ``compressor``: gzip, zlib, zstd, blosc or None. Edge chunks are padded by tensorstore (readers crop);
-    ``skip_chunks`` removes those chunk files afterwards (missing-chunk tests); ``fill_value`` None writes
-    ``null`` like T5X, a number declares a fill value.
+    ``compressor``: gzip, zlib, zstd, blosc (lz4) or None; ``chunks`` default to one chunk (edge chunks are
+    padded by tensorstore); ``fill_value`` None writes ``null`` like T5X, a number declares a fill value.
     """
     import tensorstore as ts
 
     array = np.asarray(array)
-    chunks = tuple(int(c) for c in (chunks or array.shape or ()))
-    if array.ndim == 0:
-        chunks = ()
-    if len(chunks) != array.ndim or any(c <= 0 for c in chunks):
-        raise ValueError(f"chunks {chunks} do not fit shape {array.shape}")
-    meta: dict[str, Any] = {"compressor": _compressor_json(compressor, level), "chunks": list(chunks),
-                            "shape": list(array.shape), "dtype": _zarr_dtype(array.dtype)}
-    if fill_value is not None:
-        meta["fill_value"] = fill_value
+    comp = {"id": compressor, **({"cname": "lz4", "clevel": level, "shuffle": 1} if compressor == "blosc"
+                                 else {"level": level})} if compressor else None
+    meta = {"compressor": comp, "chunks": list(array.shape if chunks is None else chunks)}
     t = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": os.fspath(path)}, "metadata": meta,
-                 "store_data_equal_to_fill_value": True}, create=True, delete_existing=True).result()
+                 "store_data_equal_to_fill_value": True}, create=True, delete_existing=True,
+                dtype=ts.dtype(array.dtype.name), shape=array.shape,
+                **({} if fill_value is None else {"fill_value": fill_value})).result()
     t.write(array).result()
-    for cidx in skip_chunks or ():
-        os.remove(os.path.join(path, ".".join(str(i) for i in cidx) if cidx else "0"))
     return t.spec().to_json()["metadata"]
-
-
-def _zarr_dtype(dt: Any) -> str:
-    dt = np.dtype(dt)
-    if dt.name == "bfloat16":
-        return "bfloat16"
-    return ("|" if dt.itemsize == 1 else "<") + dt.str[1:]
