@@ -280,3 +280,11 @@ def test_trust_options_through_load_model_and_cli(tmp_path, tiny, seed):
     assert main(["info", f"t5x:{tmp_path / 'ck'}", "--config", str(cfg_file)]) == 2
     with pytest.raises(ConfigError, match="t5x: checkpoints only"):
         api.load_model(str(tmp_path / "nowhere"), allow_missing_chunks=True)
+    # from the CLI, the same (one) check names the flags
+    import argparse
+
+    from moqe_jax.commands.common import load_model_args
+    for src in ("init:tiny", str(tmp_path / "nowhere")):
+        with pytest.raises(ConfigError, match="--allow-outside/--allow-missing-chunks apply to t5x: ") as e:
+            load_model_args(argparse.Namespace(model=src, allow_outside=True))
+        assert "allow_outside/" not in _one_line(e).replace("--allow-outside/", "")

@@ -11,8 +11,8 @@ from typing import Any
 
 from moqe_jax.errors import ConfigError
 
-MODEL_HELP = ("hf:DIR, t5x:DIR (its config.json, or --config), a saved model directory, init:PRESET (random "
-              "weights) or 'default' (the bundled MoE model)")
+MODEL_HELP = ("hf:DIR, t5x:DIR (its config.json, or --config), qmoe:DIR, a saved model directory, init:PRESET "
+              "(random weights) or 'default' (the bundled MoE model)")
 
 
 def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, default: str | None = None) -> None:
@@ -108,7 +108,7 @@ def local_dir(source: str) -> str | None:
     src = model_source(source)
     if src.startswith("init:"):
         return None
-    return src.split(":", 1)[1] if src.startswith(("hf:", "t5x:")) else src
+    return src.split(":", 1)[1] if src.startswith(("hf:", "t5x:", "qmoe:")) else src
 
 
 def _check_shapes(model: Any, cfg: Any, src: str) -> None:
@@ -129,7 +129,21 @@ def _check_shapes(model: Any, cfg: Any, src: str) -> None:
 def load_model_args(args: argparse.Namespace, source: str | None = None, seed: int = 0) -> Any:
     """The ``Model`` named by ``source`` (default ``args.model``) with ``args.config``/``args.set`` applied:
     ``--config`` is the config of a ``t5x:``/``hf:``/``init:`` source and replaces a saved model's (shapes must
-    agree); ``--set`` overrides fields of whichever config the model ends up with."""
+    agree); ``--set`` overrides fields of whichever config the model ends up with. ``--allow-outside`` /
+    ``--allow-missing-chunks`` go to ``load_model``, whose own check refuses them for non-``t5x:`` sources;
+    its error is renamed here to name the CLI flags."""
+    try:
+        return _load_model_args(args, source, seed)
+    except ConfigError as e:
+        if _TRUST_KW not in str(e):
+            raise
+        raise ConfigError(str(e).replace(_TRUST_KW, "--allow-outside/--allow-missing-chunks")) from None
+
+
+_TRUST_KW = "allow_outside/allow_missing_chunks"  # how load_model's check names the options
+
+
+def _load_model_args(args: argparse.Namespace, source: str | None, seed: int) -> Any:
     from moqe_jax.api import Model, load_model, t5x_config
     from moqe_jax.config import SwitchConfig
 
@@ -137,28 +151,24 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
     base = config_value(getattr(args, "config", None))
     sets = parse_sets(getattr(args, "set", None))
     kernels = getattr(args, "kernels", "auto")
-    nonfinite = getattr(args, "nonfinite", "warn")
-    if src.startswith("init:"):
-        cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)
+    opts = {"nonfinite": getattr(args, "nonfinite", "warn"), "allow_outside": getattr(args, "allow_outside", False),
+            "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
+    if src.startswith("init:") and not (opts["allow_outside"] or opts["allow_missing_chunks"]):
+        cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)  # (with a trust flag: load_model refuses)
         return Model.init(cfg, seed=seed).with_kernels(kernels)
     if src.startswith("t5x:"):
         base = base or t5x_config(src[4:])
         if base is None:
             raise ConfigError(f"{src}: T5X checkpoints carry no config and no config.json was found next to it; "
                               "pass --config NAME|FILE.json (e.g. --config switch-base-8)")
-        trust = {"allow_outside": getattr(args, "allow_outside", False),
-                 "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
-        return load_model(src, apply_sets(base, sets), nonfinite=nonfinite, **trust).with_kernels(kernels)
-    if getattr(args, "allow_outside", False) or getattr(args, "allow_missing_chunks", False):
-        raise ConfigError(f"{src}: --allow-outside/--allow-missing-chunks apply to t5x: models only")
+        return load_model(src, apply_sets(base, sets), **opts).with_kernels(kernels)
     if src.startswith("hf:"):
         if sets and base is None:
             from moqe_jax.checkpoint.hf_export import export_config
 
             base = export_config(src[3:]) or SwitchConfig.from_hf(src[3:])
-        return load_model(src, None if base is None else apply_sets(base, sets),
-                          nonfinite=nonfinite).with_kernels(kernels)
-    model = load_model(src, nonfinite=nonfinite)
+        return load_model(src, None if base is None else apply_sets(base, sets), **opts).with_kernels(kernels)
+    model = load_model(src, **opts)
     if base is None and not sets:
         return model.with_kernels(kernels)
     cfg = apply_sets(base or model.config, sets)
