@@ -86,8 +86,10 @@ def _undo(fn: Any, a: np.ndarray, n: int) -> list[np.ndarray]:
     raise CheckpointError(f"no inverse for HF transform {getattr(fn, '__name__', fn)!r}")  # map and writer disagree
 
 
-def hf_state_dict(cfg: SwitchConfig, params: dict, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """``{HF tensor name: array}`` for ``params`` (packed leaves dequantized), in ``dtype``."""
+def hf_state_dict(cfg: SwitchConfig, params: dict, dtype: str = "float32",
+                  skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """``{HF tensor name: array}`` for ``params`` (packed leaves dequantized), in ``dtype``; parameter paths in
+    ``skip`` are left out (the QMoE export writes its experts itself)."""
     if dtype not in HF_DTYPES:
         raise CheckpointError(f"export dtype {dtype!r}: choose one of {', '.join(HF_DTYPES)}")
     check_hf_exportable(cfg)
@@ -104,6 +106,8 @@ def hf_state_dict(cfg: SwitchConfig, params: dict, dtype: str = "float32") -> di
         raise CheckpointError(f"parameter {extra[0]} has no Hugging Face name (config {cfg.name})")
     out: dict[str, np.ndarray] = {}
     for path, (names, fn) in nmap.items():
+        if path in skip:
+            continue
         if path not in flat:
             raise CheckpointError(f"parameter {path} of config {cfg.name} is missing from the model")
         for name, arr in zip(names, _undo(fn, _float(flat[path]), len(names)), strict=True):
