@@ -83,9 +83,10 @@ def pair_symbols(qt: QuantizedTensor) -> np.ndarray:
     """Ternary QT ``[*batch, K, N]`` -> pair symbols uint8 ``[prod(batch)·N, ceil(K/2)]`` (rows = channels).
 
     Read straight from the packed bytes (2-bit codes, 4 per byte along K, LSB first: a nibble is one
-    pair ``t0 + 3·t1``); an odd K ends with an implicit zero weight, as in QMoE.
+    pair ``t0 + 3·t1``); an odd K ends with an implicit zero weight, as in QMoE. A word-layout ``qt`` is read
+    as its bytes (``QuantizedTensor.to_bytes``).
     """
-    packed = np.asarray(qt.packed)
+    packed = np.asarray(qt.to_bytes().packed)
     lut = np.array([(v & 3) + 3 * (v >> 2) for v in range(16)], np.uint8)
     *batch, rb, n = packed.shape
     lo, hi = lut[packed & 15], lut[packed >> 4]
@@ -105,7 +106,10 @@ def _check_ternary(qt: Any, name: str) -> None:
 
 
 def encode(qt: QuantizedTensor, *, name: str = "tensor", scale_dtype: Any = np.float32) -> Sub1Tensor:
-    """Ternary channel-wise :class:`QuantizedTensor` -> :class:`Sub1Tensor` (bit-exact, see ``decode``)."""
+    """Ternary channel-wise :class:`QuantizedTensor` (either layout) -> :class:`Sub1Tensor` (bit-exact, see
+    ``decode``)."""
+    if isinstance(qt, QuantizedTensor):
+        qt = qt.to_bytes()
     _check_ternary(qt, name)
     stream, row_off = encode_pairs(pair_symbols(qt), desc=f"sub1 {name}")
     batch = tuple(qt.packed.shape[:-2])
