@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -217,14 +219,14 @@ def read_safetensors(path: str, mmap: bool = True) -> tuple[dict[str, np.ndarray
         raise CheckpointError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="numpy") as f:  # validates the header before anything is mapped
-            names, meta = list(f.keys()), dict(f.metadata() or {})  # noqa: SIM118
+            meta = dict(f.metadata() or {})
             if not mmap:
-                return {k: f.get_tensor(k) for k in names}, meta
+                return {k: f.get_tensor(k) for k in f.offset_keys()}, meta
+            return _mapped(f, path), meta
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
         lib = _one_line(e)
         why = next((w for key, w in _ST_ERRORS if key in lib.lower()), "corrupt safetensors file")
         raise CheckpointError(f"{path}: {why} ({lib}); re-save or re-download the file") from e
-    return _mapped(path, names), meta
 
 
 # safetensors dtype tags (the format's header) -> NumPy dtypes
@@ -233,25 +235,20 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
               "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def _mapped(path: str, names: list[str]) -> dict[str, np.ndarray]:
-    """Read-only memory-mapped views of a (library-validated) safetensors file: no copy of the weights in
-    memory until they are used (the format: 8-byte little-endian header length, JSON header with ``dtype``,
-    ``shape`` and ``data_offsets`` relative to the data section, then the data)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    out: dict[str, np.ndarray] = {}
-    for k in names:
-        e = header[k]
-        dt = np.dtype(_ST_DTYPES[e["dtype"]])
-        start, end = e["data_offsets"]
-        count = (end - start) // dt.itemsize
-        if count == 0:
-            out[k] = np.zeros(e["shape"], dt)
-            continue
-        out[k] = np.memmap(path, dtype=dt.newbyteorder("<"), mode="r", offset=8 + n + start,
-                           shape=(count,)).reshape(e["shape"])
-    return out
+def _mapped(f: Any, path: str) -> dict[str, np.ndarray]:
+    """Read-only memory-mapped views of an open (library-validated) safetensors file. The library cannot give
+    them: ``get_tensor`` / ``safetensors.numpy.load_file`` copy every tensor (either backend) and no byte
+    offsets are exposed. Its checks make them derivable: the tensors tile the data section in
+    ``offset_keys()`` order up to the end of the file, so the offsets follow from the dtypes and shapes it
+    parsed (little-endian data)."""
+    specs = [(k, np.dtype(_ST_DTYPES[f.get_slice(k).get_dtype()]), tuple(f.get_slice(k).get_shape()))
+             for k in f.offset_keys()]
+    sizes = [dt.itemsize * math.prod(shape) for _, dt, shape in specs]
+    start = os.path.getsize(path) - sum(sizes)
+    data = np.memmap(path, np.uint8, "r", offset=start) if sum(sizes) else np.zeros(0, np.uint8)
+    ends = itertools.accumulate(sizes)
+    return {k: data[e - n:e].view(dt.newbyteorder("<")).reshape(shape)
+            for (k, dt, shape), n, e in zip(specs, sizes, ends, strict=True)}
 
 
 # ---- atomic directory replacement -------------------------------------------------------------------
