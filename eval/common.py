@@ -145,6 +145,9 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def command_line() -> str:
     """The command that regenerates the current outputs (for captions)."""
+    mod = getattr(sys.modules.get("__main__"), "__spec__", None)  # run as `python -m eval.x`
+    if mod is not None and mod.name:
+        return "python -m " + " ".join(shlex.quote(a) for a in [mod.name, *sys.argv[1:]])
     script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
     return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
 

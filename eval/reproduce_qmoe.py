@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     from moqe_jax.calibration import calibration_batches
     from moqe_jax.data.corpus import read_jsonl
     from moqe_jax.evaluate import evaluate_model
+    from moqe_jax.packed.spec import QuantSpec
     from moqe_jax.pipeline import compress_sub1
+    from moqe_jax.pipeline import quantize as pq
 
     p = argparse.ArgumentParser(description="Reproduce QMoE's RTN-vs-GPTQ loss table and sub-1-bit compression")
     add_common_args(p)
     p.add_argument("--calib", type=int, default=None, help="calibration sentences (default 512; --quick 32)")
     p.add_argument("--mlm-samples", type=int, default=None, help="held-out English sentences for the MLM loss")
     p.add_argument("--no-bleu", action="store_true", help="losses only (QMoE evaluates loss only)")
+    p.add_argument("--dead-inputs", choices=("keep", "zero"), default="keep",
+                   help="GPTQ: inputs no calibration token activates are kept and quantized (QMoE batch_gptq, "
+                        "default) or zeroed (gptq fasterquant)")
     args = p.parse_args(argv)
     out = Path(args.out)
     with Timer() as total:
@@ -98,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         for method in ("rtn", "gptq"):
             for grid, kw in QMOE_SPECS.items():
                 with Timer() as t:
-                    q = quantize(s.moe, components=("experts",), method=method,
-                                 calib=calib if method == "gptq" else None, **kw)
+                    if method == "gptq":
+                        q = pq(s.moe, QuantSpec(**kw), components=("experts",), method="gptq", calib=calib,
+                               dead_inputs=args.dead_inputs)
+                    else:
+                        q = quantize(s.moe, components=("experts",), method=method, **kw)
                 models[f"{method}-{grid}"] = q
                 record(f"{method.upper()} {grid}", method, grid, q, t.wall)
         with Timer() as t:
@@ -156,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             f"seed) on {mlm_samples} held-out English sentences (English side of the test split); CE and BLEU on "
             f"{samples} test sentences per direction ({directions}). Only experts are "
             "quantized; 2-bit = asymmetric min-max (QMoE), ternary = {w_min, 0, w_max} per output channel. "
-            f"GPTQ calibration: {n_calib} training translation pairs. Sizes: real bytes, bf16 elsewhere.\n\n"
+            f"GPTQ calibration: {n_calib} training translation pairs; dead inputs (no calibration token "
+            f"activates them) {'kept and quantized (QMoE)' if args.dead_inputs == 'keep' else 'zeroed (gptq)'}. "
+            "Sizes: real bytes, bf16 elsewhere.\n\n"
             "![losses](qmoe_losses.png)\n\n## Sub-1-bit compression\n\n" + "\n".join(sub_lines) +
             "\n\n## QMoE claim: GPTQ beats RTN\n\n" + "\n".join(claim) +
-            f"\n\nRun time: {total.wall:.0f} s wall, {total.cpu:.0f} s process CPU ({machine_note()}).")
+            f"\n\nRun {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {total.wall:.0f} s wall, "
+            f"{total.cpu:.0f} s process CPU ({machine_note()}).")
     write_markdown(out / "qmoe_table.md", "QMoE: RTN vs GPTQ (2-bit, ternary) and sub-1-bit compression", body, s)
     fig, ax = new_figure(7, 4)
     q = rows[1:]
@@ -176,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     save_figure(fig, out / "qmoe_losses.png", f"regenerate: {command_line()}")
     write_json(out / "qmoe_table.json", {"rows": rows, "sub1_identical_loss": same, "wall_s": total.wall,
                                          "cpu_s": total.cpu, "machine": machine_note(), "command": command_line(),
+                                         "dead_inputs": args.dead_inputs,
                                          "synthetic": s.synthetic})
     print("\n".join(sub_lines + claim))
     print(f"done in {total.wall:.0f} s wall / {total.cpu:.0f} s CPU; outputs in {out}")

@@ -136,9 +136,38 @@ def test_options_reach_the_ffn_solver_and_the_cli(seed):
     assert np.all(zero[:, :5] == 0) and np.any(keep[:, :5] != 0)
     from moqe_jax.cli import build_parser
 
-    args = build_parser().parse_args(["compress", "default", "--out", "o", "--dead-inputs", "keep"])
-    assert args.dead_inputs == "keep"
-    assert build_parser().parse_args(["compress", "default", "--out", "o"]).dead_inputs == "zero"
+    args = build_parser().parse_args(["compress", "default", "--out", "o", "--dead-inputs", "zero"])
+    assert args.dead_inputs == "zero"
+    assert build_parser().parse_args(["compress", "default", "--out", "o"]).dead_inputs == "keep"
+
+
+def test_qmoe_path_keeps_dead_inputs_by_default():
+    """The model-level QMoE path (GPTQOptions, gptq_quantize_model, moqe compress) keeps dead inputs as QMoE's
+    batch_gptq; the single-matrix solvers keep gptq fasterquant's zeroing (their code-identity reference)."""
+    import inspect
+
+    from moqe_jax.calibration import gptq_quantize_model
+
+    assert GPTQOptions().dead_inputs == "keep"
+    assert inspect.signature(gptq_quantize_model).parameters["dead_inputs"].default == "keep"
+    assert inspect.signature(gptq_quantize).parameters["dead_inputs"].default == "zero"
+    assert inspect.signature(solve_one_jit).parameters["dead_inputs"].default == "zero"
+
+
+def test_compress_bits_parse_through_as_bits():
+    from moqe_jax.commands.compress import spec_from_bits
+
+    for b in ("ternary", "TERN", "1.5"):
+        assert spec_from_bits(b) == QuantSpec(bits="ternary")
+    for b in (2, 3, 4, 8):
+        assert spec_from_bits(str(b), "64") == QuantSpec(bits=b, symmetric=False, granularity=64)
+    for b in ("5", "1", "int4", ""):
+        with pytest.raises(QuantizationError, match=r"--bits .*: choose 2, 3, 4, 8 or ternary"):
+            spec_from_bits(b)
+    with pytest.raises(QuantizationError, match=r"--group-size '12': group size must be a positive multiple of 8"):
+        spec_from_bits("2", "12")
+    with pytest.raises(QuantizationError, match=r"--group-size 'row'"):
+        spec_from_bits("2", "row")
 
 
 # ---- held-out output error, dead inputs kept vs zeroed -------------------------------------------------------

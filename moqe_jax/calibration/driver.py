@@ -145,7 +145,7 @@ class _Progress:
 def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], components: Sequence[str] = ("experts",),
                         checkpoint_dir: str | os.PathLike | None = None, max_tokens_factor: float = 4,
                         percdamp: float = 0.1, actorder: bool = False, group_experts: int = 16, mesh: Any = None, *,
-                        blocksize: int = 128, true_sequential: bool = False, dead_inputs: str = "zero",
+                        blocksize: int = 128, true_sequential: bool = False, dead_inputs: str = "keep",
                         static_groups: bool = True,
                         special_token_min_id: int | None | Literal["auto"] = "auto", resume: bool = True,
                         on_layer_done: Callable[[str], None] | None = None) -> tuple[M, CalibrationReport]:
@@ -156,8 +156,9 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
     ``components``: ``experts`` and ``dense`` are solved with GPTQ; any other component named is
     RTN-quantized up front. ``checkpoint_dir``: progress is saved after every layer and a restarted call
     resumes where it stopped (same result; ``resume=False`` starts over). ``on_layer_done(name)`` is
-    called after each layer's checkpoint. ``dead_inputs``: ``"zero"`` (gptq, default) or ``"keep"`` (QMoE
-    ``batch_gptq``: inputs no calibration token activates are quantized, not zeroed); ``static_groups=False``
+    called after each layer's checkpoint. ``dead_inputs``: ``"keep"`` (QMoE ``batch_gptq``, default:
+    inputs no calibration token activates are quantized like the others) or ``"zero"`` (gptq ``fasterquant``:
+    their weights are zeroed; docs/QMOE.md §3.9); ``static_groups=False``
     recomputes group-wise grids during the solve (gptq's default with a group size).
     """
     t_start = time.time()
@@ -179,7 +180,8 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
     ckpt = None
     if checkpoint_dir is not None:
         fp_opts = {**dataclasses.asdict(opts), "special": special, "components": list(comps)}
-        for key, default in (("dead_inputs", "zero"), ("static_groups", True)):  # old progress stays resumable
+        # progress written before these options existed (dead inputs zeroed, static groups) stays resumable
+        for key, default in (("dead_inputs", "zero"), ("static_groups", True)):
             if fp_opts[key] == default:
                 del fp_opts[key]
         ckpt = _Progress(os.fspath(checkpoint_dir), _fingerprint(model, spec, batches, fp_opts), resume)

@@ -11,7 +11,9 @@ MODEL: ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), a saved mo
 (a dataset built by ``moqe data``, ``--corpus-dir``: its training translation pairs, as for the README's
 QMoE numbers, or with ``--calib-mode span`` span-corrupted English). Progress is checkpointed
 after every layer under ``OUT.gptq-progress``; ``--resume`` continues a killed run there.
-2-bit is QMoE's asymmetric min-max grid; ternary is ``{w_min, 0, w_max}`` per output channel.
+2-bit is QMoE's asymmetric min-max grid; ternary is ``{w_min, 0, w_max}`` per output channel. Inputs that no
+calibration token activates are kept and quantized as QMoE's ``batch_gptq`` does (``--dead-inputs zero``: zeroed,
+as gptq's ``fasterquant``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--group-experts", type=int, default=16, help="experts solved per batched call (QMoE 16)")
     p.add_argument("--max-tokens-factor", type=float, default=4.0, help="cap per expert, × mean load (QMoE 4)")
     p.add_argument("--true-sequential", action="store_true", help="wo Hessian from the quantized wi's output")
-    p.add_argument("--dead-inputs", choices=("zero", "keep"), default="zero",
-                   help="inputs no calibration token activates: zero them (gptq, default) or keep and quantize "
-                        "them (QMoE batch_gptq)")
+    p.add_argument("--dead-inputs", choices=("keep", "zero"), default="keep",
+                   help="inputs no calibration token activates: keep and quantize them (QMoE batch_gptq, default) "
+                        "or zero them (gptq fasterquant)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.gptq-progress")
     p.add_argument("--overwrite", action="store_true",
                    help="discard existing OUT.gptq-progress and write into a non-empty OUT that is not a saved model")
@@ -93,18 +95,18 @@ def _remove_progress(prog: str) -> None:
 
 
 def spec_from_bits(bits: str, group_size: str = "channel") -> Any:
+    """``--bits`` / ``--group-size`` -> QMoE's grid: asymmetric min-max (GPTQ/QMoE zero point) or ternary."""
     from moqe_jax.packed.spec import QuantSpec, as_bits
 
-    b = str(bits).lower()
     g = str(group_size).lower()
     if g != "channel" and not g.isdigit():
         raise QuantizationError(f"--group-size {group_size!r}: 'channel' or a positive multiple of 8")
     try:
-        if b in ("ternary", "tern", "1.5"):
-            return QuantSpec(bits="ternary", granularity=g)
-        if b not in ("2", "3", "4", "8"):
-            raise QuantizationError(f"--bits {bits!r}: choose 2, 3, 4, 8 or ternary")
-        return QuantSpec(bits=as_bits(b), symmetric=False, granularity=g)  # QMoE/GPTQ: asymmetric min-max, zero-pt
+        b = as_bits(str(bits).lower())
+    except ValueError:
+        raise QuantizationError(f"--bits {bits!r}: choose 2, 3, 4, 8 or ternary") from None
+    try:
+        return QuantSpec(bits=b, symmetric=b == "ternary", granularity=g)
     except ValueError as e:
         raise QuantizationError(f"--group-size {group_size!r}: {e}") from None
 

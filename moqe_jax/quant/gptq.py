@@ -4,9 +4,10 @@ A faithful port of IST-DASLab/gptq ``GPTQ.fasterquant`` in the batched form of Q
 ``batch_gptq``, as a pure function of ``(W, H, spec)``:
 
 1. grid from the *original* weights per output channel, via ``moqe_jax.quant.rtn.find_params``;
-2. dead inputs (``diag H == 0``), ``dead_inputs``: ``"zero"`` (gptq ``fasterquant``, the default here):
-   ``H_ii = 1`` and that input row of W is zeroed; ``"keep"`` (QMoE ``batch_gptq``): H and W untouched, the
-   damping alone makes H invertible and the dead inputs are quantized like the others;
+2. dead inputs (``diag H == 0``), ``dead_inputs``: ``"zero"`` (gptq ``fasterquant``, the default of these
+   single-matrix solvers): ``H_ii = 1`` and that input row of W is zeroed; ``"keep"`` (QMoE ``batch_gptq``, the
+   default of the model-level QMoE path ``GPTQOptions`` / ``gptq_quantize_model`` / ``moqe compress``): H and W
+   untouched, the damping alone makes H invertible and the dead inputs are quantized like the others;
    with a group-wise spec the static per-group grids (``static_groups=True``) are built here, after this step;
    ``static_groups=False``: gptq's default, each group's grid is recomputed from the current (error-updated)
    weights when the column loop reaches the group's first input (as the reference, from W as of the start of

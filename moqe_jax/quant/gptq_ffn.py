@@ -30,7 +30,12 @@ __all__ = ["GPTQOptions", "compress_ffn"]
 
 @dataclasses.dataclass(frozen=True)
 class GPTQOptions:
-    """Solver settings of a calibration run (QMoE defaults)."""
+    """Solver settings of a calibration run (QMoE defaults).
+
+    ``dead_inputs`` defaults to ``"keep"`` (QMoE ``batch_gptq``: inputs no calibration token activates are
+    quantized like the others) — this is the QMoE compression path; ``"zero"`` is gptq ``fasterquant``'s
+    dead-input step, the default of the single-matrix solvers in :mod:`moqe_jax.quant.gptq`
+    (docs/QMOE.md §3.9)."""
 
     max_tokens_factor: float = 4.0   # per-expert token cap, × the mean load
     percdamp: float = 0.1            # relative Hessian damping
@@ -38,7 +43,7 @@ class GPTQOptions:
     group_experts: int = 16          # experts per batched solve (0 = all)
     blocksize: int = 128
     true_sequential: bool = False    # wo's Hessian from the quantized wi's output
-    dead_inputs: str = "zero"        # inputs no token activates: "zero" (gptq) or "keep" (QMoE batch_gptq)
+    dead_inputs: str = "keep"        # inputs no token activates: "keep" (QMoE batch_gptq) or "zero" (gptq)
     static_groups: bool = True       # group-wise grids: static (True) or recomputed in the column loop (gptq)
 
     def __post_init__(self) -> None:
