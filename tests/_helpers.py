@@ -7,7 +7,7 @@ import errno
 import jax.numpy as jnp
 import numpy as np
 
-from moqe_jax.tree import unflatten_params
+from moqe_jax.tree import flatten_params, unflatten_params
 
 
 def random_tiny_model(seed: int, **overrides):
@@ -39,3 +39,33 @@ def wrapped_enospc() -> Exception:
             raise RuntimeError("async save failed") from e
         except RuntimeError as w:
             return w
+
+
+def tiny_fixture(seed: int):
+    """A module-scoped ``tiny`` fixture: ``random_tiny_model(seed)`` (in a test module: ``tiny = tiny_fixture(5)``)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def tiny():
+        return random_tiny_model(seed)
+    return tiny
+
+
+def same_params(a: dict, b: dict) -> bool:
+    """Same parameter paths and bit-identical arrays."""
+    fa, fb = flatten_params(a), flatten_params(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+def changed_model(model, scale: float = 1.0, shift: float = 1.0):
+    """``model`` with every weight replaced by ``w * scale + shift`` (a different model of the same shapes)."""
+    return model.replace(params=unflatten_params({k: np.asarray(v) * scale + shift
+                                                  for k, v in flatten_params(model.params).items()}))
+
+
+def assert_failed_save_message(msg: str, directory, *needles: str) -> None:
+    """A failed save's error: one line, names ``directory``, says the previous model is unchanged, and holds
+    each of ``needles`` (the cause and the fix)."""
+    assert "\n" not in msg and str(directory) in msg and "previous model is unchanged" in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)

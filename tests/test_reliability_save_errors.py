@@ -8,31 +8,20 @@ import errno
 import logging
 import os
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
-from _helpers import enospc, random_tiny_model, wrapped_enospc
+from _helpers import assert_failed_save_message, changed_model, enospc, same_params, tiny_fixture, wrapped_enospc
 
 from moqe_jax import api
 from moqe_jax.cli import main
 from moqe_jax.errors import CheckpointError
-from moqe_jax.tree import flatten_params, unflatten_params
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return random_tiny_model(5)
-
-
-def _same(a: dict, b: dict) -> bool:
-    fa, fb = flatten_params(a), flatten_params(b)
-    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+tiny = tiny_fixture(5)
 
 
 def _other(tiny):
-    return tiny.replace(params=unflatten_params({k: np.asarray(v) * 2.0 + 1.0
-                                                 for k, v in flatten_params(tiny.params).items()}))
+    return changed_model(tiny, scale=2.0, shift=1.0)
 
 
 def _after_real_save(exc_factory):
@@ -54,10 +43,9 @@ def test_orbax_save_on_full_disk_is_one_line_and_keeps_old_model(tmp_path, tiny,
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="orbax")
     monkeypatch.undo()
-    msg = str(ei.value)
-    assert "\n" not in msg and str(d) in msg and "free disk space" in msg and "previous model is unchanged" in msg
+    assert_failed_save_message(str(ei.value), d, "free disk space")
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no .m.tmp-* / .m.old-* left
-    assert _same(tiny.params, api.load_model(d).params)
+    assert same_params(tiny.params, api.load_model(d).params)
 
 
 def test_orbax_save_interrupted_reraises_and_keeps_old_model(tmp_path, tiny, monkeypatch, caplog):
@@ -68,11 +56,11 @@ def test_orbax_save_interrupted_reraises_and_keeps_old_model(tmp_path, tiny, mon
         api.save_model(_other(tiny), d, format="orbax")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["m"]
-    assert _same(tiny.params, api.load_model(d).params)
+    assert same_params(tiny.params, api.load_model(d).params)
     lines = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and str(d) in lines[0] and "rerun" in lines[0]
     api.save_model(_other(tiny), d, format="orbax")  # the next save completes
-    assert _same(_other(tiny).params, api.load_model(d).params)
+    assert same_params(_other(tiny).params, api.load_model(d).params)
 
 
 def test_safetensors_save_on_full_disk_is_one_line(tmp_path, tiny, monkeypatch):
@@ -89,7 +77,7 @@ def test_safetensors_save_on_full_disk_is_one_line(tmp_path, tiny, monkeypatch):
     monkeypatch.undo()
     assert "\n" not in str(ei.value) and "model.safetensors" in str(ei.value) and "free disk space" in str(ei.value)
     assert sorted(os.listdir(tmp_path)) == ["m"]
-    assert _same(tiny.params, api.load_model(d).params)
+    assert same_params(tiny.params, api.load_model(d).params)
 
 
 def test_cli_convert_full_disk_exit_2_and_sigint_exit_130(tmp_path, tiny, monkeypatch, capsys):
@@ -106,7 +94,7 @@ def test_cli_convert_full_disk_exit_2_and_sigint_exit_130(tmp_path, tiny, monkey
         assert err.count("\n") == 1 and "Traceback" not in err
         assert rc == 130 or ("free disk space" in err and str(out) in err)
         assert sorted(os.listdir(tmp_path)) == ["out", "src"]
-        assert _same(tiny.params, api.load_model(out).params)
+        assert same_params(tiny.params, api.load_model(out).params)
 
 
 def test_full_disk_while_copying_user_files_or_writing_manifest(tmp_path, tiny, monkeypatch):
@@ -122,10 +110,9 @@ def test_full_disk_while_copying_user_files_or_writing_manifest(tmp_path, tiny, 
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="safetensors")
     monkeypatch.undo()
-    msg = str(ei.value)
-    assert "\n" not in msg and str(d) in msg and "free disk space" in msg and "previous model is unchanged" in msg
+    assert_failed_save_message(str(ei.value), d, "free disk space")
     assert sorted(os.listdir(tmp_path)) == ["m"] and (d / "tokenizer.model").read_bytes() == b"user"
-    assert _same(tiny.params, api.load_model(d).params)
+    assert same_params(tiny.params, api.load_model(d).params)
 
 
 @pytest.mark.parametrize("which", [1, 2], ids=["move-old-aside", "rename-new-in"])
@@ -147,10 +134,9 @@ def test_failed_commit_rename_is_one_line_and_keeps_old_model(tmp_path, tiny, mo
     with pytest.raises(CheckpointError) as ei:
         api.save_model(_other(tiny), d, format="safetensors")
     monkeypatch.undo()
-    msg = str(ei.value)
-    assert "\n" not in msg and str(d) in msg and "Permission denied" in msg and "previous model is unchanged" in msg
+    assert_failed_save_message(str(ei.value), d, "Permission denied")
     assert sorted(os.listdir(tmp_path)) == ["m"]
-    assert _same(tiny.params, api.load_model(d).params)
+    assert same_params(tiny.params, api.load_model(d).params)
     assert main(["info", str(d)]) == 0
     api.save_model(_other(tiny), d, format="safetensors")
-    assert _same(_other(tiny).params, api.load_model(d).params)
+    assert same_params(_other(tiny).params, api.load_model(d).params)

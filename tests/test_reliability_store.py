@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _helpers import random_tiny_model
+from _helpers import changed_model, same_params, tiny_fixture
 
 from moqe_jax import api
 from moqe_jax.checkpoint import store
@@ -20,20 +20,11 @@ from moqe_jax.packed.spec import QuantSpec
 from moqe_jax.quant.policy import quantize_model_rtn
 from moqe_jax.tree import flatten_params, unflatten_params
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return random_tiny_model(3)
-
-
-def _same(a: dict, b: dict) -> bool:
-    fa, fb = flatten_params(a), flatten_params(b)
-    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+tiny = tiny_fixture(3)
 
 
 def _other(tiny):
-    flat = {k: np.asarray(v) + 1.0 for k, v in flatten_params(tiny.params).items()}
-    return tiny.replace(params=unflatten_params(flat))
+    return changed_model(tiny, shift=1.0)
 
 
 # ---- finding 4: a save killed between its renames -----------------------------------------------------
@@ -57,7 +48,7 @@ def test_killed_between_renames_recovered_by_load_model_and_next_save(tmp_path, 
     monkeypatch.undo()
     assert not d.exists()
     m = api.load_model(str(d))  # the facade must let the store's recovery run
-    assert _same(m.params, tiny.params) or _same(m.params, _other(tiny).params)
+    assert same_params(m.params, tiny.params) or same_params(m.params, _other(tiny).params)
     api.save_model(tiny, d, format="safetensors")
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no orphaned .m.old-* / .m.tmp-*
 
@@ -106,7 +97,7 @@ def test_kill_loop_always_leaves_old_or_new(tmp_path, tiny, monkeypatch):
             pass
         monkeypatch.undo()
         m = api.load_model(str(d))
-        assert _same(m.params, tiny.params) or _same(m.params, new.params), i
+        assert same_params(m.params, tiny.params) or same_params(m.params, new.params), i
         assert (tmp_path / "keep.txt").read_text() == "user data"
         api.save_model(new, d, format="safetensors")  # the next save recovers and cleans up
         assert (d / "tokenizer" / "spm.model").read_bytes() == b"user"
@@ -257,14 +248,14 @@ def test_resave_keeps_user_files_and_refuses_foreign_dir(tmp_path, tiny):
     api.save_model(_other(tiny), d, format="orbax")
     assert (d / "tokenizer" / "spm.model").read_bytes() == b"spm" and (d / "notes.txt").read_text() == "mine"
     assert not (d / store.SAFETENSORS_FILE).exists()  # the store's own old files are replaced
-    assert _same(api.load_model(d).params, _other(tiny).params)
+    assert same_params(api.load_model(d).params, _other(tiny).params)
     f = tmp_path / "foreign"
     f.mkdir()
     (f / "data.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="overwrite"):
         api.save_model(tiny, f)
     api.save_model(tiny, f, format="safetensors", overwrite=True)
-    assert (f / "data.bin").read_bytes() == b"x" and _same(api.load_model(f).params, tiny.params)
+    assert (f / "data.bin").read_bytes() == b"x" and same_params(api.load_model(f).params, tiny.params)
 
 
 # ---- finding 10: non-finite weights flagged at load --------------------------------------------------------
@@ -290,12 +281,10 @@ def test_nonfinite_weights_warn_at_load(tmp_path, tiny):
 _SAVER = """
 import itertools, sys
 sys.path.insert(0, {tests!r})
-import numpy as np
-from _helpers import random_tiny_model
+from _helpers import changed_model, random_tiny_model
 from moqe_jax import api
-from moqe_jax.tree import flatten_params, unflatten_params
 a = random_tiny_model(3)
-b = a.replace(params=unflatten_params({{k: np.asarray(v) + 1.0 for k, v in flatten_params(a.params).items()}}))
+b = changed_model(a, shift=1.0)
 api.save_model(a, {d!r}, format="safetensors")
 print("ready", flush=True)
 for i in itertools.count():
@@ -324,7 +313,7 @@ def test_sigkill_loop_during_saves(tmp_path, tiny):
         p.send_signal(signal.SIGKILL)
         p.wait()
         m = api.load_model(str(d))
-        assert _same(m.params, tiny.params) or _same(m.params, new.params)
+        assert same_params(m.params, tiny.params) or same_params(m.params, new.params)
         assert (tmp_path / "keep.txt").read_text() == "user data"
     api.save_model(tiny, d, format="safetensors")
     assert sorted(os.listdir(tmp_path)) == ["keep.txt", "m"]
