@@ -10,8 +10,8 @@
 # Extra arguments: KERNELS_ARGS / MOE_ARGS / MOE_LAYER_ARGS / SUB1_ARGS for the benchmarks (e.g. KERNELS_ARGS="--shapes
 # 4096x10240 --batches 1"), TESTS_K for a pytest -k selection (default: the GPU-marked tests), GEN_ARGS for
 # benchmarks/generate.py (stage "generate": end-to-end Model.generate on a switch-base-128-shaped random model).
-# "probe" runs every kernel layout once on the Triton backend (word GEMV, byte kernels, dot mode) and stops the
-# call early if none compiles.
+# "probe" runs every kernel layout once on the Triton backend (word GEMV, byte kernels, dot mode, and stored words
+# passed traced into a jitted indexed matmul as the decode loop does) and stops the call early if none compiles.
 set -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOQE_NO_PROGRESS=1
 OUT=${OUT:-/tmp/moqe_gpu_out}
@@ -51,6 +51,19 @@ for m, spec, wb in ((1, QuantSpec(4), None), (4, QuantSpec(2), None), (1, QuantS
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     print(f"probe m={m} {spec.describe()} words={wb or 'auto'}: rel err {err:.2e}")
     assert np.isfinite(y).all() and err < 2e-2
+# stored words as a traced argument of a jitted function (the model's decode loop): the word kernel, compiled
+from moqe_jax import ops
+qw = QuantizedTensor.from_codes(rng.integers(0, 16, (2, 1024, 777)), rng.uniform(.5, 1, (2, 1, 777)), None,
+                                QuantSpec(4), layout="words")
+x = jnp.asarray(rng.standard_normal((2, 1, 1024)), jnp.bfloat16)
+f = jax.jit(lambda a, w, j: ops.indexed_qmatmul(a, w, j, mode="pallas"))
+ids = jnp.asarray([1, 0], jnp.int32)
+assert "_w32" in str(jax.make_jaxpr(f)(x, qw, ids))
+y = np.asarray(f(x, qw, ids), np.float64)
+ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), np.asarray(qw.dequantize(), np.float64)[[1, 0]])
+err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+print(f"probe traced stored words (indexed, int4): rel err {err:.2e}")
+assert np.isfinite(y).all() and err < 2e-2
 PYEOF
              echo "probe FAILED: see the log above" | tee -a "$LOG"; rc=1
            fi ;;

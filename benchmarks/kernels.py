@@ -6,7 +6,10 @@ time), optionally the **trace time** (``--trace``: device events of a ``jax.prof
 the **byte floor** (bytes that must move / copy bandwidth measured in the same run), **% of copy bandwidth**
 (floor / device time) and the speed-up over XLA bf16 measured the same way. Kernel rows run on the raw
 operands of ``moqe_jax.ops.qt_kernel_operands`` prepared once per weight (the uint32 word layout where
-supported; ``(bytes)`` rows: the stored uint8 layout, the v3 kernels).
+supported; ``(bytes)`` rows: the stored uint8 layout, the v3 kernels). ``ops.qmatmul (traced, stored …)`` rows
+(int4/int2, M = 1, the two goal shapes) pass the ``QuantizedTensor`` itself into the timed loop, as the model's
+compiled decode loop does: held in words (``Model.with_weight_layout("words")``) it runs the word kernels, held in
+bytes the v3 ones.
 
     python -m benchmarks.kernels --smoke                 # CPU: tiny shapes, interpret mode (code path only)
     python -m benchmarks.kernels [--out kernels_gpu] [--trace] [--shapes 4096x10240 --batches 1,16]
@@ -45,6 +48,7 @@ FORMATS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int3": QuantSpec(3), "in
            "ternary": QuantSpec("ternary"), "int4-g128": QuantSpec(4, symmetric=False, granularity=128)}
 ALL_M_FORMATS = ("int4", "int2", "ternary")  # formats timed at every batch; the others at M=1 only
 BYTES_ROWS = ("int4", "int2")                # also timed on the stored uint8 layout (v3 kernels) at M=1
+MODEL_PATH_SHAPES = ((2080, 6144), (4096, 10240))  # where the "ops.qmatmul (traced, stored …)" rows run
 HEADER = ["K×N", "M", "method", "device µs", "wall µs", "trace µs", "floor µs", "% copy BW", "× vs bf16", "blocks"]
 
 
@@ -134,10 +138,29 @@ def _format_rows(tab: Table, shape: tuple[int, int], m: int, fmt: str, ws: list[
         for label, blk in variants:
             tab.add(name, m, f"{fmt} kernel ({label})", _kernel_fn(layout, interpret, blk), sets, ws[0].nbytes + io,
                     t_bf16, f"w32 {blk.mode} bm{blk.bm} bn{blk.bn} bkr{blk.bkr} s{blk.splits} warps{blk.num_warps}")
+    if fmt in BYTES_ROWS and m == 1 and (tab.smoke and fmt == "int4" or not tab.smoke and shape in MODEL_PATH_SHAPES):
+        _model_path_rows(tab, name, fmt, ws, xs, t_bf16, interpret, ws[0].nbytes + io)
     if fmt == "int4" and first_m:
         sets = list(zip(xs, ws, strict=False))
         tab.add(name, m, "int4 XLA dequant+dot", lambda x, w: jnp.dot(x, w.dequantize(jnp.bfloat16)), sets,
                 ws[0].nbytes + io, t_bf16)
+
+
+def _model_path_rows(tab: Table, name: str, fmt: str, ws: list[QuantizedTensor], xs: list[jax.Array], t_bf16: float,
+                     interpret: bool, nbytes: int) -> None:
+    """``ops.qmatmul`` on a ``QuantizedTensor`` that is a traced argument of the timed loop, as in the model's
+    compiled decode loop: stored words (``Model.with_weight_layout("words")``) -> the word kernels; the byte
+    layout -> the v3 byte kernels (docs/KERNELS.md §2, "Getting the word kernels")."""
+    mode = "interpret" if interpret else "pallas"
+
+    def f(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+        return ops.qmatmul(x, w, mode=mode)
+
+    layouts = ("words",) if tab.smoke else ("words", "bytes")
+    for layout in layouts:
+        held = [w.with_layout(layout) for w in ws]  # repacked once per weight, before timing
+        tab.add(name, 1, f"{fmt} ops.qmatmul (traced, stored {layout})", f, list(zip(xs, held, strict=False)),
+                nbytes, t_bf16, f"w{32 if layout == 'words' else 8} via moqe_jax.ops")
 
 
 def run(smoke: bool, out: str, plan: list[tuple[tuple[int, int], tuple[int, ...]]] | None = None,

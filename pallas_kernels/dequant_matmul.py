@@ -45,8 +45,17 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend
-from pallas_kernels.codes import (check_format, code_consts, code_values, dequant_codes, pack_words, unpack_words,
-                                  value_shift, words_supported, words_unsupported_reason)
+from pallas_kernels.codes import (
+    check_format,
+    code_consts,
+    code_values,
+    dequant_codes,
+    pack_words,
+    unpack_words,
+    value_shift,
+    words_supported,
+    words_unsupported_reason,
+)
 
 __all__ = ["Blocks", "Plan", "KernelCall", "FMA_MAX_M", "GEMV_MAX_M", "plan_blocks", "unsupported_reason",
            "words_supported", "word_bits_of", "codes_per_word", "packed_height", "pack_words", "unpack_words",

@@ -16,8 +16,8 @@ Stored leaves:
   * ``zeros``   float32 ``[*batch, G, N]`` or None (asymmetric linear: integer zero-point;
     ternary: the low level ``w_min``; symmetric linear and log: None).
 Static aux data: the ``QuantSpec``, the logical K, the logical float dtype and the layout (a registered
-dataclass pytree: a layout change retraces). The batch shape and N are read from the leaves, so the object stays consistent under
-``vmap``/``scan``/slicing.
+dataclass pytree: a layout change retraces). The batch shape and N are read from the leaves, so the object stays
+consistent under ``vmap``/``scan``/slicing.
 """
 
 from __future__ import annotations
