@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -146,6 +147,31 @@ def _commit(tmp: str, directory: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_export(directory: str | os.PathLike, kind: str, config: dict, write: Callable[[str], None]) -> str:
+    """Write an export directory atomically: ``write(tmp)`` fills a temporary sibling, ``config`` goes to its
+    ``config.json``, then it is renamed into place; return the directory. Replaces an earlier export (a
+    directory with ``config.json``), never a file or another non-empty directory (``kind`` names the export)."""
+    d = os.path.abspath(os.fspath(directory))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise CheckpointError(f"{d} exists and is not a directory")
+    if os.path.isdir(d) and os.listdir(d) and not os.path.exists(os.path.join(d, CONFIG_FILE)):
+        raise CheckpointError(f"{d} is a non-empty directory that is not a {kind} export; refusing to "
+                              "replace it (choose a new directory)")
+    parent = os.path.dirname(d)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(d)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        _commit(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return d
+
+
 def export_hf(model: _ModelLike, directory: str | os.PathLike, dtype: str = "float32") -> str:
     """Write ``model`` as a Hugging Face Switch directory (``config.json`` + ``model.safetensors``), atomically;
     return the directory. Replaces an earlier export, never another non-empty directory."""
@@ -153,18 +179,8 @@ def export_hf(model: _ModelLike, directory: str | os.PathLike, dtype: str = "flo
 
     cfg = model.config
     tensors = hf_state_dict(cfg, model.params, dtype)
-    d = os.path.abspath(os.fspath(directory))
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise CheckpointError(f"{d} exists and is not a directory")
-    if os.path.isdir(d) and os.listdir(d) and not os.path.exists(os.path.join(d, CONFIG_FILE)):
-        raise CheckpointError(f"{d} is a non-empty directory that is not a Hugging Face export; refusing to "
-                              "replace it (choose a new directory)")
-    hf_cfg = {**cfg.to_hf(), "dtype": dtype, "_name_or_path": cfg.name, CONFIG_KEY: cfg.to_dict()}
-    parent = os.path.dirname(d)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(d)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+
+    def write(tmp: str) -> None:
         # safetensors refuses tensors that share memory: the embedding copies are written as copies
         seen: set[int] = set()
         for k, v in tensors.items():
@@ -172,10 +188,6 @@ def export_hf(model: _ModelLike, directory: str | os.PathLike, dtype: str = "flo
                 tensors[k] = v.copy()
             seen.add(id(tensors[k]))
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(hf_cfg, f, indent=2, sort_keys=True)
-        _commit(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return d
+
+    hf_cfg = {**cfg.to_hf(), "dtype": dtype, "_name_or_path": cfg.name, CONFIG_KEY: cfg.to_dict()}
+    return write_export(directory, "Hugging Face", hf_cfg, write)

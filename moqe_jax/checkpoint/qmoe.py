@@ -14,9 +14,7 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -211,6 +209,8 @@ def qmoe_state_dicts(cfg: Any, params: Mapping[str, Any], dtype: str = "float32"
                                   "ternary experts only; run `moqe compress MODEL --bits ternary --format sub1 "
                                   "--out DIR` first (or export dequantized weights with --to-hf)")
     noexp = hf_state_dict(cfg, dict(params), dtype, skip=skip)
+    for k in _TIED_COPIES[:2]:  # HF's encoder/decoder embed_tokens are the shared module: shared.weight loads them
+        noexp.pop(k, None)
     exps: list[dict[str, np.ndarray]] = []
     sizes: dict[str, int] = {}
     for base, prefix in layers:
@@ -242,12 +242,7 @@ def _write(d: str, stem: str, sd: Mapping[str, Any], fmt: str) -> None:
     else:
         from moqe_jax.checkpoint.store import write_safetensors
 
-        seen: set[int] = set()  # safetensors refuses tensors sharing memory (untied embedding copies)
-        out = {}
-        for k, v in sd.items():
-            out[k] = v.copy() if id(v) in seen else v
-            seen.add(id(v))
-        write_safetensors(os.path.join(d, f"{stem}.safetensors"), out, metadata={"format": "pt"})
+        write_safetensors(os.path.join(d, f"{stem}.safetensors"), dict(sd), metadata={"format": "pt"})
 
 
 def export_qmoe(model: Any, directory: str | os.PathLike, dtype: str = "float32", format: str = "safetensors") -> str:
@@ -259,7 +254,7 @@ def export_qmoe(model: Any, directory: str | os.PathLike, dtype: str = "float32"
     torch ``.pt`` files (``format="pt"``, needs torch; the only layout QMoE's ``load_sub1`` reads).
     Replaces an earlier export, never another non-empty directory.
     """
-    from moqe_jax.checkpoint.hf_export import CONFIG_FILE, CONFIG_KEY, _commit
+    from moqe_jax.checkpoint.hf_export import CONFIG_KEY, write_export
 
     if format not in QMOE_FORMATS:
         raise CheckpointError(f"QMoE export format {format!r}: choose one of {', '.join(QMOE_FORMATS)}")
@@ -273,29 +268,16 @@ def export_qmoe(model: Any, directory: str | os.PathLike, dtype: str = "float32"
     noexp, exps, sizes = qmoe_state_dicts(cfg, model.params, dtype)
     expert = next(x for x in jax.tree_util.tree_leaves(model.params, is_leaf=lambda x: isinstance(x, Sub1Tensor))
                   if isinstance(x, Sub1Tensor))
-    d = os.path.abspath(os.fspath(directory))
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise CheckpointError(f"{d} exists and is not a directory")
-    if os.path.isdir(d) and os.listdir(d) and not os.path.exists(os.path.join(d, CONFIG_FILE)):
-        raise CheckpointError(f"{d} is a non-empty directory that is not a QMoE export; refusing to replace it "
-                              "(choose a new directory)")
     conf = {**cfg.to_hf(), "torch_dtype": "bfloat16", "_name_or_path": cfg.name, CONFIG_KEY: cfg.to_dict(),
             QMOE_KEY: {"expert_dtype": np.dtype(expert.dtype).name, "format": format, "noexp_dtype": dtype}}
-    os.makedirs(os.path.dirname(d), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(d), f".{os.path.basename(d)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+
+    def write(tmp: str) -> None:
         _write(tmp, NOEXP, noexp, format)
         for i, sd in enumerate(exps):
             _write(tmp, f"exp{i:02d}", sd, format)
         _write(tmp, SIZES, sizes, format)
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(conf, f, indent=2, sort_keys=True)
-        _commit(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return d
+
+    return write_export(directory, "QMoE", conf, write)
 
 
 def is_qmoe_dir(directory: str | os.PathLike) -> bool:
