@@ -1,8 +1,9 @@
 """``moqe info``: parameter counts per component (and, for a saved/HF/T5X model, storage facts).
 
 ``moqe info --preset switch-c-2048 [--json]`` works without allocating weights (``jax.eval_shape``).
-``moqe info MODEL`` accepts ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), a ``Model.save``
-directory or ``default`` (the bundled model); ``--config NAME|FILE.json`` alone reports a config's counts.
+``moqe info MODEL`` accepts ``hf:DIR``, ``t5x:DIR`` (its ``config.json`` or ``--config``), ``qmoe:DIR`` (a QMoE
+checkpoint, e.g. from ``moqe convert --to-qmoe``), a ``Model.save`` directory or ``default`` (the bundled model);
+``--config NAME|FILE.json`` alone reports a config's counts.
 Byte sizes use decimal units (MB = 10^6 bytes), as the size report does.
 """
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.path is None:
         cfg = config_from_args(args)
         if cfg is None:
-            raise ConfigError("give a MODEL (hf:DIR, t5x:DIR, saved dir, default) or --config NAME|FILE.json")
+            raise ConfigError("give a MODEL (hf:DIR, t5x:DIR, qmoe:DIR, saved dir, default) or --config NAME|FILE.json")
         d = info_dict(cfg)
     else:
         model = load_model_args(args, args.path)
