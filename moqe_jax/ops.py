@@ -297,7 +297,10 @@ def indexed_qmatmul(x: jax.Array, w: MaybePacked, expert_ids: jax.Array, *, mode
 # ---------------------------------------------------------------------------------------------
 # Ragged (dropless) grouped matmul: rows sorted by expert
 # ---------------------------------------------------------------------------------------------
-RaggedPlan = Literal["slots", "indexed", "tiles"]
+RaggedPlan = Literal["slots", "chunks", "indexed", "tiles"]
+_CHUNK_MIN_BYTES = 1 << 20  # "chunks" only when one expert matrix (as f32) exceeds this (CPU L2-sized)
+_CHUNK_BYTES = 256 << 10  # at most this many bytes (as f32) per K-chunk block
+_CHUNK_STREAMS = 2  # independent chunk loops per row (XLA:CPU runs them concurrently); measured on 2 cores
 
 
 def _ragged_tile(m: int, e: int) -> int:
@@ -308,9 +311,64 @@ def _ragged_tile(m: int, e: int) -> int:
     return t
 
 
+def _dslice(w: jax.Array, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> jax.Array:
+    """``lax.dynamic_slice`` of a float array; sub-f32 floats are sliced through an unsigned-int view.
+
+    XLA:CPU's bf16 float normalization treats a bf16 dynamic-slice as unsupported and converts the *whole*
+    operand to f32 first (a 4-byte copy of every expert, which loop-invariant code motion then hoists out of
+    the decode loop); slicing the same bits as uint16 leaves only the chosen block to be converted.
+    """
+    dt = jnp.dtype(w.dtype)
+    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
+        u = jnp.dtype(f"uint{8 * dt.itemsize}")
+        bits = jax.lax.dynamic_slice(jax.lax.bitcast_convert_type(w, u), starts, sizes)
+        return jax.lax.bitcast_convert_type(bits, dt)
+    return jax.lax.dynamic_slice(w, starts, sizes)
+
+
 def _expert(w: MaybePacked, i: jax.Array) -> MaybePacked:
     """``W[i]`` of a stacked weight (traced ``i``: a dynamic slice; packed leaves are expert-aligned)."""
-    return cast(Any, w)[i]
+    if is_packed(w):
+        return cast(Any, w)[i]
+    a = cast(jax.Array, w)
+    return _dslice(a, (i,) + (0,) * (a.ndim - 1), (1, *a.shape[1:]))[0]
+
+
+def _chunk_rows(k: int, n: int, itemsize: int) -> int:
+    """K rows per block of the "chunks" plan (a power of two ≤ ``_CHUNK_BYTES`` of f32 that divides each
+    stream's share of K), or 0 when the expert matrix is small (it stays in cache) or K does not split."""
+    b = max(itemsize, 4)
+    if k * n * b <= _CHUNK_MIN_BYTES or k % _CHUNK_STREAMS:
+        return 0
+    kc = 1
+    while 2 * kc * n * b <= _CHUNK_BYTES and (k // _CHUNK_STREAMS) % (2 * kc) == 0:
+        kc *= 2
+    return kc
+
+
+def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_type: Any) -> jax.Array:
+    """``x [1, K] @ W[e]`` for a float stacked ``W [E, K, N]``, reading ``W[e]`` in ``[kc, N]`` blocks.
+
+    XLA:CPU copies a dynamic slice of a whole expert out of the stack before a dot (a 9.4 MB write + re-read
+    per switch-base matrix); blocks of ``kc`` rows stay in cache. ``_CHUNK_STREAMS`` independent loops over
+    disjoint K ranges run concurrently; partial products are summed in (at least) f32, then cast once, so the
+    result is the row times ``W[e]`` as :func:`qmatmul` computes it up to the order of the f32 sums.
+    """
+    k, n = w.shape[1], w.shape[2]
+    kc = _chunk_rows(k, n, jnp.dtype(w.dtype).itemsize)
+    share = k // _CHUNK_STREAMS
+    out_dt = x.dtype if preferred_element_type is None else preferred_element_type
+    acc_dt = jnp.promote_types(out_dt, jnp.float32)
+
+    def stream(k0: int) -> jax.Array:
+        def step(c: jax.Array, acc: jax.Array) -> jax.Array:
+            r = k0 + c * kc
+            blk = _dslice(w, (e, r, 0), (1, kc, n))[0].astype(x.dtype)
+            return acc + jnp.dot(jax.lax.dynamic_slice_in_dim(x, r, kc, 1), blk, preferred_element_type=acc_dt)
+        return jax.lax.fori_loop(0, share // kc, step, jnp.zeros((x.shape[0], n), acc_dt))
+
+    parts = [stream(s * share) for s in range(_CHUNK_STREAMS)]
+    return sum(parts[1:], parts[0]).astype(out_dt)
 
 
 def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPlan:
@@ -320,6 +378,8 @@ def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPl
       kernel, row ``i`` times ``W[expert(i)]`` (the kernel reads only the listed experts);
     * ``"slots"``: fewer rows than experts otherwise: a loop over rows, each reading (and, for packed
       weights, decoding) only its own expert ``W[e]`` (a dynamic slice: no gather of all E experts);
+    * ``"chunks"``: "slots" for a float ``w`` on CPU whose expert matrices exceed ``_CHUNK_MIN_BYTES``: each
+      row reads its expert in ``[kc, N]`` blocks (XLA:CPU would copy the whole ``W[e]`` slice out first);
     * ``"tiles"``: otherwise (megablox-style): tiles of ``tm`` sorted rows × the experts they touch; each
       work item reads one expert and multiplies one tile, rows of other experts masked out.
     """
@@ -327,6 +387,9 @@ def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPl
     if m < e:
         if is_packed(w) and resolve_mode(mode) != "xla" and explain(x[:, None, :], w, "indexed") is None:
             return "indexed"
+        if (not is_packed(w) and jax.default_backend() == "cpu"
+                and _chunk_rows(w.shape[1], w.shape[2], jnp.dtype(w.dtype).itemsize)):
+            return "chunks"
         return "slots"
     return "tiles"
 
@@ -354,18 +417,22 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
     gs = jnp.asarray(group_sizes, jnp.int32)
     ends = jnp.cumsum(gs)
     plan = ragged_plan(x, w, mode=mode)
-    if plan in ("indexed", "slots"):
+    if plan in ("indexed", "slots", "chunks"):
         row_expert = jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
         live = row_expert < e
         ids = jnp.minimum(row_expert, e - 1)
         if plan == "indexed":
             y = indexed_qmatmul(x[:, None, :], w, ids, mode=mode, preferred_element_type=preferred_element_type)[:, 0]
         else:  # a fori_loop writing rows in place (measured faster on CPU than lax.map or an unrolled loop)
+            def row(xi: jax.Array, ei: jax.Array) -> jax.Array:
+                if plan == "chunks":
+                    return _chunked_matmul(xi, cast(jax.Array, w), ei, preferred_element_type)
+                return qmatmul(xi, _expert(w, ei), mode=mode, preferred_element_type=preferred_element_type)
+
             def one(i: jax.Array, out: jax.Array) -> jax.Array:
-                yi = qmatmul(jax.lax.dynamic_slice_in_dim(x, i, 1), _expert(w, ids[i]), mode=mode,
-                             preferred_element_type=preferred_element_type)
+                yi = row(jax.lax.dynamic_slice_in_dim(x, i, 1), ids[i])
                 return jax.lax.dynamic_update_slice_in_dim(out, yi.astype(out.dtype), i, 0)
-            y = jax.lax.fori_loop(0, m, one, jnp.zeros((m, n), out_dt))
+            y = row(x, ids[0]).astype(out_dt) if m == 1 else jax.lax.fori_loop(0, m, one, jnp.zeros((m, n), out_dt))
         return jnp.where(live[:, None], y, jnp.zeros((), y.dtype))
     # tiles: work item = (tile of tm sorted rows, one expert whose rows overlap the tile)
     tm = _ragged_tile(m, e)

@@ -110,6 +110,38 @@ def test_ragged_qmatmul_kernel_interpret(seed, kind):
     assert _rel(y, _np_ragged(x, ops.dequantize_weight(w, jnp.float32), sizes)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_ragged_qmatmul_chunks_plan(seed, dtype, m):
+    """Float experts over ``_CHUNK_MIN_BYTES`` on CPU: each row reads its expert in K-chunks (two streams summed
+    in f32, cast once); per row still that row times W[e] (NumPy f64; bf16: within the output's rounding)."""
+    rng = np.random.default_rng(seed)
+    e, k, n = 4, 256, 1280  # 1.3 MB per expert as f32
+    w = jnp.asarray(rng.standard_normal((e, k, n)), dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    sizes = _sizes(rng, m, e, "random")
+    assert ops.ragged_plan(x, w) == "chunks" and ops.ragged_plan(x, w[:, :, :64]) == "slots"
+    y = jax.jit(lambda x, w, g: ops.ragged_qmatmul(x, w, g))(x, w, jnp.asarray(sizes))
+    assert y.shape == (m, n) and y.dtype == jnp.dtype(dtype)
+    assert _rel(y, _np_ragged(x, w, sizes)) <= (1e-5 if dtype == "float32" else 2 ** -7)
+
+
+def test_bf16_dropless_has_no_f32_expert_stack():
+    """XLA:CPU converts the whole bf16 operand of a dynamic-slice to f32 (float normalization) unless the slice
+    reads a uint16 view: no f32 value of an expert stack's shape in the compiled layer (slots, chunks, tiles)."""
+    e, d = 4, 256
+    for f, b in ((128, 2), (1280, 2), (128, 8)):  # slots, chunks, tiles (b·1·k ≥ E)
+        cfg = SwitchConfig.preset("tiny", d_model=d, d_ff=f, num_experts=e, dtype="bfloat16", routing_mode="dropless")
+        params = {"router": {"router_weights": {"w": {"kernel": jnp.zeros((d, e))}}},
+                  "expert": {"wi": {"kernel": jnp.zeros((e, d, f), jnp.bfloat16)},
+                             "wo": {"kernel": jnp.zeros((e, f, d), jnp.bfloat16)}}}
+        x = jnp.zeros((b, 1, d), jnp.bfloat16)
+        layer = MoeLayer(cfg)
+        hlo = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0]).lower(params, x).compile().as_text()
+        assert f"bf16[{e},{d},{f}]" in hlo  # the stacks themselves are in the module
+        assert f"f32[{e},{d},{f}]" not in hlo and f"f32[{e},{f},{d}]" not in hlo, (f, b)
+
+
 def test_ragged_qmatmul_bad_shapes():
     w = jnp.zeros((4, 8, 6))
     with pytest.raises(ValueError, match="x \\[M, K\\]"):
