@@ -9,11 +9,13 @@ import filecmp
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from test_sub1_codec import _qmoe_reference_layout
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from moqe_jax.api import load_model
 from moqe_jax.checkpoint.qmoe import load_qmoe
@@ -60,21 +62,28 @@ def test_qmoe_export_round_trip_and_errors(tmp_path, seed, capsys, monkeypatch):
     _assert_same_model(got, ref)
     rng = np.random.default_rng(seed)
     ids, dids = rng.integers(2, src.config.vocab_size, (2, 9)), rng.integers(2, src.config.vocab_size, (2, 5))
-    np.testing.assert_array_equal(np.asarray(got.logits(ids, dids)), np.asarray(ref.logits(ids, dids)))
-    # the layout against an independent transcription of QMoE's Sub1Linear buffers (one random expert per matrix)
+    logits = jax.jit(lambda m, a, b: m.logits(a, b))  # one program for both (same pytree structure)
+    np.testing.assert_array_equal(np.asarray(logits(got, ids, dids)), np.asarray(logits(ref, ids, dids)))
+    # the layout against an independent transcription of QMoE's Sub1Linear buffers: 16 random rows of one random
+    # expert per matrix (the pure-Python reference encoder is slow), plus the totals
     sd = read_safetensors(os.path.join(q, "exp00.safetensors"))[0]
     sizes = json.loads((tmp_path / "q" / "sizes.json").read_text())
     st_all = flatten_params(src.params)
     for w in ("wi", "wo"):
         st = st_all[f"encoder/layers_1/mlp/expert/{w}/kernel"]
-        j = int(rng.integers(st.shape[0]))
-        want = _qmoe_reference_layout(np.asarray(st[j].decode().codes()), np.asarray(st.zeros)[j],
-                                      np.asarray(st.scales)[j])
+        j, r0 = int(rng.integers(st.shape[0])), int(rng.integers(st.n - 16))
+        rows = slice(r0, r0 + 16)
+        want = _qmoe_reference_layout(np.asarray(st[j].decode().codes())[:, rows], np.asarray(st.zeros)[j, rows],
+                                      np.asarray(st.scales)[j, rows])
         name = f"encoder.block.1.layer.1.mlp.experts.expert_{j}.{w}"
-        for key, v in want.items():
-            assert sd[f"{name}.{key}"].dtype == v.dtype and sd[f"{name}.{key}"].tobytes() == v.tobytes(), (name, key)
+        w_comp, row_off, mm = (sd[f"{name}.{key}"] for key in ("w_comp", "row_off", "ter_minmax"))
+        assert (w_comp.dtype, row_off.dtype, mm.dtype) == (np.int16, np.int32, BF16)
+        assert row_off[0] == 0 and row_off.shape == (st.n + 1,) and mm.shape == (2 * st.n,)
+        assert w_comp[row_off[r0]:row_off[r0 + 16]].tobytes() == want["w_comp"].tobytes()
+        np.testing.assert_array_equal(row_off[r0:r0 + 17] - row_off[r0], want["row_off"])
+        assert mm[2 * r0:2 * r0 + 32].tobytes() == want["ter_minmax"].tobytes()
         assert sd[f"{name}.weight"].shape == (0,) and sd[f"{name}.weight"].dtype == BF16
-        assert sizes[name] == want["w_comp"].size
+        assert sizes[name] == w_comp.size == row_off[-1]
     # exporting what was read back writes the same bytes; info reads the directory
     assert main(["convert", "--from", f"qmoe:{q}", "--to-qmoe", q2]) == 0
     assert sorted(os.listdir(q)) == sorted(os.listdir(q2))
@@ -92,6 +101,18 @@ def test_qmoe_export_round_trip_and_errors(tmp_path, seed, capsys, monkeypatch):
             ("weight", torch.bfloat16))}
     assert torch.load(os.path.join(qp, "sizes.pt"), weights_only=True) == sizes
     _assert_same_model(load_model(f"qmoe:{qp}"), got)
+    # what QMoE's loader does with them (sub1.py load_sub1): an HF Switch model from config.json in bf16, every
+    # noexp key copied into its state dict (same shape), expert buffers into Sub1Linear modules at the experts'
+    # wi/wo; keys it does not load are only the tied copies of shared.weight
+    hf_cfg = SwitchTransformersConfig.from_pretrained(qp)
+    assert hf_cfg.dtype == torch.bfloat16
+    hf = SwitchTransformersForConditionalGeneration(hf_cfg)
+    hf_sd, mods = hf.state_dict(), dict(hf.named_modules())
+    noexp = torch.load(os.path.join(qp, "noexp.pt"), weights_only=True)
+    assert all(k in hf_sd and hf_sd[k].shape == v.shape for k, v in noexp.items())
+    assert {k for k in hf_sd if k not in noexp and ".experts." not in k} <= {
+        "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
+    assert all(k.rsplit(".", 1)[0] in mods for k in pt)
     # a model with float experts: one line saying to compress first, nothing written
     capsys.readouterr()
     assert main(["convert", "--from", "default", "--to-qmoe", str(tmp_path / "f")]) == 2
