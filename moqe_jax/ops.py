@@ -21,6 +21,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, cast
 
 import jax
@@ -320,10 +321,23 @@ def _dslice(w: jax.Array, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> ja
     """
     dt = jnp.dtype(w.dtype)
     if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
-        u = jnp.dtype(f"uint{8 * dt.itemsize}")
-        bits = jax.lax.dynamic_slice(jax.lax.bitcast_convert_type(w, u), starts, sizes)
-        return jax.lax.bitcast_convert_type(bits, dt)
+        return _dslice_bits(w, tuple(jnp.asarray(s, jnp.int32) for s in starts), tuple(sizes))
     return jax.lax.dynamic_slice(w, starts, sizes)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _dslice_bits(w: jax.Array, starts: tuple[jax.Array, ...], sizes: tuple[int, ...]) -> jax.Array:
+    """The uint-view slice of :func:`_dslice`; its derivative is the plain slice of the tangent (a bitcast
+    to an integer type alone would make the gradient silently zero)."""
+    u = jnp.dtype(f"uint{8 * jnp.dtype(w.dtype).itemsize}")
+    bits = jax.lax.dynamic_slice(jax.lax.bitcast_convert_type(w, u), starts, sizes)
+    return jax.lax.bitcast_convert_type(bits, w.dtype)
+
+
+@_dslice_bits.defjvp
+def _dslice_bits_jvp(sizes: tuple[int, ...], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    w, starts = primals
+    return _dslice_bits(w, starts, sizes), jax.lax.dynamic_slice(tangents[0], starts, sizes)
 
 
 def _expert(w: MaybePacked, i: jax.Array) -> MaybePacked:

@@ -126,6 +126,22 @@ def test_ragged_qmatmul_chunks_plan(seed, dtype, m):
     assert _rel(y, _np_ragged(x, w, sizes)) <= (1e-5 if dtype == "float32" else 2 ** -7)
 
 
+@pytest.mark.parametrize("n", [24, 1280])  # slots, chunks
+def test_ragged_qmatmul_bf16_weight_grad(seed, n):
+    """bf16 experts are sliced through a uint16 view: the gradient still flows (d sum(y) / d W[e] = the sum of
+    group e's rows, broadcast over N; NumPy f64), and experts without rows get 0."""
+    rng = np.random.default_rng(seed)
+    e, k, m = 4, 256, 3
+    w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    sizes = _sizes(rng, m, e, "random")
+    g = jax.jit(jax.grad(lambda w: jnp.sum(ops.ragged_qmatmul(x, w, jnp.asarray(sizes)).astype(jnp.float32))))(w)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    xs = np.asarray(x, np.float64)
+    ref = np.stack([np.broadcast_to(xs[starts[i]:starts[i + 1]].sum(0)[:, None], (k, n)) for i in range(e)])
+    assert g.dtype == jnp.bfloat16 and _rel(g, ref) <= 2 ** -7
+
+
 def test_bf16_dropless_has_no_f32_expert_stack():
     """XLA:CPU converts the whole bf16 operand of a dynamic-slice to f32 (float normalization) unless the slice
     reads a uint16 view: no f32 value of an expert stack's shape in the compiled layer (slots, chunks, tiles)."""
