@@ -6,6 +6,11 @@ experts, then measures each read in a fresh subprocess (VmHWM minus the RSS afte
 writes the same parameters as an Orbax OCDBT T5X step and measures the same reads on it.
 
     python -m benchmarks.t5x_lazy_rss [--dir /tmp/t5x_rss] [--layers 2] [--experts 128] [--orbax] [--keep]
+        [--modes index,expert,expert_ts,expert_ts_limits,layer,layer_f32,all,all_f32]
+
+``expert_ts`` / ``expert_ts_limits`` read the same expert as one plain tensorstore read (default context /
+concurrency limits 1 and no cache), to compare with the reader's one-read-per-chunk loop. The results file
+is rewritten: keep its notes sections by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ MODES = {
     "expert": "read_slice(encoder/layers_1/mlp/expert/wi/kernel, 5) (one expert, stored bf16)",
     "layer": "read_layer(encoder/layers_1) (one sparse layer, stored bf16)",
     "layer_f32": "read_layer(encoder/layers_1, float32)",
+    "expert_ts": "the same expert as ONE tensorstore read (default context; what the reader avoids)",
+    "expert_ts_limits": "the same expert as ONE tensorstore read, data_copy/file_io concurrency 1, cache_pool 0",
     "all": "read_all() (whole checkpoint, stored bf16)",
     "all_f32": "load_t5x_params (whole checkpoint as float32, what load_model does)",
 }
@@ -66,6 +73,14 @@ def child(path: str, mode: str) -> None:
             nbytes = 0
         elif mode == "expert":
             nbytes = ck.read_slice("encoder/layers_1/mlp/expert/wi/kernel", 5).nbytes
+        elif mode.startswith("expert_ts"):  # tensorstore alone, for comparison (issue 15)
+            import tensorstore as ts
+
+            lim = {"data_copy_concurrency": {"limit": 1}, "file_io_concurrency": {"limit": 1},
+                   "cache_pool": {"total_bytes_limit": 0}}
+            spec = ck.info("encoder/layers_1/mlp/expert/wi/kernel").ts_spec
+            t = ts.open(spec, read=True, context=ts.Context(lim if mode.endswith("limits") else {})).result()
+            nbytes = t[5].read().result().nbytes
         elif mode.startswith("layer"):
             out = ck.read_layer("encoder/layers_1", np.float32 if mode == "layer_f32" else None)
             nbytes = sum(a.nbytes for a in out.values())
@@ -133,6 +148,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=128, help="experts per sparse layer (base-128: 128)")
     ap.add_argument("--orbax", action="store_true", help="also measure an Orbax OCDBT copy")
     ap.add_argument("--keep", action="store_true", help="keep the fixture")
+    ap.add_argument("--modes", default="index,expert,layer,layer_f32,all,all_f32",
+                    help=f"comma-separated legacy-layout reads, of: {', '.join(MODES)}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "t5x_lazy_rss.md"))
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -146,7 +163,7 @@ def main() -> None:
         make_fixture(args.dir, args.layers, args.experts)
     write_s = time.perf_counter() - t0
     disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck) for f in fs)
-    runs = [("legacy", ck, list(MODES))]
+    runs = [("legacy", ck, [m for m in args.modes.split(",") if m in MODES])]
     orbax_s = orbax_disk = 0.0
     if args.orbax:
         t0 = time.perf_counter()
