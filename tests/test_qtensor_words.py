@@ -217,3 +217,28 @@ def test_model_logits_and_decode_loop_bytes_vs_words(seed: int) -> None:
 
     assert names(qw.params) == {"w32"}
     assert names(qb.params) == {"w8"}
+
+
+def test_sharding_specs_and_placement_keep_words(seed: int) -> None:
+    from jax.sharding import AbstractMesh, Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from moqe_jax import sharding as shd
+
+    rng = np.random.default_rng(seed)
+    m = Model.init("tiny", 0)
+    e, d, f = m.config.num_experts, m.config.d_model, m.config.d_ff
+    qw = QuantizedTensor.from_codes(rng.integers(0, 16, (e, d, f)), rng.uniform(0.5, 1, (e, 1, f)),
+                                    rng.integers(0, 16, (e, 1, f)).astype(np.float32), QuantSpec(4, symmetric=False),
+                                    layout="words")
+    assert qw.layout == "words" and qw.packed.dtype == np.uint32
+    p = m.params
+    p["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"] = qw
+    got = shd.param_specs(p, AbstractMesh((1, 2, 2), shd.MESH_AXES))["encoder"]["layers_1"]["mlp"]["expert"]["wi"]
+    spec = got["kernel"]
+    assert isinstance(spec, QuantizedTensor) and spec.layout == "words"
+    assert spec.packed == spec.scales == spec.zeros == P("expert", None, None)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), shd.MESH_AXES)
+    placed = jax.device_put(p, shd.param_shardings(p, mesh))["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"]
+    assert placed.layout == "words"
+    np.testing.assert_array_equal(np.asarray(placed.dequantize()), np.asarray(qw.dequantize()))
