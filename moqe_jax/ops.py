@@ -328,8 +328,14 @@ def _dslice(w: jax.Array, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> ja
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dslice_bits(w: jax.Array, starts: tuple[jax.Array, ...], sizes: tuple[int, ...]) -> jax.Array:
     """The uint-view slice of :func:`_dslice`; its derivative is the plain slice of the tangent (a bitcast
-    to an integer type alone would make the gradient silently zero)."""
+    to an integer type alone would make the gradient silently zero).
+
+    XLA:CPU emits a bitcast-convert of the whole stack as a copy kernel, and loop-invariant code motion would
+    hoist it out of the loops as one (a full copy per call); the optimization barrier ties ``w`` to the
+    (loop-variant) slice start, so the view, slice and convert stay one fusion that reads only the block.
+    """
     u = jnp.dtype(f"uint{8 * jnp.dtype(w.dtype).itemsize}")
+    w, starts = jax.lax.optimization_barrier((w, starts))
     bits = jax.lax.dynamic_slice(jax.lax.bitcast_convert_type(w, u), starts, sizes)
     return jax.lax.bitcast_convert_type(bits, w.dtype)
 

@@ -143,19 +143,22 @@ def test_ragged_qmatmul_bf16_weight_grad(seed, n):
 
 
 def test_bf16_dropless_has_no_f32_expert_stack():
-    """XLA:CPU converts the whole bf16 operand of a dynamic-slice to f32 (float normalization) unless the slice
-    reads a uint16 view: no f32 value of an expert stack's shape in the compiled layer (slots, chunks, tiles)."""
-    e, d = 4, 256
-    for f, b in ((128, 2), (1280, 2), (128, 8)):  # slots, chunks, tiles (b·1·k ≥ E)
+    """XLA:CPU converts the whole bf16 operand of a dynamic-slice to f32 (float normalization) and copies a
+    whole-stack bitcast-convert: neither may happen, so the compiled layer (slots, chunks, tiles) holds no f32
+    value of an expert stack's shape and its temp memory stays under half of one bf16 stack."""
+    e, d = 16, 256
+    for f, b in ((128, 2), (1280, 2), (128, 16)):  # slots, chunks, tiles (b·1·k ≥ E)
         cfg = SwitchConfig.preset("tiny", d_model=d, d_ff=f, num_experts=e, dtype="bfloat16", routing_mode="dropless")
         params = {"router": {"router_weights": {"w": {"kernel": jnp.zeros((d, e))}}},
                   "expert": {"wi": {"kernel": jnp.zeros((e, d, f), jnp.bfloat16)},
                              "wo": {"kernel": jnp.zeros((e, f, d), jnp.bfloat16)}}}
         x = jnp.zeros((b, 1, d), jnp.bfloat16)
         layer = MoeLayer(cfg)
-        hlo = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0]).lower(params, x).compile().as_text()
+        c = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x)[0]).lower(params, x).compile()
+        hlo = c.as_text()
         assert f"bf16[{e},{d},{f}]" in hlo  # the stacks themselves are in the module
         assert f"f32[{e},{d},{f}]" not in hlo and f"f32[{e},{f},{d}]" not in hlo, (f, b)
+        assert c.memory_analysis().temp_size_in_bytes < e * d * f * 2 / 2, (f, b)
 
 
 def test_ragged_qmatmul_bad_shapes():
