@@ -23,13 +23,14 @@ Writes ``<out>/gptq_dead_inputs.{md,json}`` (default docs/results/).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eval.common import RESULTS, Timer, command_line, machine_note, md_table, write_json, write_markdown
+from eval.common import REPO, RESULTS, Timer, command_line, machine_note, md_table, write_json, write_markdown
 
 
 def capture_ffn_inputs(model: Any, batches: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -138,6 +139,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _rel_path(p: str) -> str:
+    """``p`` relative to the repository when it lies inside it (results pages name no local paths)."""
+    r = os.path.relpath(os.path.abspath(p), REPO)
+    return p if r.startswith("..") else r
+
+
 def main(argv: list[str] | None = None) -> int:
     from moqe_jax.api import load_model
     from moqe_jax.calibration import calibration_batches
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{s['calib_zero_mean']:.4f}", f"{s['calib_keep_mean']:.4f}"])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     body = (f"Run {when}; {machine_note()}; {total.wall:.0f} s wall.\n\n" + md_table(head, table) +
-            f"\n\nModel: {args.model}. Calibration: {args.calib.replace(',', ' or ')} training translation pairs "
+            f"\n\nModel: {_rel_path(args.model)}. Calibration: {args.calib.replace(',', ' or ')} training "
+            "translation pairs "
             f"(512 as eval/reproduce_qmoe.py; fewer pairs = fewer tokens per expert, more dead inputs); "
             f"held-out: {args.heldout} test-split pairs. FFN inputs of the float model "
             "(driver token mask: no padding, no sentinels); each sparse layer's experts solved by `compress_ffn` "
