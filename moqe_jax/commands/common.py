@@ -151,8 +151,9 @@ def _load_model_args(args: argparse.Namespace, source: str | None, seed: int) ->
     base = config_value(getattr(args, "config", None))
     sets = parse_sets(getattr(args, "set", None))
     kernels = getattr(args, "kernels", "auto")
-    opts = {"nonfinite": getattr(args, "nonfinite", "warn"), "allow_outside": getattr(args, "allow_outside", False),
-            "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
+    opts: dict[str, Any] = {"nonfinite": getattr(args, "nonfinite", "warn"),
+                            "allow_outside": getattr(args, "allow_outside", False),
+                            "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
     if src.startswith("init:") and not (opts["allow_outside"] or opts["allow_missing_chunks"]):
         cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)  # (with a trust flag: load_model refuses)
         return Model.init(cfg, seed=seed).with_kernels(kernels)
