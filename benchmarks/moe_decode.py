@@ -18,7 +18,7 @@ float and int4 experts, medians of ≥ 5 rounds over rotating token sets, compil
 Notes and expectations: benchmarks/results/moe_decode_notes.md.
 
     python -m benchmarks.moe_decode [--quick]
-    python -m benchmarks.moe_decode --layer [--quick] [--formats float32,int4] [--batches 1,16]
+    python -m benchmarks.moe_decode --layer [--quick] [--formats float32,int4] [--batches 1,16] [--cold]
     python -m benchmarks.moe_decode --forward [--rounds 7]     # whole model, batch 8: t5x vs hf vs dropless
 """
 
@@ -151,9 +151,21 @@ def _timed_compile(fn, *args):
     return c, time.perf_counter() - t0
 
 
-def _median_per_call(cases: dict[str, list], rounds: int) -> dict[str, float]:
+_FLUSH: list[np.ndarray] = []
+
+
+def _flush_caches() -> None:
+    """Evict the CPU caches (read + write 64 MiB, more than this machine's L3): the next call reads its weights
+    from DRAM, as a decode step of a real model does (each layer's experts are evicted by the other layers')."""
+    if not _FLUSH:
+        _FLUSH.append(np.zeros(8 << 20))
+    _FLUSH[0] += 1.0
+
+
+def _median_per_call(cases: dict[str, list], rounds: int, cold: bool = False) -> dict[str, float]:
     """Per case, the median over ``rounds`` of the mean seconds of one call. Each round runs every case's
-    ``(fn, args)`` calls once, the cases interleaved call by call (so load from other processes hits all alike)."""
+    ``(fn, args)`` calls once, the cases interleaved call by call (so load from other processes hits all alike).
+    ``cold``: the caches are flushed (untimed) before every call."""
     per: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         tot = dict.fromkeys(cases, 0.0)
@@ -161,6 +173,8 @@ def _median_per_call(cases: dict[str, list], rounds: int) -> dict[str, float]:
             for name, calls in cases.items():
                 if i < len(calls):
                     fn, args = calls[i]
+                    if cold:
+                        _flush_caches()
                     t0 = time.perf_counter()
                     jax.block_until_ready(fn(*args))
                     tot[name] += time.perf_counter() - t0
@@ -180,14 +194,14 @@ def _expert_weights(fmt: str, key: jax.Array, e: int, d: int, f: int):
 
 
 def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: list[str] | None = None,
-              rounds: int = 5, n_sets: int = 4, kernels: str = "auto") -> list[list]:
+              rounds: int = 5, n_sets: int = 4, kernels: str = "auto", cold: bool = False) -> list[list]:
     """Decode step of one MoE layer through ``MoeLayer``: t5x capacity vs dropless vs floor."""
     gpu = backend.gpu_kernels_available()
     e, d, f = (16, 64, 128) if quick else (128, 768, 3072)
     batches = batches or [1, 16]
     formats = formats or (["bfloat16", "int4"] if gpu else ["float32", "int4"])
     meta = device_info()
-    meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels)
+    meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels, cold_caches=cold)
     rows: list[list] = []
     router = jax.random.normal(jax.random.key(3), (d, e), jnp.float32) * d ** -0.5
     for fmt in formats:
@@ -241,13 +255,13 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
                     raise SystemExit(f"dropless != t5x ({fmt}, {b} tokens): rel err {err:.2e}")
             r = rounds if not quick else 2
             t = _median_per_call({"floor": floor_calls, "floor_seq": seq_calls,
-                                  "dropless": [(fns["dropless"], (params, x)) for x in xs]}, r)
+                                  "dropless": [(fns["dropless"], (params, x)) for x in xs]}, r, cold)
             t_floor, t_drop = min(t["floor"], t["floor_seq"]), t["dropless"]
             print(f"floor: one jit {t['floor'] * 1e3:.3g} ms, per-expert calls {t['floor_seq'] * 1e3:.3g} ms",
                   flush=True)
             meta.setdefault("floor_forms_ms", {})[f"{fmt} {b}"] = {"one_jit": t["floor"] * 1e3,
                                                                     "per_expert_calls": t["floor_seq"] * 1e3}
-            t_cap = _median_per_call({"t5x": [(fns["t5x"], (params, xs[0]))]}, r)["t5x"]
+            t_cap = _median_per_call({"t5x": [(fns["t5x"], (params, xs[0]))]}, r, cold)["t5x"]
             for name, t, c in (("floor (chosen experts' matmuls)", t_floor, floor_c),
                                ("dropless", t_drop, compile_s["dropless"]),
                                ("t5x capacity", t_cap, compile_s["t5x"])):
@@ -262,7 +276,10 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
              "chosen experts' weights pre-sliced, each expert's tokens × its weights (int4: dequantize that expert "
              "+ matmul), nothing else; the faster of one jit over all chosen experts and one jitted call per expert "
              "(both in the json meta). dropless was checked equal to t5x on two sets before timing. Compile time: "
-             "jit lower+compile of one call, separate from the times.")
+             "jit lower+compile of one call, separate from the times."
+             + (" Cold caches: 64 MiB read+written (untimed) before every timed call, so every path reads its "
+                "weights from DRAM." if cold else " Warm: no cache flush between calls (a path may find weights "
+                "another path just read in L3)."))
     write_results(out, "MoE layer decode step: t5x capacity vs dropless vs floor", header, rows, meta, notes)
     return rows
 
@@ -311,6 +328,7 @@ def main(argv=None) -> int:
                     help="the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor")
     ap.add_argument("--formats", default=None, help="--layer: comma list of float32,bfloat16,int4,int2")
     ap.add_argument("--rounds", type=int, default=5, help="--layer/--forward: timing rounds (median)")
+    ap.add_argument("--cold", action="store_true", help="--layer: flush the CPU caches before every timed call")
     ap.add_argument("--forward", action="store_true",
                     help="whole-model forward per routing mode (t5x / hf / dropless), small-mt shape, batch 8")
     a = ap.parse_args(argv)
@@ -321,7 +339,8 @@ def main(argv=None) -> int:
     if a.layer:
         plat = jax.devices()[0].platform  # CPU: moe_decode_cpu.md; GPU: moe_layer_gpu.md (moe_decode_gpu = kernels)
         out = a.out or ("moe_layer_quick" if a.quick else ("moe_decode_cpu" if plat == "cpu" else "moe_layer_" + plat))
-        run_layer(a.quick, out, batches, a.formats.split(",") if a.formats else None, rounds=max(a.rounds, 1))
+        run_layer(a.quick, out, batches, a.formats.split(",") if a.formats else None, rounds=max(a.rounds, 1),
+                  cold=a.cold)
         return 0
     if not backend.gpu_kernels_available() and not a.quick:
         print("no GPU kernels: use --quick on CPU", file=sys.stderr)
