@@ -405,7 +405,8 @@ def run(argv: list[str] | None = None) -> int:
                    "with --gpu: base128)")
     p.add_argument("--gpu", action="store_true", help="the GPU sweep (switch-base-128 shape, bf16/int4/sub1, batch 1)")
     p.add_argument("--engines", default=None, help="comma list: run only these engines of each model's sweep "
-                   "(e.g. moqe-int4,moqe-sub1 for switch-base-128 on a 24 GiB CPU machine, where bf16 does not fit)")
+                   "(e.g. moqe-bf16 alone for switch-base-128 on a 24 GiB CPU machine: bf16 and int4 models together "
+                   "do not fit)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per shape (median reported; ≥5)")
     p.add_argument("--quick", action="store_true", help="tiny sweep (smoke test), 2 rounds")
     p.add_argument("--rss", action="store_true", help="also measure each engine's peak RSS alone (subprocesses)")
