@@ -410,7 +410,7 @@ def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPl
         if is_packed(w) and resolve_mode(mode) != "xla" and explain(x[:, None, :], w, "indexed") is None:
             return "indexed"
         if (not is_packed(w) and jax.default_backend() == "cpu"
-                and _chunk_rows(w.shape[1], w.shape[2], jnp.dtype(w.dtype).itemsize)):
+                and _chunk_rows(w.shape[1], w.shape[2], jnp.dtype(cast(jax.Array, w).dtype).itemsize)):
             return "chunks"
         return "slots"
     return "tiles"
