@@ -313,14 +313,14 @@ def _ragged_tile(m: int, e: int) -> int:
 
 
 def _dslice(w: jax.Array, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> jax.Array:
-    """``lax.dynamic_slice`` of a float array; sub-f32 floats are sliced through an unsigned-int view.
+    """``lax.dynamic_slice`` of a float array; on CPU, sub-f32 floats are sliced through an unsigned-int view.
 
     XLA:CPU's bf16 float normalization treats a bf16 dynamic-slice as unsupported and converts the *whole*
     operand to f32 first (a 4-byte copy of every expert, which loop-invariant code motion then hoists out of
     the decode loop); slicing the same bits as uint16 leaves only the chosen block to be converted.
     """
     dt = jnp.dtype(w.dtype)
-    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
+    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4 and jax.default_backend() == "cpu":  # GPU: bf16 native
         return _dslice_bits(w, tuple(jnp.asarray(s, jnp.int32) for s in starts), tuple(sizes))
     return jax.lax.dynamic_slice(w, starts, sizes)
 
