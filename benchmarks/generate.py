@@ -127,8 +127,9 @@ def _share_first_sparse_layer(base: Any, make: Callable[[Any], Any]) -> Any:
     return base.replace(params=out)
 
 
-def engine_model(base: Any, engine: str) -> Any:
-    """The moqe ``Model`` an engine runs (float or quantized experts)."""
+def engine_model(base: Any, engine: str, weight_layout: str = "bytes") -> Any:
+    """The moqe ``Model`` an engine runs (float or quantized experts); ``weight_layout="words"`` holds packed
+    experts in the kernels' stored word layout (docs/KERNELS.md §2), as the GPU sweep does."""
     import jax
     import jax.numpy as jnp
 
@@ -151,9 +152,8 @@ def engine_model(base: Any, engine: str) -> Any:
             return tern if kind == "ternary" else moqe_jax.compress_sub1(tern, verbose=False)[0]
         raise ValueError(engine)
 
-    if base.config.num_experts >= 64:
-        return _share_first_sparse_layer(base, make)
-    return make(base)
+    m = _share_first_sparse_layer(base, make) if base.config.num_experts >= 64 else make(base)
+    return m.with_weight_layout("words") if weight_layout == "words" else m
 
 
 def hf_model(base: Any) -> Any:
@@ -247,7 +247,7 @@ def _maxrss_mb() -> float:
 
 # ---- the sweep -------------------------------------------------------------------------------------------------
 def bench_model(name: str, batches: tuple[int, ...], news: tuple[int, ...], engines: tuple[str, ...],
-                rounds: int, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+                rounds: int, log: Callable[[str], None], layout: str = "bytes") -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     base = load_float_model(name)
     log(f"[{name}] float model ready ({time.perf_counter() - t0:.1f} s, {weight_bytes(base) / 2**20:.0f} MiB)")
@@ -266,7 +266,7 @@ def bench_model(name: str, batches: tuple[int, ...], news: tuple[int, ...], engi
                     raise SystemExit(f"[{name}] HF logits disagree with ours (rel err {err:.2e}); not timing")
                 info["weights_mib"]["hf"] = sum(p.numel() * 4 for p in hf.parameters()) / 2**20
         else:
-            models[e] = engine_model(base, e)
+            models[e] = engine_model(base, e, layout)
             info["weights_mib"][e] = weight_bytes(models[e]) / 2**20
         info["build_s"][e] = time.perf_counter() - t
     runners = {e: make_runner(e, models.get(e), hf) for e in engines}
@@ -407,6 +407,8 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=None, help="comma list: run only these engines of each model's sweep "
                    "(e.g. moqe-bf16 alone for switch-base-128 on a 24 GiB CPU machine: bf16 and int4 models together "
                    "do not fit)")
+    p.add_argument("--weight-layout", choices=("bytes", "words"), default=None,
+                   help="layout of packed experts (default: words with --gpu, else bytes; docs/KERNELS.md §2)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per shape (median reported; ≥5)")
     p.add_argument("--quick", action="store_true", help="tiny sweep (smoke test), 2 rounds")
     p.add_argument("--rss", action="store_true", help="also measure each engine's peak RSS alone (subprocesses)")
@@ -431,6 +433,8 @@ def run(argv: list[str] | None = None) -> int:
     sweep = {**SWEEP, **SWEEP_GPU} if not a.quick else {**QUICK, "base128": ((1,), (4,), ("moqe-bf16", "moqe-int4"))}
     models = a.models or ("base128" if a.gpu else "bundled,base8")
     rounds = 2 if a.quick else a.rounds
+    layout = a.weight_layout or ("words" if a.gpu else "bytes")
+    meta["weight_layout"] = layout
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -443,7 +447,7 @@ def run(argv: list[str] | None = None) -> int:
         batches, news, engines = sweep[name]
         if a.engines:
             engines = tuple(e for e in engines if e in a.engines.split(","))
-        rows, info = bench_model(name, batches, news, engines, rounds, log)
+        rows, info = bench_model(name, batches, news, engines, rounds, log, layout)
         all_rows += rows
         infos[name] = info
         if a.rss:

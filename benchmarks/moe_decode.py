@@ -39,6 +39,7 @@ from moqe_jax import ops
 from moqe_jax.config import SwitchConfig
 from moqe_jax.model import routing
 from moqe_jax.model.layers import MoeLayer
+from moqe_jax.packed.qtensor import convert_layout
 from moqe_jax.packed.spec import QuantSpec
 from pallas_kernels import backend
 
@@ -89,7 +90,8 @@ def run(quick: bool, out: str, batches: list[int] | None = None) -> list[list]:
     batches = batches or ([1, 3] if quick else [1, 16, 64])
     meta = device_info()
     bw = copy_bandwidth(quick=quick)
-    meta.update(copy_bandwidth_GBps=bw / 1e9, experts=e, d_model=d, d_ff=f)
+    meta.update(copy_bandwidth_GBps=bw / 1e9, experts=e, d_model=d, d_ff=f,
+                weight_layout="words" if gpu else "bytes")
     key = jax.random.key(7)
     n_w = 2  # two independent layers' weights, alternated, so L2 does not hold the chosen experts
     routers = [jax.random.normal(k, (d, e), jnp.float32) for k in jax.random.split(jax.random.key(3), n_w)]
@@ -102,7 +104,9 @@ def run(quick: bool, out: str, batches: list[int] | None = None) -> list[list]:
             wi = jax.vmap(lambda kk, s=spec: random_qt(kk, s, d, f))(jax.random.split(k1, e))
             wo = jax.vmap(lambda kk, s=spec: random_qt(kk, s, f, d))(jax.random.split(k2, e))
             ws.append((wi, wo))
-        weights[name] = ws
+        # on GPU the packed experts are held in the kernels' stored word layout (docs/KERNELS.md §2), as a decode
+        # loop that wants the word GEMV holds them; on CPU (interpret mode) the byte layout is kept
+        weights[name] = convert_layout(ws, "words") if gpu else ws
     rows: list[list] = []
     # correctness of the benchmarked paths (fresh random tokens), int4 vs its XLA reference
     xc = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))), (3, d), jnp.bfloat16)
@@ -201,7 +205,8 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
     batches = batches or [1, 16]
     formats = formats or (["bfloat16", "int4"] if gpu else ["float32", "int4"])
     meta = device_info()
-    meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels, cold_caches=cold)
+    meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels, cold_caches=cold,
+                weight_layout="words" if gpu else "bytes")
     rows: list[list] = []
     router = jax.random.normal(jax.random.key(3), (d, e), jnp.float32) * d ** -0.5
     for fmt in formats:
@@ -209,6 +214,8 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
         base = SwitchConfig.preset("tiny", d_model=d, d_ff=f, num_experts=e, dtype=act, max_group_size=2048,
                                    eval_capacity_factor=CAPACITY_FACTOR, min_expert_capacity=MIN_CAPACITY)
         wi, wo = _expert_weights(fmt, jax.random.fold_in(jax.random.key(7), len(fmt)), e, d, f)
+        if gpu:  # stored word layout for the packed experts on GPU (docs/KERNELS.md §2)
+            wi, wo = convert_layout((wi, wo), "words")
         params = {"router": {"router_weights": {"w": {"kernel": router}}},
                   "expert": {"wi": {"kernel": wi}, "wo": {"kernel": wo}}}
         layers = {mode: MoeLayer(base.replace(routing_mode=mode), kernels) for mode in ("t5x", "dropless")}
