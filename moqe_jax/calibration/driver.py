@@ -89,10 +89,24 @@ def _fingerprint(model: Any, spec: QuantSpec, batches: list[dict], opts: dict) -
     return h.hexdigest()[:24]
 
 
+def _mismatch_message(directory: str, st: Any, alternatives: Sequence[tuple[str, Callable[[], str]]],
+                      hint: str) -> str:
+    stored = st.get("fingerprint") if isinstance(st, dict) else None
+    for fix, fn in alternatives if stored is not None else ():
+        if fn() == stored:
+            return (f"{directory}: holds a run of the same model/spec/calibration data with another option "
+                    f"(fingerprint mismatch); to resume it, {fix}; or use a fresh --out/checkpoint dir or drop --resume")
+    return (f"{directory}: holds a run with another model/spec/calibration data (fingerprint mismatch); use a fresh "
+            f"--out/checkpoint dir or drop --resume" + (f" ({hint})" if hint else ""))
+
+
 class _Progress:
     """Per-layer progress under ``directory``, saved with the checkpoint store (see module docstring)."""
 
-    def __init__(self, directory: str, fingerprint: str, resume: bool):
+    def __init__(self, directory: str, fingerprint: str, resume: bool,
+                 alternatives: Sequence[tuple[str, Callable[[], str]]] = (), hint: str = ""):
+        """``alternatives``: ``(fix, fingerprint_fn)`` pairs tried only on a mismatch, so the error can name the one
+        option that differs; ``hint``: appended when none matches."""
         self.dir = directory
         self.fp = fingerprint
         self.state_dir = os.path.join(directory, "state")
@@ -107,8 +121,7 @@ class _Progress:
             if man is not None and resume:
                 st = man.get("progress")
                 if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
-                    raise CheckpointError(f"{directory}: holds a run with another model/spec/calibration data "
-                                          "(fingerprint mismatch); use a fresh --out/checkpoint dir or drop --resume")
+                    raise CheckpointError(_mismatch_message(directory, st, alternatives, hint))
                 self.state = st
             elif not resume:
                 shutil.rmtree(directory)
@@ -179,12 +192,22 @@ def gptq_quantize_model(model: M, spec: QuantSpec, calib: Iterable[dict], compon
         params = quantize_params(params, spec, rtn_comps)
     ckpt = None
     if checkpoint_dir is not None:
-        fp_opts = {**dataclasses.asdict(opts), "special": special, "components": list(comps)}
-        # progress written before these options existed (dead inputs zeroed, static groups) stays resumable
-        for key, default in (("dead_inputs", "zero"), ("static_groups", True)):
-            if fp_opts[key] == default:
-                del fp_opts[key]
-        ckpt = _Progress(os.fspath(checkpoint_dir), _fingerprint(model, spec, batches, fp_opts), resume)
+        def fp_for(o: GPTQOptions) -> str:
+            fp_opts = {**dataclasses.asdict(o), "special": special, "components": list(comps)}
+            # progress written before these options existed (dead inputs zeroed, static groups) stays resumable
+            for key, default in (("dead_inputs", "zero"), ("static_groups", True)):
+                if fp_opts[key] == default:
+                    del fp_opts[key]
+            return _fingerprint(model, spec, batches, fp_opts)
+
+        # a mismatch that only the dead-input option explains is named (progress written before dead inputs were
+        # kept by default was made with dead_inputs="zero")
+        other = "zero" if opts.dead_inputs == "keep" else "keep"
+        fix = f"pass --dead-inputs {other} (dead_inputs={other!r})"
+        hint = ("progress written before dead inputs were kept by default resumes with --dead-inputs zero"
+                if opts.dead_inputs == "keep" else "")
+        ckpt = _Progress(os.fspath(checkpoint_dir), fp_for(opts), resume,
+                         alternatives=[(fix, lambda: fp_for(dataclasses.replace(opts, dead_inputs=other)))], hint=hint)
 
     # the layer sequence
     steps = [("encoder", i) for i in range(cfg.num_layers)] + [("decoder", i) for i in range(cfg.num_decoder_layers)]
