@@ -17,7 +17,7 @@ import torch
 from test_sub1_codec import _qmoe_reference_layout
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from moqe_jax.api import load_model
+from moqe_jax.api import load_model, save_model
 from moqe_jax.checkpoint.qmoe import load_qmoe
 from moqe_jax.checkpoint.store import read_safetensors
 from moqe_jax.cli import main
@@ -53,8 +53,22 @@ def test_qmoe_export_round_trip_and_errors(tmp_path, seed, capsys, monkeypatch):
     monkeypatch.setenv("MOQE_NO_PROGRESS", "1")
     s1, q, q2, qp = (str(tmp_path / n) for n in ("s1", "q", "q2", "qp"))
     assert main(["compress", "default", "--bits", "ternary", "--method", "rtn", "--format", "sub1", "--out", s1]) == 0
+    capsys.readouterr()
     assert main(["convert", "--from", s1, "--to-qmoe", q]) == 0
     src, got = load_model(s1), load_model(f"qmoe:{q}")
+    assert "note:" not in capsys.readouterr().err  # RTN scales of bf16 weights are bf16-exact: no rounding note
+    # float32 scales that bf16 cannot hold: one note line on stderr, with the count of changed values
+    nudged = src.replace(params=unflatten_params({
+        k: dataclasses.replace(v, scales=np.asarray(v.scales, np.float32) * np.float32(1 + 2 ** -12))
+        if isinstance(v, Sub1Tensor) else v for k, v in flatten_params(src.params).items()}))
+    changed = sum(int(np.count_nonzero(np.asarray(a, np.float64) != np.asarray(a).astype(BF16).astype(np.float64)))
+                  for v in flatten_params(nudged.params).values() if isinstance(v, Sub1Tensor)
+                  for a in (v.scales, v.zeros))
+    save_model(nudged, str(tmp_path / "nudged"))
+    assert main(["convert", "--from", str(tmp_path / "nudged"), "--to-qmoe", str(tmp_path / "qn")]) == 0
+    err = capsys.readouterr().err
+    assert changed > 0 and f"{changed} scale value(s) are rounded" in err and "bf16-rounded scales" in err
+    assert len([ln for ln in err.splitlines() if "note:" in ln]) == 1
     assert got.config == src.config
     # the reference: the source with its scales rounded to bf16 (the format's ter_minmax); all else unchanged
     ref = src.replace(params=unflatten_params({k: _bf16_scales(v) if isinstance(v, Sub1Tensor) else v
@@ -86,6 +100,7 @@ def test_qmoe_export_round_trip_and_errors(tmp_path, seed, capsys, monkeypatch):
         assert sizes[name] == w_comp.size == row_off[-1]
     # exporting what was read back writes the same bytes; info reads the directory
     assert main(["convert", "--from", f"qmoe:{q}", "--to-qmoe", q2]) == 0
+    assert "ter_minmax" not in capsys.readouterr().err  # scales already bf16-exact: no note
     assert sorted(os.listdir(q)) == sorted(os.listdir(q2))
     assert all(filecmp.cmp(os.path.join(q, f), os.path.join(q2, f), shallow=False) for f in os.listdir(q))
     capsys.readouterr()

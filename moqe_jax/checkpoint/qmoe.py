@@ -185,6 +185,18 @@ def _sparse_mlps(cfg: Any) -> list[tuple[str, str]]:
             for stack in ("encoder", "decoder") for i in cfg.sparse_layers(stack)]
 
 
+def bf16_rounded_scales(params: Any) -> int:
+    """How many sub-1-bit expert scales/zeros of ``params`` change when rounded to bf16 (``ter_minmax``'s dtype):
+    0 when the export is exact (e.g. bf16 experts, or a QMoE import)."""
+    n = 0
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, Sub1Tensor)):
+        if isinstance(leaf, Sub1Tensor):
+            for a in (leaf.scales, leaf.zeros):
+                x = np.asarray(a, np.float32)
+                n += int(np.count_nonzero(x.astype(_BF16).astype(np.float32) != x))
+    return n
+
+
 def qmoe_state_dicts(cfg: Any, params: Mapping[str, Any], dtype: str = "float32"
                      ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], dict[str, int]]:
     """``(noexp, [expNN], sizes)``: QMoE's state dicts of a model whose experts are :class:`Sub1Tensor`.

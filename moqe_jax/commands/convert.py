@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from typing import Any
 
 from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args
@@ -82,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.to_hf:
         out = model.to_hf(args.to_hf, dtype=args.dtype)
     elif args.to_qmoe:
+        from moqe_jax.checkpoint.qmoe import bf16_rounded_scales
+
+        if n := bf16_rounded_scales(model.params):
+            print(f"moqe: note: QMoE stores expert scales (ter_minmax) in bf16; {n} scale value(s) are rounded on "
+                  "export, so the exported model's logits match this model with bf16-rounded scales, not exactly",
+                  file=sys.stderr)
         out = model.to_qmoe(args.to_qmoe, dtype=args.dtype, format=args.qmoe_format)
     else:
         out = save_model(model, args.to, format=args.format, overwrite=args.overwrite)
