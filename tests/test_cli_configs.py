@@ -1,6 +1,6 @@
 """Every command reads back every format it writes, with no hand-written config: the bundled model -> T5X
 (``moqe convert --to-t5x`` writes ``config.json`` next to ``checkpoint_<step>/``) -> info / convert / quantize /
-compress / eval, and ``--config``/``--set``/``default`` accepted by every model-taking command."""
+compress / eval (and its QMoE export of a sub-1-bit compression, ``qmoe:DIR``), and ``--config``/``--set``/``default`` accepted by every model-taking command."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def test_t5x_export_reads_back_everywhere(exported, seed, capsys):
     capsys.readouterr()
     assert main(["info", f"hf:{root / 'hf'}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] == info["total_params"]
+    # QMoE export of a sub-1-bit compression of it (RTN ternary: no calibration), read back by info and convert
+    s1, qm = root / "sub1", root / "qmoe"
+    assert main(["compress", src, "--method", "rtn", "--bits", "ternary", "--format", "sub1", "--out", str(s1)]) == 0
+    assert main(["convert", "--from", str(s1), "--to-qmoe", str(qm)]) == 0
+    capsys.readouterr()
+    assert main(["info", f"qmoe:{qm}", "--json"]) == 0
+    qinfo = json.loads(capsys.readouterr().out)
+    assert qinfo["config"] == orig.config.to_dict() and qinfo["total_params"] == info["total_params"]
+    assert main(["convert", "--from", f"qmoe:{qm}", "--to", str(root / "from_qmoe")]) == 0
+    # the bundled model's ternary scales are bf16-exact, so the QMoE round trip keeps the logits exactly
+    _same_logits(load_model(s1), load_model(root / "from_qmoe"), seed)
 
 
 def _tiny_corpus(d):
