@@ -30,6 +30,13 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, 
                    help="t5x: MODEL only: read missing zarr chunks as the array's fill value instead of failing")
 
 
+def add_weight_layout_arg(p: argparse.ArgumentParser) -> None:
+    """``--weight-layout bytes|words`` for commands that run the model (``load_model_args`` applies it once)."""
+    p.add_argument("--weight-layout", choices=("bytes", "words"), default="bytes",
+                   help="hold packed (QuantizedTensor) weights in the stored byte layout (default) or the kernels' "
+                        "uint32 word layout (one exact repack after load; docs/KERNELS.md §2)")
+
+
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     """``--coordinator``/``--num-processes``/``--process-id``/``--distributed``: a multi-host start
     (``jax.distributed``, docs/LAUNCH.md); each also read from ``MOQE_*`` environment variables."""
@@ -131,13 +138,16 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
     ``--config`` is the config of a ``t5x:``/``hf:``/``init:`` source and replaces a saved model's (shapes must
     agree); ``--set`` overrides fields of whichever config the model ends up with. ``--allow-outside`` /
     ``--allow-missing-chunks`` go to ``load_model``, whose own check refuses them for non-``t5x:`` sources;
-    its error is renamed here to name the CLI flags."""
+    its error is renamed here to name the CLI flags. ``--weight-layout words`` (``add_weight_layout_arg``) is
+    applied once, after the load."""
     try:
-        return _load_model_args(args, source, seed)
+        model = _load_model_args(args, source, seed)
     except ConfigError as e:
         if _TRUST_KW not in str(e):
             raise
         raise ConfigError(str(e).replace(_TRUST_KW, "--allow-outside/--allow-missing-chunks")) from None
+    layout = getattr(args, "weight_layout", "bytes")
+    return model.with_weight_layout(layout) if layout != "bytes" else model
 
 
 _TRUST_KW = "allow_outside/allow_missing_chunks"  # how load_model's check names the options

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from moqe_jax.commands.common import MODEL_HELP, add_config_args, load_model_args, local_dir, model_source
+from moqe_jax.commands.common import (MODEL_HELP, add_config_args, add_weight_layout_arg, load_model_args, local_dir,
+                                      model_source)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model/dir (default: MODEL/tokenizer, the bundled tokenizer, DATA/tokenizer)")
     add_config_args(p)
+    add_weight_layout_arg(p)
     p.add_argument("--directions", default="all", help="'all' or a comma list, e.g. en-de,de-en")
     p.add_argument("--samples", type=int, default=100, help="test sentences per direction (default 100; 0 = all)")
     p.add_argument("--split", default="test", choices=("test", "valid", "train"))
