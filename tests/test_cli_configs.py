@@ -1,6 +1,7 @@
 """Every command reads back every format it writes, with no hand-written config: the bundled model -> T5X
 (``moqe convert --to-t5x`` writes ``config.json`` next to ``checkpoint_<step>/``) -> info / convert / quantize /
-compress / eval (and its QMoE export of a sub-1-bit compression, ``qmoe:DIR``), and ``--config``/``--set``/``default`` accepted by every model-taking command."""
+compress / eval (and its QMoE export of a sub-1-bit compression, ``qmoe:DIR``), and
+``--config``/``--set``/``default`` accepted by every model-taking command."""
 
 from __future__ import annotations
 

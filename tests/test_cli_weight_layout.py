@@ -8,8 +8,8 @@ import numpy as np
 
 from moqe_jax import QuantSpec, load_model, quantize, save_model
 from moqe_jax.cli import build_parser
-from moqe_jax.data.locate import BUNDLED
 from moqe_jax.commands.common import load_model_args
+from moqe_jax.data.locate import BUNDLED
 from moqe_jax.packed.qtensor import QuantizedTensor
 
 

@@ -95,7 +95,8 @@ def _mismatch_message(directory: str, st: Any, alternatives: Sequence[tuple[str,
     for fix, fn in alternatives if stored is not None else ():
         if fn() == stored:
             return (f"{directory}: holds a run of the same model/spec/calibration data with another option "
-                    f"(fingerprint mismatch); to resume it, {fix}; or use a fresh --out/checkpoint dir or drop --resume")
+                    f"(fingerprint mismatch); to resume it, {fix}; or use a fresh --out/checkpoint dir or drop "
+                    "--resume")
     return (f"{directory}: holds a run with another model/spec/calibration data (fingerprint mismatch); use a fresh "
             f"--out/checkpoint dir or drop --resume" + (f" ({hint})" if hint else ""))
 

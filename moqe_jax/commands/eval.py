@@ -11,8 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from moqe_jax.commands.common import (MODEL_HELP, add_config_args, add_weight_layout_arg, load_model_args, local_dir,
-                                      model_source)
+from moqe_jax.commands.common import (
+    MODEL_HELP,
+    add_config_args,
+    add_weight_layout_arg,
+    load_model_args,
+    local_dir,
+    model_source,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
