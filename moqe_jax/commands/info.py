@@ -28,21 +28,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _fmt(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3f}{unit}"
-    return str(int(n))
-
-
-def _fmt_bytes(n: float) -> str:
-    """Decimal units (MB = 10^6 bytes), the size report's."""
-    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def _leaf_kind(leaf: Any) -> str:
     from moqe_jax.packed import is_packed
 
@@ -84,6 +69,8 @@ def info_dict(cfg: Any, model: Any = None, source: str | None = None) -> dict[st
 
 
 def _print_text(d: dict[str, Any]) -> None:
+    from moqe_jax.quant.report import fmt_bytes, fmt_count
+
     c = d["config"]
     print(f"{d['name']}: d_model={c['d_model']} d_ff={c['d_ff']} heads={c['num_heads']}x{c['d_kv']} "
           f"layers={c['num_layers']}+{c['num_decoder_layers']} experts={c['num_experts']} "
@@ -91,13 +78,13 @@ def _print_text(d: dict[str, Any]) -> None:
     print(f"sparse layers: encoder {d['sparse_layers']['encoder']} decoder {d['sparse_layers']['decoder']}")
     print(f"{'component':<12} {'params':>12} {'bf16':>12} {'share':>7}   (bytes: MB = 10^6)")
     for k, v in d["components"].items():
-        print(f"{k:<12} {_fmt(v['params']):>12} {_fmt_bytes(v['bytes_bf16']):>12} "
+        print(f"{k:<12} {fmt_count(v['params']):>12} {fmt_bytes(v['bytes_bf16']):>12} "
               f"{100 * v['params'] / d['total_params']:6.2f}%")
-    print(f"{'total':<12} {_fmt(d['total_params']):>12} {_fmt_bytes(d['total_bytes_bf16']):>12}")
+    print(f"{'total':<12} {fmt_count(d['total_params']):>12} {fmt_bytes(d['total_bytes_bf16']):>12}")
     if "dtypes" in d:
         print("leaf types: " + ", ".join(f"{k}×{v}" for k, v in d["dtypes"].items()))
     if "disk_bytes" in d:
-        print(f"on disk: {_fmt_bytes(d['disk_bytes'])}")
+        print(f"on disk: {fmt_bytes(d['disk_bytes'])}")
     if "size_report_text" in d:
         print(d["size_report_text"])
 

@@ -82,16 +82,18 @@ class ComponentSize:
                 "reduction_vs_fp32": self.reduction_vs_fp32, "formats": sorted(self.formats)}
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """Decimal units (MB = 10^6 bytes): the one unit system of every size table."""
     for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
 
 
-def _fmt_count(n: float) -> str:
+def fmt_count(n: float) -> str:
+    """A parameter count with a T/B/M/K suffix."""
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
+        if abs(n) >= div:
             return f"{n / div:.3f}{unit}"
     return str(int(n))
 
@@ -126,9 +128,9 @@ class SizeReport:
         head = ("component", "params", "quantized", "bits/param", "fp32", "bf16/fp16", "after", "vs 16-bit", "format")
         rows = []
         for c in [*self.components.values(), self.total]:
-            rows.append((c.component, _fmt_count(c.params), f"{c.quantized_params / max(1, c.params):.1%}",
-                         f"{c.bits_per_param:.3f}", _fmt_bytes(c.bytes_fp32), _fmt_bytes(c.bytes_16bit),
-                         _fmt_bytes(c.bytes_after), f"{0.0 - c.reduction_vs_16bit + 0.0:+.1%}",
+            rows.append((c.component, fmt_count(c.params), f"{c.quantized_params / max(1, c.params):.1%}",
+                         f"{c.bits_per_param:.3f}", fmt_bytes(c.bytes_fp32), fmt_bytes(c.bytes_16bit),
+                         fmt_bytes(c.bytes_after), f"{0.0 - c.reduction_vs_16bit + 0.0:+.1%}",
                          ", ".join(sorted(c.formats)) if c.component != "total" else ""))
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
