@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _helpers import random_tiny_model
+from _helpers import hf_inputs, random_tiny_model
 from transformers import SwitchTransformersForConditionalGeneration
 
 from moqe_jax import QuantSpec, compress_sub1, load_model, quantize
@@ -27,16 +27,7 @@ def _tiny(seed, **kw):
 
 
 def _inputs(seed, vocab, b=3, length=11, t=6):
-    rs = np.random.default_rng(seed)
-    ids = rs.integers(2, vocab, (b, length))
-    am = np.ones_like(ids)
-    am[1, 7:] = 0
-    ids[am == 0] = 0
-    dec = rs.integers(2, vocab, (b, t))
-    dec[:, 0] = 0
-    dm = np.ones_like(dec)
-    dm[2, 4:] = 0
-    return ids, am, dec, dm
+    return hf_inputs(np.random.default_rng(seed).integers, vocab, b, length, t, {1: 7}, {2: 4})
 
 
 def _hf_logits(d, ids, am, dec, dm):

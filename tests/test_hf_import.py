@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _helpers import hf_inputs
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from moqe_jax.api import load_model
@@ -49,17 +50,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _inputs(seed=0, b=3, l=12, t=7):
-    rs = np.random.RandomState(seed)
-    ids = rs.randint(2, V, (b, l))
-    am = np.ones_like(ids)
-    am[1, 8:] = 0
-    am[2, 5:] = 0
-    ids[am == 0] = 0
-    dec = rs.randint(2, V, (b, t))
-    dec[:, 0] = 0
-    dm = np.ones_like(dec)
-    dm[2, 5:] = 0
-    return ids, am, dec, dm
+    return hf_inputs(np.random.RandomState(seed).randint, V, b, l, t, {1: 8, 2: 5}, {2: 5})
 
 
 def _hf_out(m, ids, am, dec, dm):

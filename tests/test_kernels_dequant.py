@@ -9,6 +9,7 @@ The kernels take raw arrays; ``moqe_jax.ops.kernel_operands`` gives them for a `
 
 from __future__ import annotations
 
+import _helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,16 +72,7 @@ def np_dequant(qt: QuantizedTensor) -> np.ndarray:
 
 
 def random_qt(spec: QuantSpec, shape: tuple[int, ...]) -> QuantizedTensor:
-    *batch, k, n = shape
-    g = spec.num_groups(k)
-    codes = RNG.integers(0, spec.maxq + 1, shape)
-    scales = RNG.uniform(0.2, 1.5, (*batch, g, n)) * (1e-2 if spec.scheme == "log" else 1.0)
-    zeros = None
-    if spec.is_ternary:
-        zeros = -RNG.uniform(0.2, 1.5, (*batch, g, n))
-    elif spec.has_zeros:
-        zeros = RNG.integers(0, spec.maxq + 1, (*batch, g, n)).astype(np.float64)
-    return QuantizedTensor.from_codes(codes, scales, zeros, spec)
+    return _helpers.random_qt(RNG, spec, shape)
 
 
 def launch(x: jax.Array, qt: QuantizedTensor, *, ids: jax.Array | None = None, blocks: Blocks | None = None,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import np_top1_dispatch
 
 from moqe_jax.api import Model, param_shapes
 from moqe_jax.config import SwitchConfig, layout_sparse_indices
@@ -297,17 +298,7 @@ def _np_moe_replicas(x, wr, wi, wo, e, r, cf, min_cap, mgs):
     s = t // g
     cap = max(int(round(cf * s / e)), min_cap)
     flat = xp.reshape(t, d)
-    out = np.zeros_like(flat)
-    for gi in range(g):
-        count = np.zeros(e, int)
-        for tok in range(gi * s, (gi + 1) * s):
-            logit = flat[tok] @ wr
-            p = np.exp(logit - logit.max())
-            p /= p.sum()
-            k = int(np.argmax(p))
-            if count[k] < cap:
-                out[tok] = p[k] * (np.maximum(flat[tok] @ wi[k], 0) @ wo[k])
-            count[k] += 1
+    out, _ = np_top1_dispatch(flat, wr, g, s, cap, lambda k, tok: np.maximum(tok @ wi[k], 0) @ wo[k])
     return out.reshape(xp.shape)[:b, :l], (g, s, cap)
 
 

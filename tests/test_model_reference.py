@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import np_top1_dispatch
 
 from moqe_jax.api import Model
 from moqe_jax.config import SwitchConfig
@@ -87,23 +88,16 @@ def _moe(cfg, p, x):
     s = t // g
     cap = max(int(round(cfg.eval_capacity_factor * s / e)), cfg.min_expert_capacity)
     flat = xp.reshape(t, d)
-    out = np.zeros_like(flat)
     wr = p["router"]["router_weights"]["w"]["kernel"]
     ex = {k: v["kernel"] for k, v in p["expert"].items()}
-    ndrop = 0
-    for gi in range(g):
-        used = [0] * e
-        for ti in range(gi * s, (gi + 1) * s):
-            lg = flat[ti] @ wr
-            pr = np.exp(lg - lg.max())
-            pr /= pr.sum()
-            k = int(np.argmax(pr))
-            if used[k] < cap:
-                out[ti] = pr[k] * _act(cfg, flat[ti][None], {n: w[k] for n, w in ex.items()})[0]
-            else:
-                ndrop += 1
-            used[k] += 1
+    out, ndrop = np_top1_dispatch(flat, wr, g, s, cap,
+                                  lambda k, tok: _act(cfg, tok[None], {n: w[k] for n, w in ex.items()})[0])
     return out.reshape(xp.shape)[:b, :l], ndrop
+
+
+def _ffn(cfg: SwitchConfig, p: dict, y: np.ndarray, sparse: bool):
+    """The MLP sublayer: MoE (output, dropped tokens) on sparse layers, dense (output, 0) elsewhere."""
+    return _moe(cfg, p, y) if sparse else (_dense(cfg, p, y), 0)
 
 
 def np_switch(cfg: SwitchConfig, p: dict, ids: np.ndarray, dec: np.ndarray):
@@ -121,12 +115,8 @@ def np_switch(cfg: SwitchConfig, p: dict, ids: np.ndarray, dec: np.ndarray):
         y = _norm(x, lp["pre_attention_layer_norm"]["scale"]) * lm
         x = x + _attn(lp["attention"], y, y, mask, bias, h)
         y = _norm(x, lp["pre_mlp_layer_norm"]["scale"]) * lm
-        if i in cfg.sparse_layers("encoder"):
-            o, nd = _moe(cfg, lp["mlp"], y)
-            drops += nd
-        else:
-            o = _dense(cfg, lp["mlp"], y)
-        x = x + o
+        o, nd = _ffn(cfg, lp["mlp"], y, i in cfg.sparse_layers("encoder"))
+        x, drops = x + o, drops + nd
     enc = _norm(x, p["encoder"]["encoder_norm"]["scale"]) * lm
     # decoder
     t = dec.shape[1]
@@ -149,12 +139,8 @@ def np_switch(cfg: SwitchConfig, p: dict, ids: np.ndarray, dec: np.ndarray):
         y = _norm(x, lp["pre_cross_attention_layer_norm"]["scale"]) * dlm
         x = x + _attn(lp["encoder_decoder_attention"], y, enc, cmask, None, h)
         y = _norm(x, lp["pre_mlp_layer_norm"]["scale"]) * dlm
-        if i in cfg.sparse_layers("decoder"):
-            o, nd = _moe(cfg, lp["mlp"], y)
-            drops += nd
-        else:
-            o = _dense(cfg, lp["mlp"], y)
-        x = x + o
+        o, nd = _ffn(cfg, lp["mlp"], y, i in cfg.sparse_layers("decoder"))
+        x, drops = x + o, drops + nd
     y = _norm(x, p["decoder"]["decoder_norm"]["scale"]) * dlm
     if cfg.tie_word_embeddings:
         logits = y @ emb.T / np.sqrt(cfg.d_model)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_qt
 
 from moqe_jax import ops
 from moqe_jax.api import Model
@@ -50,18 +51,6 @@ def np_dequant(codes: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
         half = 2 ** (b - 1)
         return np.where(q >= half, -1.0, 1.0) * s * 2.0 ** (-np.where(q >= half, q - half, q))
     return s * (q - (2.0 ** (b - 1) if z is None else z))
-
-
-def random_qt(rng: np.random.Generator, spec: QuantSpec, shape: tuple[int, ...]) -> QuantizedTensor:
-    *batch, k, n = shape
-    g = spec.num_groups(k)
-    scales = rng.uniform(0.2, 1.5, (*batch, g, n)) * (1e-2 if spec.scheme == "log" else 1.0)
-    zeros = None
-    if spec.is_ternary:
-        zeros = -rng.uniform(0.2, 1.5, (*batch, g, n))
-    elif spec.has_zeros:
-        zeros = rng.integers(0, spec.maxq + 1, (*batch, g, n)).astype(np.float64)
-    return QuantizedTensor.from_codes(rng.integers(0, spec.maxq + 1, shape), scales, zeros, spec)
 
 
 def kernel_names(fn, *args) -> set[str]:

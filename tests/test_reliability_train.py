@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import tiny_f32_config, tiny_train_config
 
 from moqe_jax.cli import main
-from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import ConfigError, DataError, MoqeError
 from moqe_jax.training import SyntheticData, TrainConfig, train
 
@@ -19,15 +19,11 @@ _ARGS = ["train", "--config", "tiny", "--set", 'dtype="float32"', "--data", "syn
          "--batch-size", "8", "--warmup", "10", "--log-every", "1", "--eval-every", "0", "--save-every", "1"]
 
 
-def _cfg(**kw) -> SwitchConfig:
-    return SwitchConfig.preset("tiny", dtype="float32", **kw)
+_cfg = tiny_f32_config
 
 
 def _tc(**kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=8, log_every=1000, eval_every=0, save_every=1, learning_rate=0.01,
-                warmup_steps=10, async_save=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(**{"save_every": 1, **kw})
 
 
 @dataclass

@@ -14,24 +14,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _helpers import tiny_f32_config, tiny_train_config
 
 from moqe_jax import sharding as shd
-from moqe_jax.config import SwitchConfig
 from moqe_jax.errors import ConfigError
-from moqe_jax.training import SyntheticData, TrainConfig, cross_entropy_with_z_loss, train
+from moqe_jax.training import SyntheticData, cross_entropy_with_z_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cfg(**kw) -> SwitchConfig:
-    return SwitchConfig.preset("tiny", dtype="float32", **kw)
-
-
-def _tc(**kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=8, log_every=1000, eval_every=0, save_every=0, learning_rate=0.01,
-                warmup_steps=10, async_save=False)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = tiny_f32_config
+_tc = tiny_train_config
 
 
 def test_cross_entropy_with_z_loss_matches_numpy() -> None:
