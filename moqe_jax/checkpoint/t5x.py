@@ -65,6 +65,13 @@ def flatten(tree: Any, prefix: str = "", is_leaf=is_spec_leaf) -> dict[str, Any]
     return out
 
 
+def _with_keys(tree: Any, keys: tuple[str, ...]) -> Any:
+    """Each leaf of a nested dict replaced by (its full key tuple under ``keys``, the leaf)."""
+    if isinstance(tree, dict):
+        return {k: _with_keys(v, (*keys, str(k))) for k, v in tree.items()}
+    return keys, tree
+
+
 def _orbax_item(d: str) -> str | None:
     """The Orbax item directory (holding ``_METADATA``) of step dir ``d``, if any."""
     for sub in _ORBAX_ITEMS:
@@ -246,36 +253,25 @@ class T5XCheckpoint:
                 self.params[p] = self._param_info(p, leaf)
 
     def _index_orbax(self, item: str) -> None:
-        import json
+        """Index an Orbax PyTree item from orbax's own metadata: the tree of array shapes/dtypes and
+        ``use_zarr3`` (``PyTreeCheckpointHandler.metadata``), OCDBT from ``is_ocdbt_checkpoint``; each leaf's
+        array is named by its keys joined with '.' (a directory of that name unless OCDBT)."""
+        import orbax.checkpoint as ocp
 
-        try:
-            with open(os.path.join(item, "_METADATA"), encoding="utf-8") as f:
-                meta = json.load(f)
-            tree_meta = meta["tree_metadata"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{item}/_METADATA: corrupt Orbax metadata ({type(e).__name__}); "
-                                  "re-copy the checkpoint") from None
-        self.ocdbt = bool(meta.get("use_ocdbt", os.path.exists(os.path.join(item, "manifest.ocdbt"))))
-        self.zarr3 = bool(meta.get("use_zarr3", False))
         if not self.allow_outside:
             check_confined(item, self.dir, what="Orbax checkpoint file")
-        tree: dict[str, Any] = {}
-        for entry in tree_meta.values():
-            try:
-                keys = tuple(str(k["key"]) for k in entry["key_metadata"])
-            except (KeyError, TypeError):
-                raise CheckpointError(f"{item}/_METADATA: corrupt tree_metadata entry") from None
-            node = tree
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = keys
-        key, target = self._target(tree, item)
-        md = self._orbax_metadata(item)
-        for p, keys in flatten(target).items():
-            m: Any = md
-            for k in keys:
-                m = m.get(k) if isinstance(m, dict) else None
-            if m is None or not hasattr(m, "shape"):
+        try:
+            self.ocdbt = bool(ocp.type_handlers.is_ocdbt_checkpoint(_epath(item)))
+            md = ocp.PyTreeCheckpointHandler(use_ocdbt=self.ocdbt).metadata(_epath(item))
+            self.zarr3 = bool(md.use_zarr3)
+            tree = md.tree
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).splitlines()[0] if str(e) else repr(e)
+            raise CheckpointError(f"{item}/_METADATA: corrupt Orbax metadata ({type(e).__name__}: {msg}); "
+                                  "re-copy the checkpoint") from None
+        key, target = self._target(tree if isinstance(tree, dict) else {}, item)
+        for p, (keys, m) in flatten(_with_keys(target, key), is_leaf=lambda x: not isinstance(x, dict)).items():
+            if not hasattr(m, "shape") or not hasattr(m, "dtype"):
                 raise CheckpointError(f"{item}: Orbax metadata has no array for {'/'.join(keys)}")
             name = ".".join(keys)
             where = f"{item}: {'/'.join(keys)}"
@@ -292,16 +288,6 @@ class T5XCheckpoint:
             dt = _dtype(np.dtype(m.dtype).name, where)
             self.params[p] = ParamInfo(p, tuple(int(s) for s in m.shape), dt, "orbax", zarr_dir=zdir, ts_spec=spec,
                                        key=keys)
-
-    def _orbax_metadata(self, item: str) -> dict:
-        import orbax.checkpoint as ocp
-
-        try:
-            md = ocp.PyTreeCheckpointHandler(use_ocdbt=self.ocdbt).metadata(_epath(item))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{item}: cannot read Orbax metadata ({str(e).splitlines()[0] if str(e) else e!r})"
-                                  ) from None
-        return dict(getattr(md, "tree", md))
 
     def _param_info(self, p: str, leaf: Any) -> ParamInfo:
         where = f"{self.file}: target/{p}"
