@@ -142,9 +142,13 @@ class Model:
         return f"Model({self.config.name}, {sum(param_counts(self.config).values()) / 1e9:.3f}B params)"
 
 
+#: ``load_model(weight_layout=...)`` values: None keeps the layout the checkpoint stores.
+WEIGHT_LAYOUTS = (None, "bytes", "words")
+
+
 def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = None, *,
                sharding: Any = None, allow_outside: bool = False, allow_missing_chunks: bool = False,
-               nonfinite: str = "warn") -> Model:
+               nonfinite: str = "warn", weight_layout: str | None = None) -> Model:
     """``hf:DIR`` (HF Switch), ``t5x:DIR`` (T5X checkpoint; ``config``, preset name or JSON file, else the
     ``config.json`` that ``moqe convert --to-t5x`` writes next to it), ``qmoe:DIR`` (QMoE checkpoint, e.g.
     from :meth:`Model.to_qmoe`) or a
@@ -155,8 +159,17 @@ def load_model(source: str | os.PathLike, config: SwitchConfig | str | None = No
     trust array paths that leave the checkpoint directory (absolute paths, ``gs://`` layouts), and read
     missing zarr chunks as the array's declared fill value instead of failing. ``nonfinite``: ``"warn"``
     (default: a ``NonFiniteWeightsWarning`` naming tensors with NaN/inf), ``"error"`` (refuse to load) or
-    ``"ignore"``."""
-    src = os.fspath(source)
+    ``"ignore"``. ``weight_layout``: None (default: packed weights as the checkpoint stores them), ``"bytes"``
+    or ``"words"`` (the kernels' uint32 words): one exact repack after the load, :meth:`Model.with_weight_layout`
+    (docs/KERNELS.md §2)."""
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ConfigError(f"weight_layout must be None, 'bytes' or 'words', got {weight_layout!r}")
+    model = _load_model(os.fspath(source), config, sharding, allow_outside, allow_missing_chunks, nonfinite)
+    return model if weight_layout is None else model.with_weight_layout(weight_layout)
+
+
+def _load_model(src: str, config: SwitchConfig | str | None, sharding: Any, allow_outside: bool,
+                allow_missing_chunks: bool, nonfinite: str) -> Model:
     if (allow_outside or allow_missing_chunks) and not src.startswith("t5x:"):
         raise ConfigError(f"{src}: allow_outside/allow_missing_chunks apply to t5x: checkpoints only")
     cfg: SwitchConfig | None

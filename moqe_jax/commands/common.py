@@ -31,10 +31,12 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str | None = None, 
 
 
 def add_weight_layout_arg(p: argparse.ArgumentParser) -> None:
-    """``--weight-layout bytes|words`` for commands that run the model (``load_model_args`` applies it once)."""
-    p.add_argument("--weight-layout", choices=("bytes", "words"), default="bytes",
-                   help="hold packed (QuantizedTensor) weights in the stored byte layout (default) or the kernels' "
-                        "uint32 word layout (one exact repack after load; docs/KERNELS.md §2)")
+    """``--weight-layout bytes|words`` for commands that run the model: passed to ``load_model(weight_layout=)``
+    (``load_model_args`` does; ``moqe demo`` too), which repacks once after the load."""
+    p.add_argument("--weight-layout", choices=("bytes", "words"), default=None,
+                   help="hold packed (QuantizedTensor) weights in the byte layout or the kernels' uint32 word "
+                        "layout (one exact repack after load; default: as the checkpoint stores them, bytes "
+                        "unless saved in words; docs/KERNELS.md §2)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -138,16 +140,15 @@ def load_model_args(args: argparse.Namespace, source: str | None = None, seed: i
     ``--config`` is the config of a ``t5x:``/``hf:``/``init:`` source and replaces a saved model's (shapes must
     agree); ``--set`` overrides fields of whichever config the model ends up with. ``--allow-outside`` /
     ``--allow-missing-chunks`` go to ``load_model``, whose own check refuses them for non-``t5x:`` sources;
-    its error is renamed here to name the CLI flags. ``--weight-layout words`` (``add_weight_layout_arg``) is
-    applied once, after the load."""
+    its error is renamed here to name the CLI flags. ``--weight-layout`` (``add_weight_layout_arg``) goes to
+    ``load_model(weight_layout=)`` (an ``init:`` source has float weights only: nothing to repack)."""
     try:
         model = _load_model_args(args, source, seed)
     except ConfigError as e:
         if _TRUST_KW not in str(e):
             raise
         raise ConfigError(str(e).replace(_TRUST_KW, "--allow-outside/--allow-missing-chunks")) from None
-    layout = getattr(args, "weight_layout", "bytes")
-    return model.with_weight_layout(layout) if layout != "bytes" else model
+    return model
 
 
 _TRUST_KW = "allow_outside/allow_missing_chunks"  # how load_model's check names the options
@@ -163,8 +164,9 @@ def _load_model_args(args: argparse.Namespace, source: str | None, seed: int) ->
     kernels = getattr(args, "kernels", "auto")
     opts: dict[str, Any] = {"nonfinite": getattr(args, "nonfinite", "warn"),
                             "allow_outside": getattr(args, "allow_outside", False),
-                            "allow_missing_chunks": getattr(args, "allow_missing_chunks", False)}
-    if src.startswith("init:") and not (opts["allow_outside"] or opts["allow_missing_chunks"]):
+                            "allow_missing_chunks": getattr(args, "allow_missing_chunks", False),
+                            "weight_layout": getattr(args, "weight_layout", None)}
+    if src.startswith("init:") and not (opts["allow_outside"] or opts["allow_missing_chunks"]):  # float weights
         cfg = apply_sets(base or SwitchConfig.preset(src[5:]), sets)  # (with a trust flag: load_model refuses)
         return Model.init(cfg, seed=seed).with_kernels(kernels)
     if src.startswith("t5x:"):

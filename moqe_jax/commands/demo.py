@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moqe_jax.commands.common import add_weight_layout_arg
 from moqe_jax.data.locate import BUNDLED
 from moqe_jax.errors import MoqeError
 from moqe_jax.progress import progress, write
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", type=int, default=128, help="GPTQ calibration sentences (default 128)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    add_weight_layout_arg(p)  # also applied to the models the demo quantizes (they are made in bytes)
     p.set_defaults(func=_demo)
 
 
@@ -49,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
     data = find_or_build_corpus(args.data)
     tok = load_tokenizer(resolve_tokenizer(args.tokenizer, str(model_dir), data))
     t0 = time.perf_counter()
-    model = load_model(model_dir).with_kernels(args.kernels)
+    model = load_model(model_dir, weight_layout=args.weight_layout).with_kernels(args.kernels)
     print(f"loaded {model!r} from {model_dir}")
     _print_size(model)
 
@@ -68,6 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
         bar.set_description(label)
         tq = time.perf_counter()
         m = make()
+        if args.weight_layout is not None:  # the quantized models: same repack as load_model's
+            m = m.with_weight_layout(args.weight_layout)
         qs = time.perf_counter() - tq
         r = evaluate_model(m, tokenizer=tok, data=data, directions=args.directions, samples=args.samples,
                            batch_size=args.batch_size, seed=args.seed)

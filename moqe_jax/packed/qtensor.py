@@ -192,17 +192,16 @@ class QuantizedTensor(PackedView):
         An exact repack (codes, scales and zeros unchanged; ``dequantize`` gives the same array). ``"words"``
         raises ValueError for 3-bit codes and for scale groups shorter than 16 words (see
         :meth:`words_unsupported_reason`). Run it outside ``jit`` once (e.g. ``Model.with_weight_layout``): inside
-        a traced loop it would repack every call."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"QuantizedTensor layout must be one of {LAYOUTS}, got {layout!r}")
+        a traced loop it would repack every call. An unknown ``layout`` is refused by the constructor."""
         if layout == self.layout:
             return self
+        packed = self.packed
         if layout == "words":
             why = self.words_unsupported_reason()
             if why is not None:
                 raise ValueError(f"{self.spec.describe()}: {why}; keep layout='bytes'")
             packed = kernel_codes.pack_words(self.packed)
-        else:
+        elif layout == "bytes":
             packed = kernel_codes.unpack_words(self.packed, packed_rows(self.k, self.spec.code_bits))
         return QuantizedTensor(packed, self.scales, self.zeros, self.spec, self.k, self.dtype, layout)
 
