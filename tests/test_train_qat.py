@@ -70,3 +70,26 @@ def test_qat_2bit_recovers_rtn_loss_and_exports_packed(bundled) -> None:
     x = np.asarray([s[:16] for s, _ in ex[:4] if len(s) >= 16] or [ex[0][0][:8]])
     y = np.asarray([t[:8] for _, t in ex[:len(x)]]) if all(len(t) >= 8 for _, t in ex[:len(x)]) else x[:, :8]
     np.testing.assert_allclose(q.logits(x, y), fq.logits(x, y), rtol=1e-4, atol=1e-4)
+
+
+def test_qat_recipe_tokenizer_fallback(tmp_path: Path) -> None:
+    """train/qat.py tokenizes its training data with the model's tokenizer (the one it evaluates with):
+    --tokenizer, MODEL/tokenizer, MODEL/../tokenizer, then DATA/tokenizer; none is one DataError naming the flag,
+    raised before the model is read."""
+    from moqe_jax.errors import DataError
+    from train.qat import main, resolve_tokenizer
+
+    model, data = tmp_path / "m" / "moe", tmp_path / "d"
+    model.mkdir(parents=True)
+    data.mkdir()
+    with pytest.raises(DataError, match="pass --tokenizer"):
+        main(["--model", str(model), "--data", str(data), "--runs", "qat", "--out", str(tmp_path / "o")])
+    (data / "tokenizer").mkdir()
+    assert resolve_tokenizer(None, str(model), str(data)) == data / "tokenizer"
+    (model.parent / "tokenizer").mkdir()
+    assert resolve_tokenizer(None, str(model), str(data)) == model.parent / "tokenizer"
+    (model / "tokenizer").mkdir()
+    assert resolve_tokenizer(None, str(model), str(data)) == model / "tokenizer"
+    assert resolve_tokenizer(str(ASSETS / "tokenizer"), str(model), str(data)) == ASSETS / "tokenizer"
+    with pytest.raises(DataError, match="pass --tokenizer"):
+        resolve_tokenizer(str(tmp_path / "nope"), str(model), str(data))

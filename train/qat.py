@@ -9,6 +9,11 @@
    ``fake_quant_params`` (STE) on the expert kernels in the loss), then ``export_qat`` → a packed
    ``QuantizedTensor`` model, saved with ``Model.save`` under ``<out>/model`` — same table.
 Writes ``<out>/qat_report.json`` and ``<out>/qat_report.md``.
+
+One tokenizer for training and evaluation: the model's (``--tokenizer``, else ``<model>/tokenizer``, else
+``<model>/../tokenizer`` as in the bundled assets, else ``<data>/tokenizer`` for a model trained by
+``moqe train`` on that corpus), so the fine-tuning data is tokenized with the vocabulary the model was trained
+with; a different ``<data>/tokenizer`` is not used (a note says so).
 """
 
 from __future__ import annotations
@@ -38,10 +43,31 @@ def _table(results: dict[str, dict]) -> str:
 RUNS = ("float", "rtn", "qat", "ft", "ft-rtn")
 
 
+def resolve_tokenizer(arg: str | None, model: str, data: str) -> Path:
+    """The tokenizer used for both training data and evaluation (see the module docstring); one ``DataError``
+    naming ``--tokenizer`` when none exists."""
+    from moqe_jax.errors import DataError
+
+    cands = [Path(arg)] if arg else [Path(model) / "tokenizer", Path(model).parent / "tokenizer",
+                                     Path(data) / "tokenizer"]
+    for c in cands:
+        if c.exists():
+            return c
+    raise DataError(f"no tokenizer found (looked in {', '.join(map(str, cands))}); pass --tokenizer DIR "
+                    "(the SentencePiece tokenizer the model was trained with)")
+
+
+def _spm_bytes(tok: Path) -> bytes | None:
+    f = tok / "spm.model" if tok.is_dir() else tok
+    return f.read_bytes() if f.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO / "moqe_jax" / "assets" / "default" / "moe"))
-    p.add_argument("--tokenizer", default=None, help="default: <model>/../tokenizer")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer for training data and evaluation (default: <model>/tokenizer, "
+                        "<model>/../tokenizer, then <data>/tokenizer)")
     p.add_argument("--data", default="work_data/corpus")
     p.add_argument("--bits", default="2")
     p.add_argument("--steps", type=int, default=300)
@@ -67,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown --runs {bad}; choose from {', '.join(RUNS)}")
     bits: int | str = a.bits if a.bits == "ternary" else int(a.bits)
     spec = QuantSpec(bits=bits)
-    tok = a.tokenizer or str(Path(a.model).parent / "tokenizer")
+    tok_path = resolve_tokenizer(a.tokenizer, a.model, a.data)
+    tok = str(tok_path)
+    data_tok = Path(a.data) / "tokenizer"
+    if data_tok.exists() and _spm_bytes(data_tok.resolve()) != _spm_bytes(tok_path.resolve()):
+        print(f"qat: note: training data tokenized with {tok_path} (the model's), not {data_tok}", file=sys.stderr)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rep_path = out / "qat_report.json"
@@ -90,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = None
     if {"qat", "ft", "ft-rtn"} & set(runs):
-        data = load_mt_data(a.data, TrainConfig(batch_size=32, tokens_per_batch=2048, seed=1), max_len=a.max_len)
+        data = load_mt_data(a.data, TrainConfig(batch_size=32, tokens_per_batch=2048, seed=1), max_len=a.max_len,
+                            tokenizer_dir=tok_path, vocab_size=model.config.vocab_size)
     if "float" in runs:
         ev(model, "float")
     if "rtn" in runs:
@@ -136,4 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moqe_jax.errors import MoqeError
+
+    try:
+        sys.exit(main())
+    except MoqeError as e:  # bad input: one line, no traceback
+        sys.exit(f"qat: error: {e}")
