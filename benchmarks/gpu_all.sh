@@ -64,6 +64,16 @@ ref = np.einsum("ack,akn->acn", np.asarray(x, np.float64), np.asarray(qw.dequant
 err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
 print(f"probe traced stored words (indexed, int4): rel err {err:.2e}")
 assert np.isfinite(y).all() and err < 2e-2
+# dropless prefill (rows >= experts): (tile, expert) work items in ONE indexed launch ("indexed_tiles" plan)
+gs = jnp.asarray(np.bincount(rng.integers(0, 2, 300), minlength=2), jnp.int32)
+xr = jnp.asarray(rng.standard_normal((300, 1024)), jnp.bfloat16)
+assert ops.ragged_plan(xr, qw, mode="pallas") == "indexed_tiles"
+yr = np.asarray(jax.jit(lambda a, w, g: ops.ragged_qmatmul(a, w, g, mode="pallas"))(xr, qw, gs), np.float64)
+wf, s0, xf = np.asarray(qw.dequantize(), np.float64), int(gs[0]), np.asarray(xr, np.float64)
+ref = np.concatenate([xf[:s0] @ wf[0], xf[s0:] @ wf[1]])
+err = np.linalg.norm(yr - ref) / np.linalg.norm(ref)
+print(f"probe ragged indexed_tiles (300 rows, int4 words): rel err {err:.2e}")
+assert np.isfinite(yr).all() and err < 2e-2
 PYEOF
              echo "probe FAILED: see the log above" | tee -a "$LOG"; rc=1
            fi ;;
@@ -84,7 +94,7 @@ PYEOF
     # word-GEMV tilings beside the planned one (4096x10240, M=1, int4/int2) with trace times
     sweep) timeout "$(cap 120)" $PY -m benchmarks.kernels --out kernels_gpu_v4_sweep --sweep --trace --shapes 4096x10240 \
              --batches 1 --formats int4,int2 2>&1 | tee -a "$LOG" || rc=1 ;;
-    # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16 tokens)
+    # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16/256 tokens)
     moe_layer) timeout "$(cap 240)" $PY -m benchmarks.moe_decode --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 \
                  | tee -a "$LOG" || rc=1 ;;
     generate) timeout "$(cap 300)" $PY -m benchmarks.generate --gpu --out generate_gpu $GEN_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;

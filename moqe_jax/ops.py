@@ -298,9 +298,9 @@ def indexed_qmatmul(x: jax.Array, w: MaybePacked, expert_ids: jax.Array, *, mode
 # ---------------------------------------------------------------------------------------------
 # Ragged (dropless) grouped matmul: rows sorted by expert
 # ---------------------------------------------------------------------------------------------
-RaggedPlan = Literal["slots", "chunks", "indexed", "tiles"]
+RaggedPlan = Literal["slots", "chunks", "indexed", "indexed_tiles", "tiles"]
 _CHUNK_MIN_BYTES = 1 << 20  # "chunks" only when one expert matrix (as f32) exceeds this (CPU L2-sized)
-_CHUNK_BYTES = 256 << 10  # at most this many bytes (as f32) per K-chunk block
+_CHUNK_BYTES = 640 << 10  # at most this many bytes per K-chunk block (about half a 1 MiB L2; measured best)
 _CHUNK_STREAMS = 2  # independent chunk loops per row (XLA:CPU runs them concurrently); measured on 2 cores
 
 
@@ -355,17 +355,15 @@ def _expert(w: MaybePacked, i: jax.Array) -> MaybePacked:
 
 
 def _chunk_rows(k: int, n: int, itemsize: int) -> int:
-    """K rows per block of the "chunks" plan (a power of two ≤ ``_CHUNK_BYTES`` of f32 that divides each
-    stream's share of K), or 0 when the expert matrix is small (it stays in cache), K does not split, or the
-    weight is a sub-f32 float (bf16: the slice is fused with the convert the CPU dot needs anyway; measured
-    faster whole than in blocks)."""
-    b = itemsize
-    if b < 4 or k * n * b <= _CHUNK_MIN_BYTES or k % _CHUNK_STREAMS:
+    """K rows per block of the "chunks" plan: the largest divisor of each stream's share of K whose ``[kc, N]``
+    block fits ``_CHUNK_BYTES``; 0 when the expert matrix is small (it stays in cache), K does not split, or
+    the weight is a sub-f32 float (bf16: the slice is fused with the convert the CPU dot needs anyway; measured
+    faster whole than in blocks). Block size: benchmarks/results/moe_decode_notes.md (192 KiB blocks 1.6–1.8×
+    the floor, 576 KiB 1.3–1.5×, 1.1 MiB 1.5–1.7× on a 1 MiB-L2 core)."""
+    if itemsize < 4 or k * n * itemsize <= _CHUNK_MIN_BYTES or k % _CHUNK_STREAMS:
         return 0
-    kc = 1
-    while 2 * kc * n * b <= _CHUNK_BYTES and (k // _CHUNK_STREAMS) % (2 * kc) == 0:
-        kc *= 2
-    return kc
+    share = k // _CHUNK_STREAMS
+    return max((d for d in range(1, share + 1) if share % d == 0 and d * n * itemsize <= _CHUNK_BYTES), default=0)
 
 
 def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_type: Any) -> jax.Array:
@@ -385,7 +383,7 @@ def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_
     def stream(k0: int) -> jax.Array:
         def step(c: jax.Array, acc: jax.Array) -> jax.Array:
             r = k0 + c * kc
-            blk = _dslice(w, (e, r, 0), (1, kc, n))[0].astype(x.dtype)
+            blk = jax.lax.dynamic_slice(w, (e, r, 0), (1, kc, n))[0].astype(x.dtype)  # f32 only: no uint view
             return acc + jnp.dot(jax.lax.dynamic_slice_in_dim(x, r, kc, 1), blk, preferred_element_type=acc_dt)
         return jax.lax.fori_loop(0, share // kc, step, jnp.zeros((x.shape[0], n), acc_dt))
 
@@ -402,10 +400,17 @@ def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPl
       weights, decoding) only its own expert ``W[e]`` (a dynamic slice: no gather of all E experts);
     * ``"chunks"``: "slots" for an f32 ``w`` on CPU whose expert matrices exceed ``_CHUNK_MIN_BYTES``: each
       row reads its expert in ``[kc, N]`` blocks (XLA:CPU would copy the whole ``W[e]`` slice out first);
-    * ``"tiles"``: otherwise (megablox-style): tiles of ``tm`` sorted rows × the experts they touch; each
-      work item reads one expert and multiplies one tile, rows of other experts masked out.
+    * ``"indexed_tiles"``: at least as many rows as experts and a Pallas kernel handles ``w`` with ``tm``-row
+      slots (megablox-style, one launch): work items = (tile of ``tm`` sorted rows, one expert whose rows
+      overlap it); the items' tiles go to the indexed kernel as slots, item ``i`` reading only its expert;
+    * ``"tiles"``: otherwise (XLA): the same work items in a loop; each reads one expert and multiplies one
+      tile, rows of other experts masked out.
     """
     m, e = x.shape[0], w.shape[0]
+    if m >= e and is_packed(w) and resolve_mode(mode) != "xla":
+        slots = jax.ShapeDtypeStruct((1, _ragged_tile(m, e), x.shape[1]), x.dtype)
+        if explain(cast(jax.Array, slots), w, "indexed") is None:
+            return "indexed_tiles"
     if m < e:
         if is_packed(w) and resolve_mode(mode) != "xla" and explain(x[:, None, :], w, "indexed") is None:
             return "indexed"
@@ -414,6 +419,28 @@ def ragged_plan(x: jax.Array, w: MaybePacked, *, mode: str = "auto") -> RaggedPl
             return "chunks"
         return "slots"
     return "tiles"
+
+
+def _indexed_tiles(xt: jax.Array, w: MaybePacked, ends: jax.Array, first: jax.Array, n_items_g: jax.Array,
+                   item_end: jax.Array, static_items: int, *, mode: str, preferred_element_type: Any) -> jax.Array:
+    """The "indexed_tiles" plan: ``xt [T, tm, K]`` (sorted rows, padded) -> ``[T·tm, N]`` in one kernel launch.
+
+    Item ``i`` (of ``static_items``, a static bound; items past the real count repeat the last expert and
+    are discarded) is slot ``i`` of :func:`indexed_qmatmul`: its tile's rows times ``W[group(i)]``. Row ``r``
+    of group ``g`` is then read back from the item covering its tile for ``g`` (a gather of activations only).
+    """
+    t, tm, _ = xt.shape
+    e = w.shape[0]
+    items = jnp.arange(static_items, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(item_end, items, side="right"), e - 1).astype(jnp.int32)
+    tile = jnp.clip(first[g] + items - (item_end[g] - n_items_g[g]), 0, t - 1)
+    y = indexed_qmatmul(xt[tile], w, g, mode=mode, preferred_element_type=preferred_element_type)
+    r = jnp.arange(t * tm, dtype=jnp.int32)
+    gr = jnp.minimum(jnp.searchsorted(ends, r, side="right"), e - 1).astype(jnp.int32)
+    item = jnp.clip(item_end[gr] - n_items_g[gr] + r // tm - first[gr], 0, static_items - 1)
+    out = y[item, r % tm]
+    live = r < ends[-1]
+    return jnp.where(live[:, None], out, jnp.zeros((), out.dtype))
 
 
 def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode: str = "auto",
@@ -456,7 +483,7 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
                 return jax.lax.dynamic_update_slice_in_dim(out, yi.astype(out.dtype), i, 0)
             y = row(x, ids[0]).astype(out_dt) if m == 1 else jax.lax.fori_loop(0, m, one, jnp.zeros((m, n), out_dt))
         return jnp.where(live[:, None], y, jnp.zeros((), y.dtype))
-    # tiles: work item = (tile of tm sorted rows, one expert whose rows overlap the tile)
+    # work item = (tile of tm sorted rows, one expert whose rows overlap the tile); megablox's schedule
     tm = _ragged_tile(m, e)
     n_tiles = -(-m // tm)
     xp = jnp.pad(x, ((0, n_tiles * tm - m), (0, 0)))
@@ -466,6 +493,9 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
     item_end = jnp.cumsum(n_items_g)
     n_items = item_end[-1]
     static_items = n_tiles + min(e, m) - 1  # ≥ the real count: tiles + one extra per group boundary
+    if plan == "indexed_tiles":
+        return _indexed_tiles(xp.reshape(n_tiles, tm, -1), w, ends, first, n_items_g, item_end, static_items,
+                              mode=mode, preferred_element_type=preferred_element_type)[:m]
     rows = jnp.arange(tm, dtype=jnp.int32)
 
     def body(out: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:

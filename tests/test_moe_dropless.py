@@ -96,17 +96,38 @@ def test_ragged_qmatmul_kernel_interpret(seed, kind):
     """Fewer rows than experts and a packed weight: the indexed Pallas kernel (interpret mode) runs."""
     rng = np.random.default_rng(seed)
     e, k, n, m = 8, 64, 32, 3
-    if kind == "sub1":
-        codes = rng.choice(3, size=(e, k, n), p=[0.85, 0.075, 0.075]).astype(np.uint8)
-        qt = QuantizedTensor.from_codes(codes, rng.uniform(0.1, 1, (e, 1, n)), -rng.uniform(0.1, 1, (e, 1, n)),
-                                        QuantSpec(bits="ternary"))
-        w = encode(qt)
-    else:
-        w = _packed(rng, "int4", e, k, n)
+    w = _sub1_weight(rng, e, k, n) if kind == "sub1" else _packed(rng, "int4", e, k, n)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     sizes = _sizes(rng, m, e, "random")
     assert ops.ragged_plan(x, w, mode="interpret") == "indexed"
     y = ops.ragged_qmatmul(x, w, jnp.asarray(sizes), mode="interpret")
+    assert _rel(y, _np_ragged(x, ops.dequantize_weight(w, jnp.float32), sizes)) <= 1e-5
+
+
+def _sub1_weight(rng, e, k, n):
+    codes = rng.choice(3, size=(e, k, n), p=[0.85, 0.075, 0.075]).astype(np.uint8)
+    return encode(QuantizedTensor.from_codes(codes, rng.uniform(0.1, 1, (e, 1, n)), -rng.uniform(0.1, 1, (e, 1, n)),
+                                             QuantSpec(bits="ternary")))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int2", "sub1"])
+@pytest.mark.parametrize("sizes_mode", ["random", "one", "short"])
+def test_ragged_qmatmul_indexed_tiles_interpret(seed, kind, sizes_mode):
+    """At least as many rows as experts and a packed weight (megablox-style): ONE launch of the indexed Pallas
+    kernel (interpret mode) over (tile, expert) work items, equal to NumPy f64; empty experts, all rows to one
+    expert and rows past the groups' total (0) included."""
+    rng = np.random.default_rng(seed)
+    e, k, n, m = 4, 64, 32, 37  # tm = 16: 3 tiles, group boundaries inside tiles
+    w = _sub1_weight(rng, e, k, n) if kind == "sub1" else _packed(rng, kind, e, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    sizes = _sizes(rng, m, e, sizes_mode)
+    assert ops.ragged_plan(x, w, mode="interpret") == "indexed_tiles"
+    assert ops.ragged_plan(x, w, mode="xla") == "tiles"
+    f = jax.jit(lambda x, w, g: ops.ragged_qmatmul(x, w, g, mode="interpret"))
+    jaxpr = str(jax.make_jaxpr(f)(x, w, jnp.asarray(sizes)))
+    assert jaxpr.count("pallas_call") == 1, "one kernel launch for all work items"
+    y = f(x, w, jnp.asarray(sizes))
+    assert y.shape == (m, n)
     assert _rel(y, _np_ragged(x, ops.dequantize_weight(w, jnp.float32), sizes)) <= 1e-5
 
 
@@ -117,7 +138,8 @@ def test_ragged_qmatmul_chunks_plan(seed, dtype, m):
     in f32, cast once); bf16 ones stay whole slots; per row still that row times W[e] (NumPy f64; bf16: within
     the output's rounding)."""
     rng = np.random.default_rng(seed)
-    e, k, n = 4, 256, 1280  # 1.3 MB per expert as f32
+    e, k, n = 4, 256, 2560  # 2.6 MB per expert as f32: two 640 KiB blocks per stream
+    assert 0 < ops._chunk_rows(k, n, 4) < k // ops._CHUNK_STREAMS  # the block loop runs more than once
     w = jnp.asarray(rng.standard_normal((e, k, n)), dtype)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     sizes = _sizes(rng, m, e, "random")
