@@ -168,13 +168,16 @@ def _flush_caches() -> None:
 
 def _median_per_call(cases: dict[str, list], rounds: int, cold: bool = False) -> dict[str, float]:
     """Per case, the median over ``rounds`` of the mean seconds of one call. Each round runs every case's
-    ``(fn, args)`` calls once, the cases interleaved call by call (so load from other processes hits all alike).
+    ``(fn, args)`` calls once, the cases interleaved call by call (so load from other processes hits all alike)
+    in an order rotated per call (so no case always runs right after another read the same weights).
     ``cold``: the caches are flushed (untimed) before every call."""
     per: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
     for _ in range(rounds):
         tot = dict.fromkeys(cases, 0.0)
         for i in range(max(len(c) for c in cases.values())):
-            for name, calls in cases.items():
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                calls = cases[name]
                 if i < len(calls):
                     fn, args = calls[i]
                     if cold:
@@ -202,7 +205,7 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
     """Decode step of one MoE layer through ``MoeLayer``: t5x capacity vs dropless vs floor."""
     gpu = backend.gpu_kernels_available()
     e, d, f = (16, 64, 128) if quick else (128, 768, 3072)
-    batches = batches or [1, 16]
+    batches = batches or ([1, 16, 256] if gpu else [1, 16])  # GPU 256: the "indexed_tiles" plan (rows ≥ E)
     formats = formats or (["bfloat16", "int4"] if gpu else ["float32", "int4"])
     meta = device_info()
     meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels, cold_caches=cold,
@@ -279,14 +282,14 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
     notes = (f"One MoeLayer decode step x [B, 1, D], E={e}, D={d}, F={f} (ReLU), top-1, t5x capacity factor "
              f"{CAPACITY_FACTOR} (min {MIN_CAPACITY}), kernels={kernels!r}. Median over {rounds} rounds; each round "
              f"runs {n_sets} token sets once (different chosen experts), floor and dropless interleaved call by "
-             "call, and reports the mean per call (the t5x path: one set, run after them). Floor: the distinct "
-             "chosen experts' weights pre-sliced, each expert's tokens × its weights (int4: dequantize that expert "
-             "+ matmul), nothing else; the faster of one jit over all chosen experts and one jitted call per expert "
-             "(both in the json meta). dropless was checked equal to t5x on two sets before timing. Compile time: "
-             "jit lower+compile of one call, separate from the times."
+             "call in a rotated order, and reports the mean per call (the t5x path: one set, run after them). "
+             "Floor: the distinct chosen experts' weights pre-sliced, each expert's tokens × its weights "
+             "(int4: dequantize that expert + matmul), nothing else; the faster of one jit over all chosen "
+             "experts and one jitted call per expert (both in the json meta). dropless was checked equal to t5x "
+             "on two sets before timing. Compile time: jit lower+compile of one call, separate from the times."
              + (" Cold caches: 64 MiB read+written (untimed) before every timed call, so every path reads its "
                 "weights from DRAM." if cold else " Warm: no cache flush between calls (a path may find weights "
-                "another path just read in L3)."))
+                "another path just read in L3: warm-biased; cold caches are a decode step's real situation)."))
     write_results(out, "MoE layer decode step: t5x capacity vs dropless vs floor", header, rows, meta, notes)
     return rows
 
