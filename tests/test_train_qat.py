@@ -93,3 +93,15 @@ def test_qat_recipe_tokenizer_fallback(tmp_path: Path) -> None:
     assert resolve_tokenizer(str(ASSETS / "tokenizer"), str(model), str(data)) == ASSETS / "tokenizer"
     with pytest.raises(DataError, match="pass --tokenizer"):
         resolve_tokenizer(str(tmp_path / "nope"), str(model), str(data))
+
+
+def test_export_default_eval_only_refuses_without_models(tmp_path: Path) -> None:
+    """``train/export_default.py --eval-only`` evaluates what is already exported: without --data or the
+    exported model directories it stops with one message naming what is missing, and writes nothing."""
+    from train.export_default import main
+
+    with pytest.raises(SystemExit, match=r"--eval-only needs --data DIR .*missing: moe, dense, tokenizer"):
+        main(["--eval-only", "--data", str(tmp_path), "--out", str(tmp_path / "assets")])
+    with pytest.raises(SystemExit, match="--eval-only needs --data DIR"):
+        main(["--eval-only", "--out", str(ASSETS)])
+    assert list(tmp_path.iterdir()) == []
