@@ -339,6 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=None, help="--layer: comma list of float32,bfloat16,int4,int2")
     ap.add_argument("--rounds", type=int, default=5, help="--layer/--forward: timing rounds (median)")
     ap.add_argument("--cold", action="store_true", help="--layer: flush the CPU caches before every timed call")
+    ap.add_argument("--sets", type=int, default=4, help="--layer: token sets per round (different chosen experts)")
     ap.add_argument("--forward", action="store_true",
                     help="whole-model forward per routing mode (t5x / hf / dropless), small-mt shape, batch 8")
     a = ap.parse_args(argv)
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
         plat = jax.devices()[0].platform  # CPU: moe_decode_cpu.md; GPU: moe_layer_gpu.md (moe_decode_gpu = kernels)
         out = a.out or ("moe_layer_quick" if a.quick else ("moe_decode_cpu" if plat == "cpu" else "moe_layer_" + plat))
         run_layer(a.quick, out, batches, a.formats.split(",") if a.formats else None, rounds=max(a.rounds, 1),
-                  cold=a.cold)
+                  n_sets=max(a.sets, 1), cold=a.cold)
         return 0
     if not backend.gpu_kernels_available() and not a.quick:
         print("no GPU kernels: use --quick on CPU", file=sys.stderr)

@@ -141,7 +141,8 @@ def qt_kernel_operands(w: QuantizedTensor, word_bits: int | None = None) -> tupl
 
     ``word_bits`` 8 = uint8 codes; 32 = the uint32 word layout (2/4/8-bit codes with groups of ≥ 16 words);
     None = the words ``w`` holds when ``w.layout == "words"`` (traced or not); for a byte-layout ``w``, 32 when
-    supported and ``w`` is concrete (repacked once, cached), else 8.
+    supported and ``w`` is concrete (repacked once, cached), else 8. ``word_bits=8`` on a words ``w`` unpacks
+    it on every call (uncached: only tests and benchmarks ask for the byte kernels of a words tensor).
     """
     spec = w.spec
     layout: dict[str, Any] = {"k": w.k, "code_bits": spec.code_bits, "scheme": spec.code_scheme,
