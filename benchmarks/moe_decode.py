@@ -255,7 +255,8 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
 
                 def per_expert(xe, ws, one=one):
                     return [jax.block_until_ready(one[xt.shape](xt, a, c)) for xt, (a, c) in zip(xe, ws, strict=True)]
-                seq_calls.append((per_expert, (xe, ws)))
+                # its own copy of the pre-sliced experts: the two floor forms must not warm each other's weights
+                seq_calls.append((per_expert, (xe, jax.tree.map(jnp.copy, ws))))
             # check: dropless equals t5x (no drops at these shapes) on every set
             for x in xs[:2]:
                 y_t, y_d = np.asarray(fns["t5x"](params, x), np.float64), np.asarray(fns["dropless"](params, x),
@@ -285,8 +286,9 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
              "call in a rotated order, and reports the mean per call (the t5x path: one set, run after them). "
              "Floor: the distinct chosen experts' weights pre-sliced, each expert's tokens × its weights "
              "(int4: dequantize that expert + matmul), nothing else; the faster of one jit over all chosen "
-             "experts and one jitted call per expert (both in the json meta). dropless was checked equal to t5x "
-             "on two sets before timing. Compile time: jit lower+compile of one call, separate from the times."
+             "experts and one jitted call per expert (both in the json meta; each form reads its own copy of the "
+             "weights). dropless was checked equal to t5x on two sets before timing. Compile time: jit "
+             "lower+compile of one call, separate from the times."
              + (" Cold caches: 64 MiB read+written (untimed) before every timed call, so every path reads its "
                 "weights from DRAM." if cold else " Warm: no cache flush between calls (a path may find weights "
                 "another path just read in L3: warm-biased; cold caches are a decode step's real situation)."))

@@ -302,6 +302,7 @@ def indexed_qmatmul(x: jax.Array, w: MaybePacked, expert_ids: jax.Array, *, mode
 RaggedPlan = Literal["slots", "chunks", "indexed", "indexed_tiles", "tiles"]
 _CHUNK_MIN_BYTES = 1 << 20  # "chunks" only when one expert matrix (as f32) exceeds this (CPU L2-sized)
 _CHUNK_BYTES = 640 << 10  # at most this many bytes per K-chunk block (about half a 1 MiB L2; measured best)
+_CHUNK_BYTES_ONE_ROW = 256 << 10  # the same for a lone row (no row loop around the blocks; measured best)
 _CHUNK_STREAMS = 2  # independent chunk loops per row (XLA:CPU runs them concurrently); measured on 2 cores
 
 
@@ -355,19 +356,21 @@ def _expert(w: MaybePacked, i: jax.Array) -> MaybePacked:
     return _dslice(a, (i,) + (0,) * (a.ndim - 1), (1, *a.shape[1:]))[0]
 
 
-def _chunk_rows(k: int, n: int, itemsize: int) -> int:
+def _chunk_rows(k: int, n: int, itemsize: int, limit: int = _CHUNK_BYTES) -> int:
     """K rows per block of the "chunks" plan: the largest divisor of each stream's share of K whose ``[kc, N]``
-    block fits ``_CHUNK_BYTES``; 0 when the expert matrix is small (it stays in cache), K does not split, or
+    block fits ``limit`` bytes; 0 when the expert matrix is small (it stays in cache), K does not split, or
     the weight is a sub-f32 float (bf16: the slice is fused with the convert the CPU dot needs anyway; measured
-    faster whole than in blocks). Block size: benchmarks/results/moe_decode_notes.md (192 KiB blocks 1.6–1.8×
-    the floor, 576 KiB 1.3–1.5×, 1.1 MiB 1.5–1.7× on a 1 MiB-L2 core)."""
+    faster whole than in blocks). Block size (benchmarks/results/moe_decode_notes.md, 1 MiB-L2 cores, the
+    MoE layer A/B with cold caches): 16 rows: 640 KiB 1.24× the floor vs 256 KiB 1.61×; one row (no row loop):
+    256 KiB 1.34–1.49× vs 640 KiB 1.52–1.62×."""
     if itemsize < 4 or k * n * itemsize <= _CHUNK_MIN_BYTES or k % _CHUNK_STREAMS:
         return 0
     share = k // _CHUNK_STREAMS
-    return max((d for d in range(1, share + 1) if share % d == 0 and d * n * itemsize <= _CHUNK_BYTES), default=0)
+    return max((d for d in range(1, share + 1) if share % d == 0 and d * n * itemsize <= limit), default=0)
 
 
-def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_type: Any) -> jax.Array:
+def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_type: Any,
+                    limit: int = _CHUNK_BYTES) -> jax.Array:
     """``x [1, K] @ W[e]`` for a float stacked ``W [E, K, N]``, reading ``W[e]`` in ``[kc, N]`` blocks.
 
     XLA:CPU copies a dynamic slice of a whole expert out of the stack before a dot (a 9.4 MB write + re-read
@@ -376,7 +379,8 @@ def _chunked_matmul(x: jax.Array, w: jax.Array, e: jax.Array, preferred_element_
     result is the row times ``W[e]`` as :func:`qmatmul` computes it up to the order of the f32 sums.
     """
     k, n = w.shape[1], w.shape[2]
-    kc = _chunk_rows(k, n, jnp.dtype(w.dtype).itemsize)
+    b = jnp.dtype(w.dtype).itemsize
+    kc = _chunk_rows(k, n, b, limit) or _chunk_rows(k, n, b)
     share = k // _CHUNK_STREAMS
     out_dt = x.dtype if preferred_element_type is None else preferred_element_type
     acc_dt = jnp.promote_types(out_dt, jnp.float32)
@@ -476,7 +480,8 @@ def ragged_qmatmul(x: jax.Array, w: MaybePacked, group_sizes: jax.Array, *, mode
         else:  # a fori_loop writing rows in place (measured faster on CPU than lax.map or an unrolled loop)
             def row(xi: jax.Array, ei: jax.Array) -> jax.Array:
                 if plan == "chunks":
-                    return _chunked_matmul(xi, cast(jax.Array, w), ei, preferred_element_type)
+                    return _chunked_matmul(xi, cast(jax.Array, w), ei, preferred_element_type,
+                                           _CHUNK_BYTES_ONE_ROW if m == 1 else _CHUNK_BYTES)
                 return qmatmul(xi, _expert(w, ei), mode=mode, preferred_element_type=preferred_element_type)
 
             def one(i: jax.Array, out: jax.Array) -> jax.Array:
