@@ -131,6 +131,25 @@ def test_ragged_qmatmul_indexed_tiles_interpret(seed, kind, sizes_mode):
     assert _rel(y, _np_ragged(x, ops.dequantize_weight(w, jnp.float32), sizes)) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["int4-words", "sub1"])
+def test_indexed_tiles_lowers_to_one_triton_kernel(seed, kind):
+    """The prefill plan compiles for the GPU as ONE Triton kernel (lowered for CUDA on this machine, no GPU:
+    benchmarks/ttir.py), for the word-layout dequant kernel and the sub-1-bit decoder."""
+    from benchmarks.ttir import triton_modules
+
+    rng = np.random.default_rng(seed)
+    e, k, n, m = 8, 256, 384, 300
+    if kind == "sub1":
+        w = _sub1_weight(rng, e, k, n)
+    else:
+        w = QuantizedTensor.from_codes(rng.integers(0, 16, (e, k, n)), rng.uniform(.5, 1, (e, 1, n)), None,
+                                       QuantSpec(4), layout="words")
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    gs = jax.ShapeDtypeStruct((e,), jnp.int32)
+    assert ops.ragged_plan(x, w, mode="pallas") == "indexed_tiles"
+    assert len(triton_modules(lambda x, w, g: ops.ragged_qmatmul(x, w, g, mode="pallas"), x, w, gs)) == 1
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_ragged_qmatmul_chunks_plan(seed, dtype, m):
