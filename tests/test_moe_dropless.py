@@ -383,6 +383,12 @@ _SHARDED = textwrap.dedent("""
         scale = np.abs(one).max()
         assert np.abs(got - one).max() <= 1e-6 * scale, (kind, np.abs(got - one).max())
         assert np.abs(one - ref).max() <= 1e-6 * scale, (kind, np.abs(one - ref).max())
+        if kind == "int4":  # the word repack (load_model(weight_layout="words")) keeps the expert sharding
+            wm = dl.replace(params=sharded).with_weight_layout("words")
+            ww = wm.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"]
+            assert ww.layout == "words" and ww.packed.sharding.is_equivalent_to(leaf.sharding, 3), ww.packed.sharding
+            got = np.asarray(jax.jit(lambda m: m.logits(ids, dec))(wm))
+            assert np.abs(got - one).max() <= 1e-6 * scale, ("words", np.abs(got - one).max())
     print("ok")
 """)
 
