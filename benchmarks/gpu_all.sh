@@ -94,9 +94,12 @@ PYEOF
     # word-GEMV tilings beside the planned one (4096x10240, M=1, int4/int2) with trace times
     sweep) timeout "$(cap 120)" $PY -m benchmarks.kernels --out kernels_gpu_v4_sweep --sweep --trace --shapes 4096x10240 \
              --batches 1 --formats int4,int2 2>&1 | tee -a "$LOG" || rc=1 ;;
-    # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16/256 tokens)
-    moe_layer) timeout "$(cap 240)" $PY -m benchmarks.moe_decode --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 \
-                 | tee -a "$LOG" || rc=1 ;;
+    # the model's MoeLayer: t5x capacity vs dropless vs the chosen experts' floor (bf16 + int4, 1/16 tokens; then 256)
+    moe_layer) timeout "$(cap 200)" $PY -m benchmarks.moe_decode --layer --out moe_layer_gpu $MOE_LAYER_ARGS 2>&1 \
+                 | tee -a "$LOG" || rc=1
+               # prefill-sized step (rows ≥ experts: the one-launch "indexed_tiles" plan for int4), after the main table
+               timeout "$(cap 120)" $PY -m benchmarks.moe_decode --layer --batches 256 --formats bfloat16,int4 --sets 2 \
+                 --rounds 5 --out moe_layer_gpu_prefill 2>&1 | tee -a "$LOG" || rc=1 ;;
     generate) timeout "$(cap 300)" $PY -m benchmarks.generate --gpu --out generate_gpu $GEN_ARGS 2>&1 | tee -a "$LOG" || rc=1 ;;
     scaling) timeout "$(cap 240)" $PY -m benchmarks.scaling --devices 1 --out scaling_gpu 2>&1 | tee -a "$LOG" || rc=1 ;;  # one-device row of scaling_cpu
     *) echo "unknown stage $s" | tee -a "$LOG"; rc=2 ;;

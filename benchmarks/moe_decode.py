@@ -205,7 +205,7 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
     """Decode step of one MoE layer through ``MoeLayer``: t5x capacity vs dropless vs floor."""
     gpu = backend.gpu_kernels_available()
     e, d, f = (16, 64, 128) if quick else (128, 768, 3072)
-    batches = batches or ([1, 16, 256] if gpu else [1, 16])  # GPU 256: the "indexed_tiles" plan (rows ≥ E)
+    batches = batches or [1, 16]
     formats = formats or (["bfloat16", "int4"] if gpu else ["float32", "int4"])
     meta = device_info()
     meta.update(experts=e, d_model=d, d_ff=f, rounds=rounds, token_sets=n_sets, kernels=kernels, cold_caches=cold,
@@ -279,6 +279,12 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
                 rows.append([b, fmt, name, t * 1e3, t / t_floor, c])
                 print(rows[-1], flush=True)
             del fns, floor_calls, seq_calls
+            _write_layer(out, rows, meta, e, d, f, kernels, rounds, n_sets, cold)  # a timed-out run keeps its rows
+    return rows
+
+
+def _write_layer(out: str, rows: list[list], meta: dict, e: int, d: int, f: int, kernels: str, rounds: int,
+                 n_sets: int, cold: bool) -> None:
     header = ["tokens", "experts", "path", "time ms (median)", "× floor", "compile s"]
     notes = (f"One MoeLayer decode step x [B, 1, D], E={e}, D={d}, F={f} (ReLU), top-1, t5x capacity factor "
              f"{CAPACITY_FACTOR} (min {MIN_CAPACITY}), kernels={kernels!r}. Median over {rounds} rounds; each round "
@@ -293,7 +299,6 @@ def run_layer(quick: bool, out: str, batches: list[int] | None = None, formats: 
                 "weights from DRAM." if cold else " Warm: no cache flush between calls (a path may find weights "
                 "another path just read in L3: warm-biased; cold caches are a decode step's real situation)."))
     write_results(out, "MoE layer decode step: t5x capacity vs dropless vs floor", header, rows, meta, notes)
-    return rows
 
 
 def run_forward(out: str, preset: str = "small-mt", batch: int = 8, length: int = 32, rounds: int = 7) -> list[list]:
