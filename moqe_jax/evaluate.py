@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from moqe_jax.data.locate import default_data_dir
 from moqe_jax.data.tokenizer import encode_text as _encode
 from moqe_jax.data.tokenizer import tokenizer_vocab_size
 from moqe_jax.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # annotations only (the facade is imported where a model is loaded)
+    from moqe_jax.api import Model
 
 __all__ = [
     "CorpusScore", "DirectionResult", "EvalResult", "bleu_tokenizer_for", "corpus_scores", "token_cross_entropy",
@@ -127,7 +130,7 @@ def load_tokenizer(src: Any) -> Any:
     return Tokenizer(src)
 
 
-def check_vocab(model: Any, tok: Any, where: str = "tokenizer") -> None:
+def check_vocab(model: Model, tok: Any, where: str = "tokenizer") -> None:
     """Raise `DataError` unless the tokenizer's vocabulary fits the model's.
 
     Equal sizes pass; so does a model vocabulary padded up to a multiple of 128 (T5X pads
@@ -243,7 +246,7 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
-def translate(model: Any, tok: Any, sources: Sequence[str], *, batch_size: int = 32, max_src_len: int | None = None,
+def translate(model: Model, tok: Any, sources: Sequence[str], *, batch_size: int = 32, max_src_len: int | None = None,
               max_new_tokens: int | None = None, num_beams: int = 1, buckets: Sequence[int] = (16, 32, 64, 128, 256),
               progress: bool | None = None) -> tuple[list[str], GenerationStats]:
     """Greedy (or beam) decode ``sources`` with ``model.generate``; SentencePiece-decoded hypotheses.
@@ -297,7 +300,7 @@ def translate(model: Any, tok: Any, sources: Sequence[str], *, batch_size: int =
     return hyps, stats
 
 
-def decode_speed(model: Any, *, batch_size: int = 8, src_len: int = 32, new_tokens: int = 64, reps: int = 3,
+def decode_speed(model: Model, *, batch_size: int = 8, src_len: int = 32, new_tokens: int = 64, reps: int = 3,
                  seed: int = 0, input_ids: Any = None) -> float:
     """Steady-state greedy decode throughput (generated tokens/s, counted up to and including EOS), after one
     warm-up call. ``input_ids`` ``[B, L]`` (e.g. real test sentences); default random ids ``[batch_size, src_len]``."""
@@ -327,7 +330,7 @@ def _shift_right(labels: np.ndarray, start: int, pad: int) -> np.ndarray:
     return out
 
 
-def teacher_forced_loss(model: Any, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
+def teacher_forced_loss(model: Model, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
                         max_src_len: int | None = None, max_tgt_len: int | None = None,
                         progress: bool | None = None, desc: str = "loss") -> tuple[float, int]:
     """Mean token CE (nats) of ``targets`` given ``inputs`` (T5 teacher forcing) and the token count.
@@ -463,7 +466,7 @@ def _json_safe(x: Any, path: str, flagged: list[str]) -> Any:
     return x
 
 
-def evaluate_model(model: Any, *, tokenizer: Any, data: Any = None, directions: str | Sequence[str] | None = "all",
+def evaluate_model(model: Model, *, tokenizer: Any, data: Any = None, directions: str | Sequence[str] | None = "all",
                    samples: int | None = 100, split: str = "test", bleu: bool = True, mt_loss: bool = False,
                    mlm: bool = False, mlm_texts: Sequence[str] | None = None, mlm_samples: int | None = 256,
                    batch_size: int = 32, max_src_len: int | None = None, max_new_tokens: int | None = None,

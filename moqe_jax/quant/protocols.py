@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 __all__ = ["ModelLike", "M"]
 
 
 class ModelLike(Protocol):
-    """A model with a config, a params tree and a functional ``replace(params=…)`` (``moqe_jax.api.Model``)."""
+    """A model with a config, a params tree and a functional ``replace(params=…)`` (``moqe_jax.api.Model``
+    satisfies it: mypy checks that at ``moqe_jax.pipeline``)."""
 
     @property
     def config(self) -> Any: ...
@@ -16,7 +17,7 @@ class ModelLike(Protocol):
     @property
     def params(self) -> Any: ...
 
-    def replace(self, **changes: Any) -> Any: ...
+    def replace(self, *, params: Any) -> Self: ...
 
 
 M = TypeVar("M", bound=ModelLike)
