@@ -2,6 +2,10 @@
 # ONE device call: GPU kernel tests (Pallas Triton backend, not interpret) + the GPU benchmarks, inside a time budget.
 #   run tool:  bash benchmarks/gpu_all.sh [stage ...]
 #   stages: env probe tests kernels moe sub1 sweep moe_layer generate scaling (default: all, in this order)
+#   sets (one call each, each fits the default budget; a device session of 15 min affords about two calls):
+#     generation = env probe moe_layer generate      (dropless MoE layer + end-to-end generation; issue 13's numbers)
+#     kernel     = env probe tests kernels moe sub1 sweep   (the kernel tables; issue 14's numbers)
+#   The default (all stages) runs the kernel set first, so its generation stages usually run out of budget.
 # BUDGET_S (default 470 s): every stage's timeout is capped by what is left of it, and a stage with < 20 s left is
 # skipped, so the default call (issue 14: tests + kernel table + MoE decode table + sub-1-bit table first) ends in
 # under 8 minutes; the later stages run with whatever budget remains (name them alone for a full run).
@@ -23,7 +27,14 @@ BUDGET_S=${BUDGET_S:-470}
 T0=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); if [ "$1" -lt "$l" ]; then echo "$1"; else echo $(( l > 1 ? l : 1 )); fi; }
-stages=("$@")
+stages=()
+for a in "$@"; do
+  case $a in
+    generation) stages+=(env probe moe_layer generate) ;;
+    kernel) stages+=(env probe tests kernels moe sub1 sweep) ;;
+    *) stages+=("$a") ;;
+  esac
+done
 [ ${#stages[@]} -eq 0 ] && stages=(env probe tests kernels moe sub1 sweep moe_layer generate scaling)
 rc=0
 for s in "${stages[@]}"; do
