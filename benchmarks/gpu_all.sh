@@ -3,7 +3,7 @@
 #   run tool:  bash benchmarks/gpu_all.sh [stage ...]
 #   stages: env probe tests kernels moe sub1 sweep moe_layer generate scaling (default: all, in this order)
 #   sets (one call each, each fits the default budget; a device session of 15 min affords about two calls):
-#     generation = env probe moe_layer generate      (dropless MoE layer + end-to-end generation; issue 13's numbers)
+#     generation = env probe generate moe_layer      (end-to-end generation, then the dropless MoE layer, which writes its table after every block; issue 13's numbers)
 #     kernel     = env probe tests kernels moe sub1 sweep   (the kernel tables; issue 14's numbers)
 #   The default (all stages) runs the kernel set first, so its generation stages usually run out of budget.
 # BUDGET_S (default 470 s): every stage's timeout is capped by what is left of it, and a stage with < 20 s left is
@@ -30,7 +30,7 @@ cap() { local l; l=$(left); if [ "$1" -lt "$l" ]; then echo "$1"; else echo $(( 
 stages=()
 for a in "$@"; do
   case $a in
-    generation) stages+=(env probe moe_layer generate) ;;
+    generation) stages+=(env probe generate moe_layer) ;;
     kernel) stages+=(env probe tests kernels moe sub1 sweep) ;;
     *) stages+=("$a") ;;
   esac
