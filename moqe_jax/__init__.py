@@ -1,8 +1,8 @@
 """moqe-jax: MoQE low-bit expert quantization and QMoE sub-1-bit compression for Switch MoE in JAX.
 
 Public API (docs/ARCHITECTURE.md): ``SwitchConfig``, ``load_model``, ``Model``, ``QuantSpec``,
-``QuantizedTensor``, ``quantize``, ``compress_sub1``. Imported lazily so that ``import moqe_jax``
-stays cheap.
+``QuantizedTensor``, ``quantize``, ``compress_sub1``, ``enable_compilation_cache``. Imported lazily so
+that ``import moqe_jax`` stays cheap (and changes no JAX setting).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _EXPORTS = {
     "evaluate": "moqe_jax.pipeline",
     "calibration_batches": "moqe_jax.calibration",
     "qmatmul": "moqe_jax.ops",
+    "enable_compilation_cache": "moqe_jax.compile_cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ import os
 import sys
 
 from moqe_jax import __version__
+from moqe_jax.compile_cache import enable_compilation_cache
 
 COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "demo", "bench", "plan")
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the one read of MOQE_KERNELS (auto|xla|pallas|interpret): commands apply it with Model.with_kernels
     args.kernels = os.environ.get("MOQE_KERNELS", "auto")
+    # compiled programs persist across runs (MOQE_COMPILATION_CACHE=0: off; docs/ARCHITECTURE.md "Compile time")
+    enable_compilation_cache()
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -5,6 +5,9 @@
 - A skip is a failure unless the test is marked ``gpu`` and the machine has no CUDA GPU (a missing test
   dependency or a broken project module must fail the run, not shrink it).
 - The terminal summary counts the GPU-marked tests that were skipped, so the CI log shows it.
+- The ``moqe`` CLI's persistent compilation cache is off for the suite (``MOQE_COMPILATION_CACHE=0``, inherited
+  by subprocesses): a test run neither reads nor fills ``~/.cache``; tests/test_compile_cache.py turns it on
+  in its own subprocesses.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import secrets
 import pytest
 
 SEED_ENV = "MOQE_TEST_SEED"
+os.environ["MOQE_COMPILATION_CACHE"] = "0"
 _SEED = pytest.StashKey[int]()
 
 

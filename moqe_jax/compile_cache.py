@@ -1,0 +1,54 @@
+"""JAX's persistent compilation cache for moqe: a new process reuses the programs an earlier one compiled.
+
+Why: every new batch/length bucket of the compiled decode loop costs seconds of XLA compilation
+(benchmarks/results/generate_notes.md: 4–10 s on the bundled model, 7–17 s on a switch-base-8 shape), paid
+again by every process. JAX can keep compiled executables on disk (``jax_compilation_cache_dir``); this module
+picks a directory and turns it on. The ``moqe`` CLI calls :func:`enable_compilation_cache` before any command
+runs; library users call it themselves before their first ``jit`` (docs/ARCHITECTURE.md, "Compile time").
+Importing ``moqe_jax`` never changes JAX's configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DISABLE_ENV", "DIR_ENV", "default_cache_dir", "enable_compilation_cache"]
+
+DIR_ENV = "MOQE_COMPILATION_CACHE_DIR"  # where the cache lives (default: $XDG_CACHE_HOME/moqe_jax/xla)
+DISABLE_ENV = "MOQE_COMPILATION_CACHE"  # "0" / "off" / "false": leave JAX's cache setting alone
+MIN_COMPILE_SECONDS = 0.5  # cache programs that took at least this long to compile (JAX's default: 1 s)
+
+
+def default_cache_dir() -> Path:
+    """``$MOQE_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/moqe_jax/xla``, else ``~/.cache/moqe_jax/xla``."""
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "moqe_jax" / "xla"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``path`` (default :func:`default_cache_dir`).
+
+    Returns the directory in use, or None when the cache stays off: ``MOQE_COMPILATION_CACHE=0`` (also
+    ``off``/``false``/``no``), or the directory cannot be created (a read-only home: compiling still works,
+    only the reuse is lost). A cache directory already chosen for JAX (``JAX_COMPILATION_CACHE_DIR`` or
+    ``jax.config``) is kept and returned. Call it before the first compilation of the process: JAX reads the
+    setting when it first compiles.
+    """
+    import jax
+
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    current = getattr(jax.config, "jax_compilation_cache_dir", None)  # JAX_COMPILATION_CACHE_DIR counts too
+    if current:
+        return Path(current)
+    d = Path(path).expanduser() if path is not None else default_cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    return d
