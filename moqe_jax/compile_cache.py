@@ -1,11 +1,12 @@
 """JAX's persistent compilation cache for moqe: a new process reuses the programs an earlier one compiled.
 
-Why: every new batch/length bucket of the compiled decode loop costs seconds of XLA compilation
-(benchmarks/results/generate_notes.md: 4–10 s on the bundled model, 7–17 s on a switch-base-8 shape), paid
-again by every process. JAX can keep compiled executables on disk (``jax_compilation_cache_dir``); this module
-picks a directory and turns it on. The ``moqe`` CLI calls :func:`enable_compilation_cache` before any command
-runs; library users call it themselves before their first ``jit`` (docs/ARCHITECTURE.md, "Compile time").
-Importing ``moqe_jax`` never changes JAX's configuration.
+Why: every new batch/length bucket of the compiled decode loop costs seconds of tracing and XLA compilation
+(2-core CPU: 1.6–1.8 s on the bundled model, 3.8–4.6 s on a switch-base-8 shape), paid again by every
+process; with the cache a later process pays 0.26–0.46 s / 1.2–2.1 s (benchmarks/results/compile_cache_cpu.md).
+JAX keeps compiled executables on disk (``jax_compilation_cache_dir``); this module picks a directory and
+turns it on. The ``moqe`` CLI calls :func:`enable_compilation_cache` before any command runs; library users
+call it themselves before their first ``jit`` (docs/ARCHITECTURE.md, "Compile time"). Importing ``moqe_jax``
+never changes JAX's configuration.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError:
+        return None
+    if not os.access(d, os.W_OK):
         return None
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
