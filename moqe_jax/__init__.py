@@ -25,7 +25,7 @@ _EXPORTS = {
     "evaluate": "moqe_jax.pipeline",
     "calibration_batches": "moqe_jax.calibration",
     "qmatmul": "moqe_jax.ops",
-    "enable_compilation_cache": "moqe_jax.compile_cache",
+    "enable_compilation_cache": "moqe_jax.cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,14 +14,27 @@ import os
 import sys
 
 from moqe_jax import __version__
-from moqe_jax.compile_cache import enable_compilation_cache
+from moqe_jax.cache import enable_compilation_cache
 
 COMMANDS = ("info", "convert", "quantize", "compress", "eval", "train", "data", "demo", "bench", "plan")
 
 
+ENVIRONMENT = """environment:
+  MOQE_KERNELS=auto|xla|pallas|interpret   how packed matmuls run (default auto)
+  MOQE_COMPILATION_CACHE=0                 do not turn on JAX's persistent compilation cache
+  MOQE_COMPILATION_CACHE_DIR=DIR           where it lives (default $MOQE_CACHE_DIR/xla, ~/.cache/moqe_jax/xla)
+  MOQE_CACHE_DIR=DIR                       root of moqe's caches (compiled programs, sub-1-bit dictionary)
+  MOQE_DATA=DIR                            the default corpus for train/eval/demo
+  MOQE_NO_PROGRESS=1                       no progress bars
+  MOQE_DEBUG=1                             full tracebacks instead of one-line errors
+  MOQE_COORDINATOR, MOQE_NUM_PROCESSES, MOQE_PROCESS_ID, MOQE_DISTRIBUTED, MOQE_DISTRIBUTED_TIMEOUT
+                                           multi-host start-up (moqe train, docs/LAUNCH.md)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moqe", description="MoQE / QMoE: quantize and compress Mixture-of-Experts models in JAX.")
+        prog="moqe", description="MoQE / QMoE: quantize and compress Mixture-of-Experts models in JAX.",
+        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moqe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

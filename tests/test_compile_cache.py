@@ -16,7 +16,8 @@ import pytest
 
 import moqe_jax
 from moqe_jax import cli
-from moqe_jax.compile_cache import MIN_COMPILE_SECONDS, default_cache_dir, enable_compilation_cache
+from moqe_jax.cache import MIN_COMPILE_SECONDS, cache_root, default_cache_dir, enable_compilation_cache
+from moqe_jax.packed import sub1_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,9 +85,13 @@ def test_unwritable_dir_leaves_jax_alone(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_default_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MOQE_COMPILATION_CACHE_DIR", raising=False)
+    for var in ("MOQE_COMPILATION_CACHE_DIR", "MOQE_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "moqe_jax" / "xla"
+    assert cache_root() == tmp_path / "moqe_jax" and default_cache_dir() == tmp_path / "moqe_jax" / "xla"
+    monkeypatch.setenv("MOQE_CACHE_DIR", str(tmp_path / "root"))  # the one root of moqe's caches
+    assert default_cache_dir() == tmp_path / "root" / "xla"
+    assert sub1_dict._cache_path().parent == tmp_path / "root"
     monkeypatch.setenv("MOQE_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
     assert moqe_jax.enable_compilation_cache is enable_compilation_cache  # the public name
@@ -103,3 +108,15 @@ def test_cli_turns_the_cache_on_before_the_command(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cli, "enable_compilation_cache", lambda: calls.append("cache"))
     assert cli.main(["probe"]) == 0
     assert calls == ["cache", "command"]
+
+
+def test_help_lists_every_environment_variable_the_package_reads() -> None:
+    """`moqe --help` names each ``MOQE_*`` variable that ``moqe_jax`` reads (so the list cannot go stale)."""
+    import re
+
+    pkg = Path(moqe_jax.__file__).parent
+    names = {m for f in pkg.rglob("*.py") for m in re.findall(r"[\"'](MOQE_[A-Z_]+)[\"']", f.read_text())}
+    assert {"MOQE_KERNELS", "MOQE_COMPILATION_CACHE", "MOQE_CACHE_DIR"} <= names  # the scan finds them
+    missing = sorted(n for n in names if not re.search(rf"\b{n}\b", cli.ENVIRONMENT))
+    assert not missing, f"moqe --help does not list {missing}"
+    assert cli.ENVIRONMENT in cli.build_parser().format_help()

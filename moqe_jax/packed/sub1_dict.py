@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moqe_jax.cache import cache_root
+
 __all__ = ["Sub1Dictionary", "get_dictionary", "fitted_dictionary", "build_dictionary", "ZEROS", "NUM_CODES",
            "MAX_PAIRS", "NZ_SLOTS", "sparse_dec_table",
            "TRIE_ROOT", "DEC_SHA256", "TRIE_SHA256", "pair_probabilities"]
@@ -105,8 +107,7 @@ def build_dictionary(zeros: float = ZEROS, num_codes: int = NUM_CODES) -> Sub1Di
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("MOQE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moqe_jax")
-    return Path(root) / f"sub1_dict_v{_CACHE_VERSION}.npz"
+    return cache_root() / f"sub1_dict_v{_CACHE_VERSION}.npz"
 
 
 def _verify(d: Sub1Dictionary) -> bool:
