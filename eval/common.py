@@ -58,11 +58,14 @@ class Setup:
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
-    """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup)."""
+    """Load the models, tokenizer and corpus named by ``args`` (or the synthetic CI setup). Turns on the
+    persistent compilation cache as the ``moqe`` CLI does (``MOQE_COMPILATION_CACHE=0``: off)."""
     from moqe_jax.api import load_model
+    from moqe_jax.cache import enable_compilation_cache
     from moqe_jax.data.locate import default_data_dir, resolve_tokenizer
     from moqe_jax.evaluate import load_tokenizer
 
+    enable_compilation_cache()
     use_syn = args.synthetic or (args.quick and not Path(args.moe).exists())
     if not use_syn and args.data is None:
         args.data = default_data_dir()
