@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DISABLE_ENV", "DIR_ENV", "ROOT_ENV", "cache_root", "default_cache_dir", "enable_compilation_cache"]
+__all__ = ["DISABLE_ENV", "DIR_ENV", "MIN_COMPILE_SECONDS", "ROOT_ENV", "cache_root", "default_cache_dir",
+           "enable_compilation_cache"]
 
 ROOT_ENV = "MOQE_CACHE_DIR"  # every on-disk cache of moqe lives under this root
 DIR_ENV = "MOQE_COMPILATION_CACHE_DIR"  # the compilation cache only (default: cache_root() / "xla")
