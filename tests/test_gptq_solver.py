@@ -142,16 +142,22 @@ def boundary_margin(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: in
     return np.abs(t - half) / maxq
 
 
-def assert_codes_match(codes: np.ndarray, ref: dict, min_rate: float = 0.999, tie: float = 1e-4) -> None:
-    """Codes equal the reference's, except rows whose FIRST difference is a near-tie of the reference
-    (f32 vs f64 rounding decides it; the error feedback then legitimately changes the rest of that row)."""
+def assert_codes_match(codes: np.ndarray, ref: dict, max_row_rate: float = 0.1, tie: float = 1e-4) -> None:
+    """Codes equal the reference's, except rows whose FIRST difference is a near-tie of the reference.
+
+    f32 vs f64 rounding decides a near-tie; the error feedback then legitimately changes the rest of that row,
+    so a code-level identity rate fails on one early tie (seed 2622345433: one row of 24 diverged at input 74,
+    margin 1.9e-9, and 7 later codes followed). Over 488 seeded cases of test_gptq_qmoe_options 2 had one
+    diverged row, none had two. A bug breaks the first check (a difference at a non-tie); the row bound only
+    catches ties that are suspiciously frequent.
+    """
     diff = codes != ref["codes"]
-    rate = 1.0 - diff.mean()
-    for r in np.nonzero(diff.any(axis=1))[0]:
+    rows = np.nonzero(diff.any(axis=1))[0]
+    for r in rows:
         c = int(np.argmax(diff[r]))
         m = ref["margin"][r, c]
         assert m < tie, f"row {r}: first differing code at input {c} is not a tie (margin {m:.2e})"
-    assert rate >= min_rate, f"only {rate:.4%} identical codes"
+    assert len(rows) <= max(1, int(max_row_rate * codes.shape[0])), f"{len(rows)} of {codes.shape[0]} rows diverged"
 
 
 # ================================ tests ======================================================
@@ -193,7 +199,7 @@ def test_codes_match_float64_reference(bits, actorder, kind):
     res = solve_one_jit(w, h, spec, percdamp=percdamp, actorder=actorder)
     ref = fasterquant(w.T, h, bits, percdamp=percdamp, actorder=actorder)
     # f32 vs f64: a weight within rounding noise of a decision boundary may flip, and its error feedback then
-    # perturbs the later inputs of that row only; ≥ 99.9 % identical (in practice 100 %; see assert_codes_match).
+    # perturbs the later inputs of that row only (in practice 100 % identical; see assert_codes_match).
     assert_codes_match(np.asarray(res["codes"]).T, ref)
     assert not bool(res["fallback"]) and not ref["fallback"]
     np.testing.assert_allclose(float(np.sum(res["loss"])), ref["loss"], rtol=2e-3)
