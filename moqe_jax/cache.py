@@ -1,14 +1,15 @@
 """moqe's on-disk caches: one root directory, and JAX's persistent compilation cache in it.
 
 Root (:func:`cache_root`): ``$MOQE_CACHE_DIR``, else ``$XDG_CACHE_HOME/moqe_jax``, else ``~/.cache/moqe_jax``;
-it holds the sub-1-bit dictionary tables (``moqe_jax.packed.sub1_dict``) and ``xla/``, the compilation cache.
+it holds the sub-1-bit dictionary tables (``moqe_jax.packed.sub1_dict``), ``corpus/`` (the demo's gettext corpus,
+``moqe_jax.data.locate``) and ``xla/``, the compilation cache.
 
 Why the compilation cache: every new batch/length bucket of the compiled decode loop costs seconds of tracing
 and XLA compilation (2-core CPU: 1.6–1.8 s on the bundled model, 3.8–4.6 s on a switch-base-8 shape), paid
 again by every process; with the cache a later process pays 0.26–0.46 s / 1.2–2.1 s
 (benchmarks/results/compile_cache_cpu.md). JAX keeps compiled executables on disk
 (``jax_compilation_cache_dir``); :func:`enable_compilation_cache` picks the directory and turns it on. The
-``moqe`` CLI calls it before any command runs; library users call it themselves before their first ``jit``
+``moqe`` CLI calls it before any command that compiles runs; library users call it themselves before their first ``jit``
 (docs/ARCHITECTURE.md, "Compile time"). Importing ``moqe_jax`` never changes JAX's configuration.
 """
 

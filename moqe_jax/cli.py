@@ -23,7 +23,7 @@ ENVIRONMENT = """environment:
   MOQE_KERNELS=auto|xla|pallas|interpret   how packed matmuls run (default auto)
   MOQE_COMPILATION_CACHE=0                 do not turn on JAX's persistent compilation cache
   MOQE_COMPILATION_CACHE_DIR=DIR           where it lives (default $MOQE_CACHE_DIR/xla, ~/.cache/moqe_jax/xla)
-  MOQE_CACHE_DIR=DIR                       root of moqe's caches (compiled programs, sub-1-bit dictionary)
+  MOQE_CACHE_DIR=DIR                       root of moqe's caches (compiled programs, sub-1-bit dictionary, corpus)
   MOQE_DATA=DIR                            the default corpus for train/eval/demo
   MOQE_NO_PROGRESS=1                       no progress bars
   MOQE_DEBUG=1                             full tracebacks instead of one-line errors
@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the one read of MOQE_KERNELS (auto|xla|pallas|interpret): commands apply it with Model.with_kernels
     args.kernels = os.environ.get("MOQE_KERNELS", "auto")
-    # compiled programs persist across runs (MOQE_COMPILATION_CACHE=0: off; docs/ARCHITECTURE.md "Compile time")
-    enable_compilation_cache()
+    # compiled programs persist across runs (MOQE_COMPILATION_CACHE=0: off; docs/ARCHITECTURE.md "Compile time");
+    # a command that never compiles (``set_defaults(uses_jax=False)``: `moqe data build`) skips it and the ~1 s
+    # jax import it costs
+    if getattr(args, "uses_jax", True):
+        enable_compilation_cache()
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -108,6 +108,42 @@ def test_cli_turns_the_cache_on_before_the_command(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cli, "enable_compilation_cache", lambda: calls.append("cache"))
     assert cli.main(["probe"]) == 0
     assert calls == ["cache", "command"]
+    parser = argparse.ArgumentParser(prog="moqe")  # a command that never compiles opts out
+    parser.add_subparsers(dest="command", required=True).add_parser("probe").set_defaults(
+        func=lambda args: calls.append("command") or 0, uses_jax=False)
+    calls.clear()
+    assert cli.main(["probe"]) == 0
+    assert calls == ["command"]
+
+
+def test_data_build_never_imports_jax(tmp_path: Path) -> None:
+    """`moqe data build` (parsing + SentencePiece) runs without the ~1 s jax import: no compilation cache."""
+    argv = ["data", "build", "--locale-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    code = f"import sys; from moqe_jax.cli import main; rc = main({argv!r}); print(rc, 'jax' in sys.modules)"
+    env = {**os.environ, "MOQE_COMPILATION_CACHE": "1", "MOQE_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert "locale directory does not exist" in out.stderr and not (tmp_path / "cache").exists()
+
+
+def test_corpus_cache_lives_under_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moqe_jax.data import locate
+
+    for var in ("MOQE_DATA", "MOQE_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert locate.cached_corpus_dir() == tmp_path / "xdg" / "moqe_jax" / "corpus"
+    assert locate.default_data_dir() is None
+    legacy = tmp_path / "xdg" / "moqe" / "corpus"  # where 0.1.0 cached it: still found
+    legacy.mkdir(parents=True)
+    (legacy / "test.jsonl").write_text("{}\n")
+    assert locate.default_data_dir() == str(legacy)
+    monkeypatch.setenv("MOQE_CACHE_DIR", str(tmp_path / "root"))
+    new = tmp_path / "root" / "corpus"
+    new.mkdir(parents=True)
+    (new / "test.jsonl").write_text("{}\n")
+    assert locate.cached_corpus_dir() == new and locate.default_data_dir() == str(new)  # the root wins
 
 
 def test_help_lists_every_environment_variable_the_package_reads() -> None:

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--locale-dir", default="/usr/share/locale", help="Debian locale dir (default /usr/share/locale)")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--vocab", type=int, default=8000, help="vocabulary size incl. 100 sentinels (default 8000)")
-    b.set_defaults(func=_build)
+    b.set_defaults(func=_build, uses_jax=False)  # parsing + SentencePiece: no compilation cache, no jax import
 
 
 def _build(args: argparse.Namespace) -> int:

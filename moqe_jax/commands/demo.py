@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=str(BUNDLED / "moe"), help="model dir (default: the bundled MoE model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: MODEL/tokenizer or the bundled one)")
     p.add_argument("--data", default=None, help="corpus dir (default $MOQE_DATA, work_data/corpus, data/corpus, "
-                                                "else built from /usr/share/locale into ~/.cache/moqe/corpus)")
+                                                "else built from /usr/share/locale into ~/.cache/moqe_jax/corpus)")
     p.add_argument("--samples", type=int, default=5, help="test sentences per direction (default 5)")
     p.add_argument("--directions", default="all")
     p.add_argument("--calib", type=int, default=128, help="GPTQ calibration sentences (default 128)")

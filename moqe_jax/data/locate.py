@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moqe_jax.cache import cache_root
 from moqe_jax.errors import DataError, MoqeError
 
 __all__ = ["BUNDLED", "DATA_CANDIDATES", "cached_corpus_dir", "default_data_dir", "resolve_data",
@@ -17,14 +18,20 @@ DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
 
 
 def cached_corpus_dir() -> Path:
-    """Where :func:`find_or_build_corpus` (``moqe demo``) caches the corpus: ``$XDG_CACHE_HOME/moqe/corpus``."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moqe" / "corpus"
+    """Where :func:`find_or_build_corpus` (``moqe demo``) caches the corpus: ``corpus/`` under moqe's one cache
+    root (:func:`moqe_jax.cache.cache_root`: ``$MOQE_CACHE_DIR``, else ``~/.cache/moqe_jax``)."""
+    return cache_root() / "corpus"
+
+
+def _legacy_corpus_dir() -> Path:
+    """Where moqe 0.1.0 cached it (``$XDG_CACHE_HOME/moqe/corpus``): still read, never written."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moqe" / "corpus"
 
 
 def default_data_dir(need: str = "test.jsonl") -> str | None:
     """The corpus to use when none is named: ``$MOQE_DATA``, then ``work_data/corpus`` and ``data/corpus``
     (relative to the working directory), then the corpus ``moqe demo`` cached; the first that holds ``need``."""
-    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES, str(cached_corpus_dir())):
+    for d in (os.environ.get("MOQE_DATA"), *DATA_CANDIDATES, str(cached_corpus_dir()), str(_legacy_corpus_dir())):
         if d and (Path(d) / need).exists():
             return d
     return None
@@ -52,7 +59,7 @@ def resolve_data(arg: str | None) -> str:
 
 def find_or_build_corpus(arg: str | None) -> str:
     """``arg`` or :func:`default_data_dir`; failing both, the corpus built once from ``/usr/share/locale`` into
-    ``$XDG_CACHE_HOME/moqe/corpus`` (so a fresh install can run the demo)."""
+    :func:`cached_corpus_dir` (so a fresh install can run the demo)."""
     if arg and (Path(arg) / "test.jsonl").is_file():
         return arg
     if arg:
