@@ -32,6 +32,8 @@ VARIANTS = ("off", "cold", "warm")
 
 def _child(model: str, cache: str) -> None:
     """One process: ``{engine/batch: [first call s, second call s]}`` as JSON on the last stdout line."""
+    import jax  # noqa: F401 - imported before the clock starts in every variant, so load_s is the load alone
+
     if cache != "off":
         import moqe_jax
 
