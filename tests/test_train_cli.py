@@ -29,6 +29,7 @@ def test_moqe_data_build(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypa
     # `moqe train` without --data: the default corpus search ($MOQE_DATA, ..., the demo's cache) and its tokenizer
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MOQE_CACHE_DIR", raising=False)  # the demo's cached corpus lives under this root
     train = ["train", "--config", "tiny", "--set", "vocab_size=700", "--steps", "1", "--batch-size", "4",
              "--warmup", "1", "--log-every", "1", "--eval-every", "1", "--save-every", "1"]
     monkeypatch.delenv("MOQE_DATA", raising=False)
