@@ -9,8 +9,8 @@ and XLA compilation (2-core CPU: 1.6–1.8 s on the bundled model, 3.8–4.6 s o
 again by every process; with the cache a later process pays 0.26–0.46 s / 1.2–2.1 s
 (benchmarks/results/compile_cache_cpu.md). JAX keeps compiled executables on disk
 (``jax_compilation_cache_dir``); :func:`enable_compilation_cache` picks the directory and turns it on. The
-``moqe`` CLI calls it before any command that compiles runs; library users call it themselves before their first ``jit``
-(docs/ARCHITECTURE.md, "Compile time"). Importing ``moqe_jax`` never changes JAX's configuration.
+``moqe`` CLI calls it before any command that compiles runs; library users call it themselves before their
+first ``jit`` (docs/ARCHITECTURE.md, "Compile time"). Importing ``moqe_jax`` never changes JAX's configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 __all__ = ["DISABLE_ENV", "DIR_ENV", "MIN_COMPILE_SECONDS", "ROOT_ENV", "cache_root", "default_cache_dir",
-           "enable_compilation_cache"]
+           "enable_compilation_cache", "xdg_cache_home"]
 
 ROOT_ENV = "MOQE_CACHE_DIR"  # every on-disk cache of moqe lives under this root
 DIR_ENV = "MOQE_COMPILATION_CACHE_DIR"  # the compilation cache only (default: cache_root() / "xla")
@@ -27,12 +27,16 @@ DISABLE_ENV = "MOQE_COMPILATION_CACHE"  # "0" / "off" / "false": leave JAX's cac
 MIN_COMPILE_SECONDS = 0.5  # cache programs that took at least this long to compile (JAX's default: 1 s)
 
 
+def xdg_cache_home() -> Path:
+    """The user's cache directory by the XDG rule: ``$XDG_CACHE_HOME``, else ``~/.cache``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+
+
 def cache_root() -> Path:
     """``$MOQE_CACHE_DIR``, else ``$XDG_CACHE_HOME/moqe_jax``, else ``~/.cache/moqe_jax``."""
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "moqe_jax"
+    return xdg_cache_home() / "moqe_jax"
 
 
 def default_cache_dir() -> Path:
@@ -51,10 +55,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     ``jax.config``) is kept and returned. Call it before the first compilation of the process: JAX reads the
     setting when it first compiles.
     """
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return None  # before the jax import: switched off, this costs nothing
     import jax
 
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
-        return None
     current = getattr(jax.config, "jax_compilation_cache_dir", None)  # JAX_COMPILATION_CACHE_DIR counts too
     if current:
         return Path(current)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from moqe_jax.cache import cache_root
+from moqe_jax.cache import cache_root, xdg_cache_home
 from moqe_jax.errors import DataError, MoqeError
 
 __all__ = ["BUNDLED", "DATA_CANDIDATES", "cached_corpus_dir", "default_data_dir", "resolve_data",
@@ -19,13 +19,13 @@ DATA_CANDIDATES = ("work_data/corpus", "data/corpus")
 
 def cached_corpus_dir() -> Path:
     """Where :func:`find_or_build_corpus` (``moqe demo``) caches the corpus: ``corpus/`` under moqe's one cache
-    root (:func:`moqe_jax.cache.cache_root`: ``$MOQE_CACHE_DIR``, else ``~/.cache/moqe_jax``)."""
+    root (:func:`moqe_jax.cache.cache_root`: ``$MOQE_CACHE_DIR``, else ``$XDG_CACHE_HOME/moqe_jax``)."""
     return cache_root() / "corpus"
 
 
 def _legacy_corpus_dir() -> Path:
     """Where moqe 0.1.0 cached it (``$XDG_CACHE_HOME/moqe/corpus``): still read, never written."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moqe" / "corpus"
+    return xdg_cache_home() / "moqe" / "corpus"
 
 
 def default_data_dir(need: str = "test.jsonl") -> str | None:
